@@ -113,3 +113,37 @@ def load_shakespeare():
     corpus = corpus.add_column("work", [work for work, _, _ in works])
     corpus = corpus.add_column("title", [title for _, title, _ in works])
     return corpus.select_columns(["work", "title", "text"])
+
+
+# Four plays held out whole, so validation text was never seen in any form (notebook 04 explains why).
+VALIDATION_WORKS = ("julius_caesar", "macbeth", "tempest", "twelfth_night")
+
+
+def shakespeare_split(validation_works=VALIDATION_WORKS) -> tuple[str, str]:
+    """(train text, validation text): the works joined by blank lines, split by work, not by line."""
+    works = load_shakespeare()
+    unknown = set(validation_works) - set(works["work"])
+    if unknown:
+        raise ValueError(f"unknown work(s) {sorted(unknown)}; the works are: {', '.join(works['work'])}.")
+    train = works.filter(lambda row: row["work"] not in validation_works)
+    val = works.filter(lambda row: row["work"] in validation_works)
+    return "\n\n".join(train["text"]), "\n\n".join(val["text"])
+
+
+def train_bpe(text: str, vocab_size: int):
+    """A byte-level BPE tokenizer (``tokenizers``) trained on ``text``: 256 byte symbols plus merges.
+
+    Notebook 04 builds it step by step; notebook 05 reuses it for the Shakespeare sweep.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size={vocab_size} is below the 256 byte symbols a byte-level BPE starts from.")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)   # bytes; 'Ġ' marks a space
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    # chunks of 10k characters: the trainer counts words per chunk, and one huge string is slow
+    tokenizer.train_from_iterator((text[i:i + 10_000] for i in range(0, len(text), 10_000)), trainer)
+    return tokenizer

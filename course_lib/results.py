@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -29,12 +30,30 @@ def provenance(profile: Profile) -> dict[str, Any]:
     return {
         "profile": profile.name,
         "device": str(profile.device),
-        "hardware": torch.cuda.get_device_name(0) if profile.is_gpu else (platform.processor() or platform.machine()),
+        "hardware": torch.cuda.get_device_name(0) if profile.is_gpu else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "versions": {k: v for k, v in info.items() if k not in ("profile", "device", "gpu")},
-        "command": " ".join(Path(sys.argv[0]).name.split()) + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+        "command": _command(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _cpu_name() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the model
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _command() -> str:
+    program = Path(sys.argv[0]).name
+    if program == "ipykernel_launcher.py":  # its arguments are a temporary connection file, useless later
+        return f"a Jupyter kernel (COURSE_PROFILE={os.environ.get('COURSE_PROFILE', 'unset')})"
+    return " ".join([program, *sys.argv[1:]])
 
 
 def path_for(name: str, profile_name: str) -> Path:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from course_lib.data import NEUTRAL_THRESHOLD, SENTIMENT_FILES, load_sentiment, load_shakespeare, shakespeare_files
+from course_lib.data import (NEUTRAL_THRESHOLD, SENTIMENT_FILES, VALIDATION_WORKS, load_sentiment, load_shakespeare,
+                             shakespeare_files, shakespeare_split, train_bpe)
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,33 @@ def test_shakespeare_has_one_edition_per_work():
     for (work, _, path), text in zip(shakespeare_files(), corpus["text"]):
         assert text == path.read_text(encoding="utf-8"), work
     assert 4_900_000 < sum(len(t) for t in corpus["text"]) < 5_200_000
+
+
+def test_shakespeare_split_is_by_work():
+    train, val = shakespeare_split()
+    corpus = load_shakespeare()
+    texts = dict(zip(corpus["work"], corpus["text"]))
+    for work in VALIDATION_WORKS:
+        assert texts[work] in val and texts[work] not in train
+    assert texts["hamlet"] in train and texts["hamlet"] not in val
+    assert len(train) + len(val) == sum(len(t) for t in corpus["text"]) + 2 * (len(corpus) - 2)
+    with pytest.raises(ValueError, match="unknown work.*'hamlett'"):
+        shakespeare_split(["hamlett"])
+
+
+def test_train_bpe_round_trips_and_compresses_like_the_reference_trainer():
+    from tokenizers import ByteLevelBPETokenizer
+
+    text = "To be, or not to be, that is the question. " * 200 + "Whether 'tis nobler in the mind to suffer. " * 200
+    ours = train_bpe(text, 300)
+    assert ours.get_vocab_size() == 300
+    for line in ["To be, or not to be", "Ünïcödé & symbols ☃", "   spaces  "]:
+        assert ours.decode(ours.encode(line).ids) == line
+    # tokenizers' own byte-level BPE implementation, trained the same way, compresses the same text alike
+    reference = ByteLevelBPETokenizer(add_prefix_space=False)
+    reference.train_from_iterator([text], vocab_size=300, min_frequency=2, show_progress=False)
+    sample = "To be, or not to be, that is the question."
+    assert len(ours.encode(sample).ids) < len(sample) / 2
+    assert abs(len(ours.encode(sample).ids) - len(reference.encode(sample).ids)) <= 3
+    with pytest.raises(ValueError, match="256 byte symbols"):
+        train_bpe(text, 100)

@@ -1,0 +1,55 @@
+"""course_lib.results: a recorded run comes back exactly, with where it came from; nothing is invented."""
+
+import json
+import sys
+
+import pytest
+
+from course_lib import results
+from course_lib.profiles import get_profile
+
+
+@pytest.fixture()
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "results")
+    return tmp_path / "results"
+
+
+def test_nothing_recorded_gives_none(results_dir):
+    assert results.recorded("scaling_sweep", "gpu") is None
+
+
+def test_record_round_trip_with_provenance(results_dir, monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    profile = get_profile()
+    path = results.record("lora", profile, {"accuracy": 0.75, "table": {"a": [1, 2]}}, note="a test")
+    assert path == results_dir / "lora_cpu.json"
+    assert not list(results_dir.glob("*.tmp")), "the temporary file must be renamed into place"
+    run = results.recorded("lora", "cpu")
+    assert run["results"] == {"accuracy": 0.75, "table": {"a": [1, 2]}}
+    assert run["note"] == "a test"
+    p = run["provenance"]
+    assert p["profile"] == "cpu" and p["device"] == "cpu"
+    assert p["versions"]["torch"] and p["date"].endswith("UTC") and p["hardware"]
+    line = results.describe(run)
+    assert "cpu profile" in line and p["date"] in line
+
+
+def test_numpy_numbers_are_saved_as_plain_numbers(results_dir, monkeypatch):
+    np = pytest.importorskip("numpy")
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    results.record("x", get_profile(), {"mean": np.float32(0.5)})
+    assert json.loads((results_dir / "x_cpu.json").read_text())["results"]["mean"] == 0.5
+
+
+def test_a_notebook_kernel_is_named_not_its_temporary_connection_file(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/x/ipykernel_launcher.py", "-f", "/tmp/tmpabc.json"])
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    command = results.provenance(get_profile())["command"]
+    assert "tmpabc" not in command and "Jupyter kernel" in command and "cpu" in command
+
+
+def test_a_script_keeps_its_arguments(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/x/bench.py", "--quick", "--steps", "3"])
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    assert results.provenance(get_profile())["command"] == "bench.py --quick --steps 3"
