@@ -8,7 +8,7 @@ assets         pinned pretrained models and corpora, fetched and verified (00_se
 data           datasets built from those assets (00, 04, 06)
 checks         exercise checks that name the mistake (00_setup, every lesson)
 editions       the student edition of the notebooks (00_setup)
-results        recorded runs of bigger profiles, with provenance (05, 06, 08, 09)
+results        recorded runs of bigger profiles, with provenance (05-08)
 attention      scaled dot-product and multi-head attention (01_attention)
 losses         softmax, cross-entropy and its gradient (02_cross_entropy)
 gradcheck      finite-difference gradient checking (02_cross_entropy)

@@ -42,6 +42,7 @@ from course_lib import train as course_train
 from course_lib.assets import GGUF_FILES
 from course_lib.attention import causal_mask, scaled_dot_product_attention
 from course_lib.model import GPT, CausalSelfAttention, GPTConfig, flops_per_token, param_count_formula
+from course_lib.profiles import cpu_name, package_versions
 
 __all__ = ["GPT2_SMALL", "ExplicitAttention", "use_explicit_attention", "bench_train", "bench_lora",
            "run", "main", "DEFAULT_OUT"]
@@ -339,15 +340,7 @@ def bench_lora(device: torch.device, *, quick: bool, model_name: str | None = No
 
 
 def _provenance(device: torch.device, argv: list[str], reduced: bool) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "peft", "course_lib"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = "not installed"
-    hardware: dict[str, Any] = dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(),
+    hardware: dict[str, Any] = dict(platform=platform.platform(), cpu=cpu_name(),
                                     cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -355,7 +348,7 @@ def _provenance(device: torch.device, argv: list[str], reduced: bool) -> dict[st
                         compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
     return dict(command="python -m course_lib.bench " + " ".join(argv),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                versions=versions, hardware=hardware, reduced=reduced)
+                versions=package_versions(), hardware=hardware, reduced=reduced)
 
 
 def run(what: str, *, device: torch.device | str | None = None, quick: bool = False,

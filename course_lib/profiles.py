@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,18 +123,37 @@ def seed_everything(seed: int = 0) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 
-def describe_environment(profile: Profile | None = None) -> dict[str, str]:
-    """Versions and hardware worth printing at the top of every notebook."""
+def package_versions() -> dict[str, str]:
+    """Python and the course's key packages, each by its installed version ("not installed" if missing)."""
     import importlib.metadata as md
     import platform
 
-    profile = profile or get_profile()
-    info = {"profile": profile.name, "device": str(profile.device), "python": platform.python_version()}
+    versions = {"python": platform.python_version()}
     for package in ("torch", "transformers", "datasets", "tokenizers", "peft", "course_lib"):
         try:
-            info[package] = md.version(package)
+            versions[package] = md.version(package)
         except md.PackageNotFoundError:
-            info[package] = "not installed"
+            versions[package] = "not installed"
+    return versions
+
+
+def cpu_name() -> str:
+    """The CPU model, e.g. "AMD EPYC 7B13" (platform.processor() is empty on most Linux systems)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_environment(profile: Profile | None = None) -> dict[str, str]:
+    """Versions and hardware worth printing at the top of every notebook."""
+    profile = profile or get_profile()
+    info = {"profile": profile.name, "device": str(profile.device), **package_versions()}
     if profile.is_gpu:
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

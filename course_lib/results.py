@@ -1,6 +1,6 @@
 """Recorded runs: results of a bigger profile saved with their provenance, shown by smaller ones.
 
-Used by notebooks 05, 06, 08 and 09. A run on the ``gpu`` (or ``cpu``) profile calls
+Used by notebooks 05-08. A run on the ``gpu`` (or ``cpu``) profile calls
 ``record("finetuning", profile, {...})``, which writes ``data/results/finetuning_<profile>.json`` with
 the command-line, hardware, library versions and date beside the numbers. A smaller profile calls
 ``recorded("finetuning", "cpu")`` and shows what it finds, labelled as recorded — never as its own
@@ -12,41 +12,28 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
-from course_lib.profiles import Profile, describe_environment
+from course_lib.profiles import Profile, cpu_name, package_versions
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
 
 def provenance(profile: Profile) -> dict[str, Any]:
     """Where and how a result was obtained."""
-    info = describe_environment(profile)
     import torch
 
     return {
         "profile": profile.name,
         "device": str(profile.device),
-        "hardware": torch.cuda.get_device_name(0) if profile.is_gpu else _cpu_name(),
+        "hardware": torch.cuda.get_device_name(0) if profile.is_gpu else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
-        "versions": {k: v for k, v in info.items() if k not in ("profile", "device", "gpu")},
+        "versions": package_versions(),
         "command": _command(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-
-
-def _cpu_name() -> str:
-    # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the model
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _command() -> str:
