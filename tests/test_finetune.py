@@ -228,3 +228,26 @@ def test_minilm_loads_and_embeds_sensibly():
     e = torch.nn.functional.normalize(ft.embed(encoder, tokenizer, [
         "A wonderful, moving film.", "A touching and beautiful movie.", "The tax form is due in April."]), dim=-1)
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+
+
+def test_paired_bootstrap_gap_is_the_resampled_difference_of_accuracies():
+    from course_lib.finetune import paired_bootstrap_gap
+
+    rng = np.random.default_rng(1)
+    right_a = rng.random(300) < 0.8
+    right_b = rng.random(300) < 0.6
+    gap, low, high = paired_bootstrap_gap(right_a, right_b, rng=np.random.default_rng(7), resamples=500)
+    # the definition, written out: the same resampled examples for both methods
+    draws = np.random.default_rng(7).integers(0, 300, size=(500, 300))
+    expected = np.percentile([right_a[i].mean() - right_b[i].mean() for i in draws], [2.5, 97.5])
+    assert gap == pytest.approx(right_a.mean() - right_b.mean())
+    assert (low, high) == pytest.approx(tuple(expected), abs=1e-12)
+    assert low < gap < high
+    # a wider level gives a wider interval; identical methods have no gap at all
+    _, low99, high99 = paired_bootstrap_gap(right_a, right_b, rng=np.random.default_rng(7), resamples=500, level=0.99)
+    assert low99 <= low and high99 >= high
+    assert paired_bootstrap_gap(right_a, right_a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="equally long 1-D"):
+        paired_bootstrap_gap(right_a, right_b[:10])
+    with pytest.raises(ValueError, match="coverage between 0 and 1"):
+        paired_bootstrap_gap(right_a, right_b, level=95)
