@@ -8,7 +8,7 @@ assets         pinned pretrained models and corpora, fetched and verified (00_se
 data           datasets built from those assets (00, 04, 06)
 checks         exercise checks that name the mistake (00_setup, every lesson)
 editions       the student edition of the notebooks (00_setup)
-results        recorded runs of bigger profiles, with provenance (05-08)
+results        recorded runs of bigger profiles, with provenance (05-10)
 attention      scaled dot-product and multi-head attention (01_attention)
 losses         softmax, cross-entropy and its gradient (02_cross_entropy)
 gradcheck      finite-difference gradient checking (02_cross_entropy)
@@ -18,8 +18,8 @@ synthetic      a language with a known entropy rate (05_scaling_laws)
 scaling        power-law and Chinchilla fits (05_scaling_laws)
 finetune       encoder classifiers, metrics, the fine-tuning loop (06_finetuning)
 lora           LoRA from scratch (07_lora)
-ddp            data parallelism on several processes (09_scaling_out)
-bench          throughput, MFU and LoRA-vs-peft benchmarks (09_scaling_out)
+ddp            data parallelism on several processes (10_scaling_out)
+bench          throughput, MFU and LoRA-vs-peft benchmarks (10_scaling_out)
 plots, widgets figures and ipywidgets explorers used by several lessons
 =============  ===========================================================
 """

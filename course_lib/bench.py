@@ -1,4 +1,4 @@
-"""Benchmarks: training throughput (tokens/s, MFU) and LoRA against ``peft`` (notebooks/09_scaling_out.ipynb).
+"""Benchmarks: training throughput (tokens/s, MFU) and LoRA against ``peft`` (notebooks/10_scaling_out.ipynb).
 
     python -m course_lib.bench train|lora|all [--out data/results/gpu_benchmarks.json] [--quick]
 
@@ -12,7 +12,7 @@
            ``course_lib.lora`` and with ``peft`` -- same model, batch, rank, targets and initial A -- and full
            fine-tuning for reference: step time and peak GPU memory side by side.
 
-On a GPU the results go to ``data/results/gpu_benchmarks.json`` (the file notebook 09 shows). On a CPU,
+On a GPU the results go to ``data/results/gpu_benchmarks.json`` (the file notebook 10 shows). On a CPU,
 or with ``--quick``, the same code runs in a reduced form (tiny shapes, a few steps, a small Llama built
 in code) and writes only where ``--out`` says: a reduced run never replaces the GPU record.
 """

@@ -1358,16 +1358,16 @@ def check_top_k(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# ---- 09_scaling_out: memory per GPU with mixed-precision Adam and ZeRO stages 0-3
+# ---- 10_scaling_out: memory per GPU with mixed-precision Adam and ZeRO stages 0-3
 # ----------------------------------------------------------------------------------------------
 
-register_hint("09.1", "Per parameter: 2 bytes of bf16 weights, 2 of bf16 gradients, 12 of Adam state (fp32 master "
+register_hint("10.1", "Per parameter: 2 bytes of bf16 weights, 2 of bf16 gradients, 12 of Adam state (fp32 master "
                       "copy + two moments). Stage 1 divides the 12 by n_gpus, stage 2 also the gradients' 2, "
                       "stage 3 also the weights' 2. Return gigabytes: bytes / 1e9.")
 
 
 def check_zero_memory(fn: Callable[[float, int, int], float]) -> None:
-    """Exercise 09.1: ``fn(n_params, n_gpus, zero_stage)`` returns the GB (1e9 bytes) per GPU of bf16 weights,
+    """Exercise 10.1: ``fn(n_params, n_gpus, zero_stage)`` returns the GB (1e9 bytes) per GPU of bf16 weights,
     bf16 gradients and fp32 Adam states (Rajbhandari et al. 2020, Sec. 3.1 and 5), stage 0 = plain DDP."""
     __tracebackhide__ = True
     import math

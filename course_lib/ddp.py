@@ -1,6 +1,6 @@
 """Data parallelism with ``torch.distributed``: DDP, the cost of an all-reduce, memory per GPU.
 
-Explained in notebooks/09_scaling_out.ipynb.
+Explained in notebooks/10_scaling_out.ipynb.
 
 Data parallelism keeps a full copy of the model on every process (a *rank*). Each rank takes its own
 slice of the global batch, computes gradients on it, and an **all-reduce** averages the gradients over

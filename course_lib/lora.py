@@ -1,6 +1,6 @@
 """LoRA from scratch: low-rank adapters for frozen linear layers.
 
-Explained in notebooks/07_lora.ipynb (and used on a causal LM in notebooks/08_lora_causal_lm_gpu.ipynb).
+Explained in notebooks/07_lora.ipynb (and used on a causal LM in notebooks/09_lora_causal_lm_gpu.ipynb).
 
 Hu et al. 2021 (LoRA, Eq. 3): a frozen pretrained weight W0 (out x in) gets a trainable update of rank r,
 

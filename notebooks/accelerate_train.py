@@ -1,4 +1,4 @@
-"""Train the course's GPT with Hugging Face ``accelerate`` on several processes (notebooks/09_scaling_out.ipynb).
+"""Train the course's GPT with Hugging Face ``accelerate`` on several processes (notebooks/10_scaling_out.ipynb).
 
 The same file runs on one CPU, on two CPU processes (gloo) and on a node of GPUs (nccl, bf16):
 

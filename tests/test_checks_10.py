@@ -1,4 +1,4 @@
-"""The check of 09_scaling_out accepts correct memory formulas and refuses each common mistake."""
+"""The check of 10_scaling_out accepts correct memory formulas and refuses each common mistake."""
 
 from __future__ import annotations
 
@@ -62,14 +62,14 @@ def test_refuses_common_mistakes(fn, sentence):
 
 def test_stub_and_crash():
     def stub(n, N, s):
-        raise NotImplementedError("Exercise 09.1 is not done yet")
+        raise NotImplementedError("Exercise 10.1 is not done yet")
 
-    with pytest.raises(NotAttempted, match="Exercise 09.1 is not done yet"):
+    with pytest.raises(NotAttempted, match="Exercise 10.1 is not done yet"):
         checks.check_zero_memory(stub)
     with pytest.raises(StudentCodeError, match="raised ZeroDivisionError"):
         checks.check_zero_memory(lambda n, N, s: n / 0)
 
 
 def test_hint_exists(capsys):
-    checks.hint("09.1")
+    checks.hint("10.1")
     assert "12 of Adam state" in capsys.readouterr().out
