@@ -7,6 +7,7 @@ import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from course_lib import checks
+from course_lib.checks.finetuning import _binary_counts, _metric_cases
 from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
 
 
@@ -166,9 +167,9 @@ def test_precision_recall_f1_zero_division_and_shapes():
 
 def test_metric_cases_tell_the_mistakes_apart():
     """On the non-degenerate cases every diagnosed wrong value differs from the right one."""
-    for case, (t, p) in list(checks._metric_cases().items())[:2]:
-        right = checks._binary_counts(t, p, 1)
-        negative = checks._binary_counts(t, p, 0)
+    for case, (t, p) in list(_metric_cases().items())[:2]:
+        right = _binary_counts(t, p, 1)
+        negative = _binary_counts(t, p, 0)
         wrong_f1 = [right["accuracy"], (right["f1"] + negative["f1"]) / 2, negative["f1"],
                     (right["precision"] + right["recall"]) / 2]
         assert all(abs(w - right["f1"]) > 1e-3 for w in wrong_f1), case

@@ -1,0 +1,55 @@
+"""Exercise checks: run a student's code against the reference and say, in one sentence, what is wrong.
+
+How exercises work is shown in notebooks/00_setup.ipynb ("How an exercise looks").
+
+A check
+* calls the student's function or class on several cases (edge cases included),
+* prints one friendly line when everything agrees with the reference,
+* raises :class:`CheckFailed` (an ``AssertionError``) with one sentence naming the mistake otherwise,
+* reports an exception raised inside the student's code briefly, as such,
+* reports an untouched stub (``raise NotImplementedError``) as :class:`NotAttempted`.
+
+Wrong answers are named by *diagnosis*: the check computes what the common wrong answers would
+return (summing instead of averaging, the wrong axis, a missing scale ...) and, if the student's
+output matches one of them, says so. Every check has tests that feed it those wrong answers
+(tests/test_checks*.py).
+
+The framework is ``checks.framework``; each lesson's checks live in a module named after it
+(``checks.attention`` for 01_attention, ...). Everything public is re-exported here, so notebooks
+write ``from course_lib import checks`` and call ``checks.check_softmax(...)``, ``checks.hint("01.1")``.
+"""
+
+from __future__ import annotations
+
+from course_lib.checks.framework import (  # noqa: F401
+    CheckFailed, NotAttempted, StudentCodeError, HINTS, register_hint, hint, fail, stub_message,
+    not_attempted_message, call_student, require_tensor, close, diagnose, compare, passed,
+    accepts_keyword,
+)
+from course_lib.checks.setup import (  # noqa: F401
+    check_mse,
+)
+from course_lib.checks.attention import (  # noqa: F401
+    check_softmax, check_causal_mask, check_attention,
+)
+from course_lib.checks.cross_entropy import (  # noqa: F401
+    check_cross_entropy_grad, check_log_softmax, check_numerical_grad,
+)
+from course_lib.checks.transformer_block import (  # noqa: F401
+    check_layer_norm, check_param_count,
+)
+from course_lib.checks.training import (  # noqa: F401
+    check_lr_schedule, check_top_k,
+)
+from course_lib.checks.scaling_laws import (  # noqa: F401
+    check_power_law_fit, check_compute_optimal,
+)
+from course_lib.checks.finetuning import (  # noqa: F401
+    check_mean_pooling, METRIC_KEYS, check_precision_recall_f1,
+)
+from course_lib.checks.lora import (  # noqa: F401
+    check_lora_forward, check_lora_linear, check_apply_lora,
+)
+from course_lib.checks.scaling_out import (  # noqa: F401
+    check_zero_memory,
+)
