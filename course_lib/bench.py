@@ -42,7 +42,7 @@ from course_lib import train as course_train
 from course_lib.assets import GGUF_FILES
 from course_lib.attention import causal_mask, scaled_dot_product_attention
 from course_lib.model import GPT, CausalSelfAttention, GPTConfig, flops_per_token, param_count_formula
-from course_lib.profiles import cpu_name, package_versions
+from course_lib.profiles import code_version, cpu_name, machine_load, package_versions
 
 __all__ = ["GPT2_SMALL", "ExplicitAttention", "use_explicit_attention", "bench_train", "bench_lora",
            "run", "main", "DEFAULT_OUT"]
@@ -348,7 +348,8 @@ def _provenance(device: torch.device, argv: list[str], reduced: bool) -> dict[st
                         compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
     return dict(command="python -m course_lib.bench " + " ".join(argv),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                versions=package_versions(), hardware=hardware, reduced=reduced)
+                versions=package_versions(), hardware=hardware, reduced=reduced, commit=code_version(),
+                deterministic_algorithms=torch.are_deterministic_algorithms_enabled(), **machine_load())
 
 
 def run(what: str, *, device: torch.device | str | None = None, quick: bool = False,

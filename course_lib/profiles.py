@@ -137,6 +137,37 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def code_version() -> str:
+    """The git commit the course code runs from, e.g. ``"810f12b…"``, with ``"-dirty"`` if tracked files differ.
+
+    Where there is no ``.git`` (a copy carried to another machine), set ``COURSE_COMMIT`` to the commit
+    the copy was made from; it is reported as given, followed by ``" (from COURSE_COMMIT)"``.
+    """
+    import subprocess
+
+    given = os.environ.get("COURSE_COMMIT", "").strip()
+    if given:
+        return f"{given} (from COURSE_COMMIT)"
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git checkout; set COURSE_COMMIT)"
+    return commit + ("-dirty" if changed else "")
+
+
+def machine_load() -> dict[str, Any]:
+    """What else the machine was doing: the 1-minute load average and the CPU count (timings depend on it)."""
+    try:
+        load1 = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        load1 = None
+    return {"load_average_1min": load1, "cpu_count": os.cpu_count()}
+
+
 def cpu_name() -> str:
     """The CPU model, e.g. "AMD EPYC 7B13" (platform.processor() is empty on most Linux systems)."""
     import platform

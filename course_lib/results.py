@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from course_lib.profiles import Profile, cpu_name, package_versions
+from course_lib.profiles import Profile, code_version, cpu_name, machine_load, package_versions
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
@@ -32,6 +32,9 @@ def provenance(profile: Profile) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "versions": package_versions(),
         "command": _command(),
+        "commit": code_version(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        **machine_load(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -69,5 +72,7 @@ def recorded(name: str, profile_name: str) -> dict[str, Any] | None:
 def describe(run: dict[str, Any]) -> str:
     """One line saying where a recorded run came from."""
     p = run["provenance"]
+    commit = str(p.get("commit", "commit not recorded"))
+    commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
     return (f"recorded run on the {p['profile']} profile, {p['hardware']} ({p['device']}), "
-            f"torch {p['versions'].get('torch', '?')}, {p['date']}")
+            f"torch {p['versions'].get('torch', '?')}, {p['date']}, code {commit}")

@@ -58,7 +58,7 @@ def test_result_schema(result):
     assert lora["peak_mem_gb"] is None and lora["peft_peak_mem_gb"] is None  # measured on CUDA only
     provenance = result["provenance"]
     assert provenance["command"] == "python -m course_lib.bench all --quick"
-    assert {"date", "versions", "hardware"} <= set(provenance)
+    assert {"date", "versions", "hardware", "commit", "deterministic_algorithms"} <= set(provenance)
     assert provenance["versions"]["peft"] and provenance["hardware"]["cpu_count"] >= 1
     json.dumps(result)  # serialisable as it is
 

@@ -53,3 +53,19 @@ def test_a_script_keeps_its_arguments(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/x/bench.py", "--quick", "--steps", "3"])
     monkeypatch.setenv("COURSE_PROFILE", "cpu")
     assert results.provenance(get_profile())["command"] == "bench.py --quick --steps 3"
+
+
+def test_provenance_names_the_code_commit(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    monkeypatch.delenv("COURSE_COMMIT", raising=False)
+    commit = results.provenance(get_profile())["commit"]
+    import re
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit), commit
+
+
+def test_provenance_takes_the_commit_passed_in_where_git_is_absent(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    monkeypatch.setenv("COURSE_COMMIT", "abc1234")
+    p = results.provenance(get_profile())
+    assert p["commit"] == "abc1234 (from COURSE_COMMIT)"
+    assert "deterministic_algorithms" in p and "load_average_1min" in p
