@@ -20,6 +20,7 @@ finetune       encoder classifiers, metrics, the fine-tuning loop (06_finetuning
 lora           LoRA from scratch (07_lora)
 ddp            data parallelism on several processes (10_scaling_out)
 bench          throughput, MFU and LoRA-vs-peft benchmarks (10_scaling_out)
+experiments    the recorded multi-seed runs behind the lessons' tables (05-07)
 plots, widgets figures and ipywidgets explorers used by several lessons
 =============  ===========================================================
 """
@@ -29,12 +30,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def start(seed: int = 0, *, quiet: bool = False):
+def start(seed: int = 0, *, quiet: bool = False, profile=None):
     """What the first code cell of every notebook calls: pick the profile, seed everything, and print
-    the profile and the library versions. Returns the :class:`~course_lib.profiles.Profile`."""
+    the profile and the library versions. Returns the :class:`~course_lib.profiles.Profile`.
+
+    Scripts that choose the profile themselves (``course_lib.experiments``) pass it as ``profile``."""
     from course_lib.profiles import describe_environment, get_profile, seed_everything
 
-    profile = get_profile()
+    profile = profile or get_profile()
     if profile.name == "ci":
         # CI runs two notebooks at once on two cores: one thread each avoids oversubscription,
         # which made small matmuls over ten times slower there.

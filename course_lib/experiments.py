@@ -1,0 +1,104 @@
+"""Recorded experiments: the multi-seed runs behind the lessons' tables, made by one command each.
+
+A notebook has a few minutes; a claim such as "LoRA reaches full fine-tuning within 1 point" needs
+several seeds, a learning rate chosen on a validation split and a paired interval, which take far
+longer. So each such claim comes from a run of this script, saved by ``course_lib.results`` with its
+provenance (command, commit, hardware, versions, date, wall time) under ``data/results/``; the
+notebook runs one seed live and shows the record beside it, labelled as recorded.
+
+Command line::
+
+    python -m course_lib.experiments list
+    python -m course_lib.experiments finetuning [--profile cpu] [--seeds 3] [--quick]
+
+``--quick`` is a seconds-long smoke form used by the tests: it writes to ``--out`` (a temporary file),
+never to ``data/results/``. Each experiment is a function ``run(profile, *, seeds, quick) -> dict``
+in the module that owns the idea; the table below only names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# name -> ("module:function", what it records, which notebook shows it)
+EXPERIMENTS: dict[str, tuple[str, str, str]] = {
+    "finetuning": ("course_lib.finetune:experiment",
+                   "probe, full fine-tuning and baselines; learning rates chosen on validation; seeds; "
+                   "paired bootstrap intervals", "06_finetuning"),
+    "lora": ("course_lib.lora:experiment",
+             "LoRA (rank sweep), BitFit, probe and full fine-tuning on one task; seeds; paired intervals",
+             "07_lora"),
+    "scaling": ("course_lib.scaling:experiment",
+                "IsoFLOP sweep of the tiny GPT on the synthetic language (Chinchilla Approach 2 and 3)",
+                "05_scaling_laws"),
+}
+
+
+class ExperimentError(RuntimeError):
+    """An experiment could not run; the message says which and what to do."""
+
+
+def resolve(name: str):
+    """The function that runs experiment ``name``."""
+    if name not in EXPERIMENTS:
+        raise ExperimentError(f"Unknown experiment {name!r}: choose one of {', '.join(sorted(EXPERIMENTS))}.")
+    module_name, function_name = EXPERIMENTS[name][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name, None)
+    if function is None:
+        raise ExperimentError(f"Experiment {name!r} names {EXPERIMENTS[name][0]}, which does not exist yet.")
+    return function
+
+
+def run(name: str, profile_name: str = "cpu", *, seeds: int = 3, quick: bool = False,
+        out: Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Run experiment ``name`` and record it; returns ``(results, path written)``."""
+    import course_lib
+    from course_lib import results as recorder
+    from course_lib.profiles import get_profile
+
+    if quick and out is None:
+        raise ExperimentError("--quick writes a smoke result that must not replace the record: pass --out FILE.")
+    function = resolve(name)
+    profile = get_profile(profile_name)
+    course_lib.start(seed=0, quiet=True, profile=profile)
+    started = time.perf_counter()
+    result = function(profile, seeds=seeds, quick=quick)
+    result["wall_time_s"] = round(time.perf_counter() - started, 1)
+    note = f"python -m course_lib.experiments {name}: {EXPERIMENTS[name][1]}"
+    if out is not None:
+        payload = {"name": name, "provenance": recorder.provenance(profile), "note": note, "results": result}
+        out.write_text(json.dumps(payload, indent=1, sort_keys=True, default=float) + "\n")
+        return result, out
+    return result, recorder.record(name, profile, result, note=note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m course_lib.experiments",
+                                     description="Make the recorded multi-seed runs the lessons show.")
+    parser.add_argument("name", help="an experiment, or 'list'")
+    parser.add_argument("--profile", default="cpu", help="ci, cpu or gpu (default cpu)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke form (needs --out)")
+    parser.add_argument("--out", type=Path, default=None, help="write here instead of data/results/")
+    args = parser.parse_args(argv)
+    if args.name == "list":
+        for name, (target, what, notebook) in EXPERIMENTS.items():
+            print(f"{name:<12} {notebook:<22} {what}")
+        return 0
+    try:
+        result, path = run(args.name, args.profile, seeds=args.seeds, quick=args.quick, out=args.out)
+    except ExperimentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: recorded in {result['wall_time_s']:.0f} s -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
