@@ -69,11 +69,32 @@ def test_checks_are_assertion_errors_so_plain_asserts_and_pytest_agree():
     assert issubclass(CheckFailed, AssertionError) and issubclass(NotAttempted, CheckFailed)
 
 
-def test_hints(capsys):
+def test_hints_come_in_three_levels(capsys):
     checks.hint("00.1")
-    assert capsys.readouterr().out.startswith("Hint for exercise 00.1:")
+    first = capsys.readouterr().out
+    assert first.startswith("Hint 1/3 for exercise 00.1, the idea:") and "level=2" in first
+    checks.hint("00.1", level=3)
+    assert "the key line: return ((pred - target) ** 2).mean()" in capsys.readouterr().out
     with pytest.raises(KeyError, match="No hint for exercise '99.9'"):
         checks.hint("99.9")
+    with pytest.raises(ValueError, match="Hint level 4 does not exist: use level=1"):
+        checks.hint("00.1", level=4)
+
+
+def test_every_exercise_of_every_notebook_has_three_hint_levels():
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    missing = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if "exercise" in cell.metadata.get("tags", []):
+                exercise = re.match(r"# Exercise (\d\d\.\d+)", cell.source).group(1)
+                if len(checks.HINTS.get(exercise, ())) != 3:
+                    missing.append(exercise)
+    assert not missing, f"exercises without all three hint levels: {missing}"
 
 
 def test_compare_diagnoses_in_order_and_falls_back():

@@ -31,20 +31,33 @@ class StudentCodeError(CheckFailed):
     """The student's code raised an exception while the check ran it."""
 
 
-HINTS: dict[str, str] = {}
+HINT_LEVELS = {1: "the idea", 2: "the approach", 3: "the key line"}
+HINTS: dict[str, tuple[str, ...]] = {}
 
 
-def register_hint(exercise: str, text: str) -> None:
-    """Register the one-line hint that ``hint(exercise)`` prints."""
-    HINTS[exercise] = text
+def register_hint(exercise: str, idea: str, approach: str | None = None, key_line: str | None = None) -> None:
+    """Register an exercise's hints in three steps: the idea, the approach, the key line.
+
+    ``hint(exercise)`` prints the idea; ``level=2`` the approach; ``level=3`` the line that solves it.
+    (``approach`` and ``key_line`` may be missing while a lesson is being written; the tests insist on
+    all three for every exercise of a committed notebook.)
+    """
+    HINTS[exercise] = tuple(text for text in (idea, approach, key_line) if text)
 
 
-def hint(exercise: str) -> None:
-    """Print the one-line hint for an exercise, e.g. ``hint("00.1")``."""
+def hint(exercise: str, level: int = 1) -> None:
+    """Print one hint for an exercise: ``hint("01.1")`` the idea, ``level=2`` the approach, ``level=3`` the key line."""
     if exercise not in HINTS:
         known = ", ".join(sorted(HINTS)) or "none registered"
         raise KeyError(f"No hint for exercise {exercise!r}; exercises with hints: {known}.")
-    print(f"Hint for exercise {exercise}: {HINTS[exercise]}")
+    if level not in HINT_LEVELS:
+        raise ValueError(f"Hint level {level!r} does not exist: use level=1 (the idea), 2 (the approach) "
+                         f"or 3 (the key line).")
+    texts = HINTS[exercise]
+    if level > len(texts):
+        raise ValueError(f"Exercise {exercise} has only {len(texts)} hint level(s) written so far.")
+    more = f" (more: checks.hint({exercise!r}, level={level + 1}))" if level < len(texts) else ""
+    print(f"Hint {level}/3 for exercise {exercise}, {HINT_LEVELS[level]}: {texts[level - 1]}{more}")
 
 
 def fail(message: str) -> None:

@@ -15,8 +15,10 @@ from course_lib.checks.framework import (
 # 00_setup: the warm-up exercise
 # ----------------------------------------------------------------------------------------------
 
-register_hint("00.1", "Square the differences element by element, then take the mean of all of them: "
-                      "((pred - target) ** 2).mean().")
+register_hint("00.1",
+              "The error of one element is pred - target; squaring makes every error count positively.",
+              "Square the differences element by element, then average over all elements (not only one axis).",
+              "return ((pred - target) ** 2).mean()")
 
 
 def check_mse(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
