@@ -64,6 +64,7 @@ execute: $(STAMP)  ## re-execute one notebook in place: make execute NB=notebook
 	@test -n "$(NB)" || { echo "usage: make execute NB=notebooks/NN_name.ipynb [PROFILE=cpu]"; exit 2; }
 	cd $(dir $(NB)) && COURSE_PROFILE=$(PROFILE) ../$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $(notdir $(NB))
+	$(PY) -m course_lib.widgets finish-bars $(NB)
 
 execute-all:
 	for nb in notebooks/[0-9][0-9]_*.ipynb; do $(MAKE) execute NB=$$nb || exit 1; done

@@ -37,6 +37,11 @@ def start(seed: int = 0, *, quiet: bool = False, profile=None):
     Scripts that choose the profile themselves (``course_lib.experiments``) pass it as ``profile``."""
     from course_lib.profiles import describe_environment, get_profile, seed_everything
 
+    import os
+
+    # transformers' "Loading weights" and "Writing model shards" bars take well under a second here and
+    # would be saved as frozen "0%" text in the notebooks; the course shows its own bars for long work.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     profile = profile or get_profile()
     if profile.name == "ci":
         # CI runs two notebooks at once on two cores: one thread each avoids oversubscription,

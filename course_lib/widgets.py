@@ -3,11 +3,17 @@
 First used in notebooks/01_attention.ipynb. The pattern (CONTRIBUTING.md): the notebook calls the plain
 function once for a static figure, then shows the explorer in a cell tagged ``nbval-ignore-output``.
 ``interactive`` objects can be driven in tests: ``w.children[0].value = ...``.
+
+Also here: ``finish_progress_bars``, which ``make execute`` applies to a saved notebook so that its
+``tqdm.auto`` bars read as finished where no kernel renders the widgets (GitHub, nbviewer).
 """
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -47,3 +53,86 @@ def attention_explorer(attentions: Sequence[torch.Tensor], tokens: Sequence[Sequ
         head=IntSlider(value=0, min=0, max=n_head - 1, description="head"),
         sentence=Dropdown(options=sentences, value=0, description="sentence"),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved notebooks: progress bars that read as finished without a kernel
+# ------------------------------------------------------------------------------------------------
+
+_BAR_TEXT = re.compile(r"^.*\d+%\|.*\|")
+
+
+def _bar_text(state: dict, hbox_id: str) -> str | None:
+    """The text a finished ``tqdm.auto`` bar shows, rebuilt from the widget state saved with the notebook."""
+    hbox = state.get(hbox_id, {})
+    if hbox.get("model_name") != "HBoxModel":
+        return None
+    parts = [state.get(child.replace("IPY_MODEL_", ""), {}) for child in hbox["state"].get("children", [])]
+    if [p.get("model_name") for p in parts] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    left, bar, right = (p["state"] for p in parts)
+    total, done = bar.get("max") or 0, bar.get("value") or 0
+    filled = int(round(10 * done / total)) if total else 10
+    text = f"{left.get('value', '')}|{'█' * filled}{' ' * (10 - filled)}|{right.get('value', '')}"
+    return html.unescape(text).replace("\u2007", " ")
+
+
+def finish_progress_bars(notebook: dict) -> int:
+    """Replace each ``tqdm.auto`` bar's plain-text fallback ("0%|…", frozen when the bar first appeared)
+    by the bar's final text from the saved widget state, so that GitHub and nbviewer show the finished
+    bar the run really reached. Returns how many bars were rewritten."""
+    state = (notebook.get("metadata", {}).get("widgets", {})
+             .get("application/vnd.jupyter.widget-state+json", {}).get("state", {}))
+    rewritten = 0
+    for cell in notebook.get("cells", []):
+        for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            data = output.get("data", {})
+            view = data.get("application/vnd.jupyter.widget-view+json")
+            plain = data.get("text/plain", "")
+            plain = "".join(plain) if isinstance(plain, list) else plain
+            if not view or not _BAR_TEXT.match(plain):
+                continue
+            final = _bar_text(state, view.get("model_id", ""))
+            if final is not None:
+                data["text/plain"] = final
+                rewritten += 1
+    return rewritten
+
+
+def unfinished_progress_bars(notebook: dict) -> list[str]:
+    """The plain-text fallbacks of saved progress bars that do not read as finished (n == total)."""
+    found = []
+    for cell in notebook.get("cells", []):
+        for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            plain = output.get("data", {}).get("text/plain", "")
+            plain = "".join(plain) if isinstance(plain, list) else plain
+            match = re.search(r"(\d+)%\|.*\|\s*(\d+)/(\d+)", plain)
+            if match and match.group(2) != match.group(3):
+                found.append(plain.strip()[:80])
+            elif not match and re.search(r"\b\d+%\|", plain) and "100%" not in plain:
+                found.append(plain.strip()[:80])
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m course_lib.widgets finish-bars NOTEBOOK...`` (``make execute`` runs it after saving)."""
+    import sys
+
+    import nbformat
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "finish-bars":
+        print("usage: python -m course_lib.widgets finish-bars NOTEBOOK.ipynb ...", file=sys.stderr)
+        return 2
+    for name in args[1:]:
+        path = Path(name)
+        notebook = nbformat.read(path, as_version=4)
+        count = finish_progress_bars(notebook)
+        if count:
+            nbformat.write(notebook, path)
+        print(f"{path.name}: {count} progress bar(s) saved as finished")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -78,6 +78,33 @@ def test_starts_by_printing_profile_and_versions(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
+def test_saved_edition_is_the_cpu_run(path):
+    """What a student reads first is the laptop run, not the ci smoke test nor an unrecorded gpu run."""
+    first = "".join(o.get("text", "") for o in code_cells(load(path))[0].outputs)
+    assert first.startswith("profile: cpu on cpu"), (
+        f"{path.name} was saved from {first.splitlines()[0] if first else 'no run'!r}; re-execute it with "
+        f"`make execute NB=notebooks/{path.name} PROFILE=cpu`")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
+def test_no_warnings_on_stderr(path):
+    """A warning in a saved notebook is fixed at its source or filtered (with a comment saying why)."""
+    for index, cell in enumerate(code_cells(load(path))):
+        for output in cell.outputs:
+            if output.output_type == "stream" and output.name == "stderr":
+                raise AssertionError(f"code cell {index} wrote to stderr: {output.text.strip()[:200]!r}")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
+def test_progress_bars_read_as_finished_without_a_kernel(path):
+    from course_lib.widgets import unfinished_progress_bars
+
+    unfinished = unfinished_progress_bars(load(path))
+    assert not unfinished, (f"saved progress bars that look unfinished where widgets are not rendered: "
+                            f"{unfinished}; `make execute` rewrites them from the saved widget state")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
 def test_exercises_follow_the_convention(path):
     nb = load(path)
     student = student_notebook(nb, path.name)  # raises EditionError naming the cell if broken
@@ -94,3 +121,23 @@ def test_exercises_follow_the_convention(path):
 def test_checks_and_stubs_exist_for_every_lesson_with_exercises():
     total = sum(1 for p in NOTEBOOKS for c in load(p).cells if "exercise" in c.metadata.get("tags", []))
     assert total >= 1
+
+
+def test_finished_bar_text_is_rebuilt_from_the_saved_widget_state():
+    from course_lib.widgets import finish_progress_bars, unfinished_progress_bars
+
+    ids_ = {"box": "HBoxModel", "l": "HTMLModel", "b": "FloatProgressModel", "r": "HTMLModel"}
+    state = {k: {"model_name": v, "state": {}} for k, v in ids_.items()}
+    state["box"]["state"]["children"] = ["IPY_MODEL_l", "IPY_MODEL_b", "IPY_MODEL_r"]
+    state["l"]["state"]["value"] = "sweep:\u2007100%"
+    state["b"]["state"].update(value=20.0, max=20.0)
+    state["r"]["state"]["value"] = "\u200720/20\u2007[04:54&lt;00:00,\u200731.43s/it]"
+    output = {"output_type": "display_data", "metadata": {},
+              "data": {"application/vnd.jupyter.widget-view+json": {"model_id": "box"},
+                       "text/plain": "sweep:   0%|          | 0/20 [00:00<?, ?it/s]"}}
+    nb = {"metadata": {"widgets": {"application/vnd.jupyter.widget-state+json": {"state": state}}},
+          "cells": [{"cell_type": "code", "outputs": [output]}]}
+    assert unfinished_progress_bars(nb) == ["sweep:   0%|          | 0/20 [00:00<?, ?it/s]"]
+    assert finish_progress_bars(nb) == 1
+    assert output["data"]["text/plain"] == "sweep: 100%|██████████| 20/20 [04:54<00:00, 31.43s/it]"
+    assert unfinished_progress_bars(nb) == []
