@@ -302,4 +302,4 @@ def test_numerical_grad_stub():
 def test_hints_registered(capsys):
     for exercise in ("02.1", "02.2", "02.3"):
         checks.hint(exercise)
-    assert capsys.readouterr().out.count("Hint for exercise 02.") == 3
+    assert capsys.readouterr().out.count("for exercise 02.") == 3

@@ -326,4 +326,4 @@ def test_apply_lora_refuses(fn):
 def test_hints_registered(capsys):
     for k in ("07.1", "07.2", "07.3"):
         checks.hint(k)
-    assert capsys.readouterr().out.count("Hint for exercise 07.") == 3
+    assert capsys.readouterr().out.count("for exercise 07.") == 3
