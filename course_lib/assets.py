@@ -152,36 +152,63 @@ def sha256_of(path: Path) -> str:
 _VERIFIED: dict[Path, tuple] = {}  # folder -> the file stats it had when its hashes last verified
 
 
+def _manifest_files(folder: Path) -> dict[str, dict[str, object]]:
+    """Size and SHA-256 of every file under ``folder`` (its manifest, if any, left out)."""
+    return {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+def _folder_problem(folder: Path, key: str, expected: str, *, verify: bool = True) -> str | None:
+    """What is wrong with a cached folder, or None if it is complete and (with ``verify``) every file
+    matches its ``MANIFEST.json``, whose ``key`` must name the pinned source ``expected``.
+
+    Sizes are always checked; SHA-256 hashes are checked once per process and again whenever a
+    file's size or modification time changes.
+    """
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "it is not in the cache" if not folder.exists() else f"{folder} has no {MANIFEST}"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    if manifest.get(key) != expected:
+        return f"its {MANIFEST} describes another release (source SHA-256 {str(manifest.get(key))[:16]}…)"
+    stats = []
+    for relative, entry in files.items():
+        try:
+            stat = (folder / relative).stat()
+        except OSError:
+            return f"{relative} is missing"
+        if stat.st_size != entry["size"]:
+            return f"{relative} has {stat.st_size:,} bytes, not the {entry['size']:,} its manifest records"
+        stats.append((relative, stat.st_size, stat.st_mtime_ns))
+    signature = tuple(stats)
+    if not verify or _VERIFIED.get(folder) == signature:
+        return None
+    for relative, entry in files.items():
+        try:
+            if sha256_of(folder / relative) != entry["sha256"]:
+                return f"{relative} does not match the SHA-256 its manifest records (the file was modified)"
+        except OSError:
+            return f"{relative} is unreadable"
+    _VERIFIED[folder] = signature
+    return None
+
+
+def cache_problem(name: str, *, verify: bool = True) -> str | None:
+    """Why asset ``name`` is not usable from the cache (e.g. "weights.bin does not match ..."), or None."""
+    return _folder_problem(asset_dir(name), "archive_sha256", _asset(name).sha256, verify=verify)
+
+
 def is_cached(name: str, *, verify: bool = True) -> bool:
     """Whether the asset is in the cache, complete and (with ``verify``) matching its manifest.
 
     Sizes are always checked; SHA-256 hashes are checked once per process and again whenever a
     file's size or modification time changes.
     """
-    folder = asset_dir(name)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        return False
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("archive_sha256") != _asset(name).sha256:
-            return False
-        stats = []
-        for relative, entry in manifest["files"].items():
-            stat = (folder / relative).stat()
-            if stat.st_size != entry["size"]:
-                return False
-            stats.append((relative, stat.st_size, stat.st_mtime_ns))
-        signature = tuple(stats)
-        if not verify or _VERIFIED.get(folder) == signature:
-            return True
-        for relative, entry in manifest["files"].items():
-            if sha256_of(folder / relative) != entry["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError):
-        return False
-    _VERIFIED[folder] = signature
-    return True
+    return cache_problem(name, verify=verify) is None
 
 
 def _progress(total_bytes: float, desc: str):
@@ -507,6 +534,59 @@ def fetch(name: str, *, force: bool = False) -> Path:
 
 
 GGUF_FILES = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+DERIVED_KEY = "source_sha256"  # what a derived folder's manifest records of the asset it came from
+
+
+def derived_dir(name: str) -> Path:
+    """Where the de-quantised float32 copy of a GGUF asset lives: ``<cache>/derived/NAME-f32``."""
+    return cache_dir() / "derived" / f"{name}-f32"
+
+
+def _write_float_copy(name: str, source: Path, staging: Path) -> None:
+    """De-quantise the GGUF file of asset ``name`` (in ``source``) into a float32 ``save_pretrained``
+    folder ``staging``, with a manifest of every file written."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = GGUF_FILES[name]
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; a plain model of the same config takes its weights.
+    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, gguf_file=gguf),
+                                             dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    manifest = {"derived_from": name, DERIVED_KEY: _asset(name).sha256, "gguf_file": gguf,
+                "what": "float32 de-quantisation of the GGUF file, written by course_lib.assets.load_causal_lm",
+                "files": _manifest_files(staging)}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def float_copy(name: str) -> Path:
+    """The verified float32 copy of GGUF asset ``name``, derived from the cached GGUF when it is missing
+    or does not match its manifest (sizes and SHA-256 of every file, like any asset). Works offline."""
+    source = fetch(name)
+    derived = derived_dir(name)
+    problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+    if problem is None:
+        return derived
+    if derived.exists():
+        print(f"The float32 copy of {name!r} in {derived} is not usable ({problem}); rebuilding it from "
+              f"the cached GGUF file (about a minute for SmolLM2).")
+    derived.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=derived.parent, prefix=f".{derived.name}.partial-") as work:
+        staging = Path(work) / "staging"
+        _write_float_copy(name, source, staging)
+        if derived.exists():
+            shutil.rmtree(derived.rename(Path(work) / "stale"))
+        staging.rename(derived)  # atomic on one file system
+    _VERIFIED.pop(derived, None)
+    problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+    if problem is not None:
+        raise AssetError(f"The float32 copy of {name!r} was written to {derived} but does not verify "
+                         f"({problem}); run `{_fetch_command(name)}` again.")
+    return derived
 
 
 def load_causal_lm(name_or_hub_id: str = "smollm2-135m-instruct", *, dtype=None):
@@ -514,38 +594,19 @@ def load_causal_lm(name_or_hub_id: str = "smollm2-135m-instruct", *, dtype=None)
 
     The course's SmolLM2 ships as a GGUF file; ``transformers`` de-quantises it at load time, which
     takes about a minute on a laptop. The first call therefore saves the de-quantised float32 model
-    once as ``safetensors`` next to the asset (``<cache>/derived/NAME-f32``, written atomically like
-    every asset), and later calls load that in under a second. The weights are identical.
+    once as ``safetensors`` next to the asset (``<cache>/derived/NAME-f32``, with a ``MANIFEST.json``
+    of sizes and SHA-256 hashes, written atomically like every asset), and later calls verify and load
+    that in about a second. A copy that no longer matches its manifest is rebuilt from the cached
+    GGUF. The weights are identical.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_hub_id not in GGUF_FILES:
         path = model_path(name_or_hub_id)
         return (AutoTokenizer.from_pretrained(path),
                 AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32))
-    source = fetch(name_or_hub_id)
-    derived = cache_dir() / "derived" / f"{name_or_hub_id}-f32"
-    stamp = derived / "SOURCE_SHA256"
-    complete = (stamp.is_file() and stamp.read_text().strip() == _asset(name_or_hub_id).sha256
-                and (derived / "model.safetensors").is_file())
-    if not complete:
-        gguf = GGUF_FILES[name_or_hub_id]
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-        quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-        # A model loaded from GGUF refuses save_pretrained; a plain model of the same config takes its weights.
-        plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, gguf_file=gguf),
-                                                 dtype=torch.float32)
-        plain.load_state_dict(quantised.state_dict(), strict=True)
-        derived.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=derived.parent, prefix=f".{derived.name}.partial-") as work:
-            staging = Path(work) / "staging"
-            plain.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / "SOURCE_SHA256").write_text(_asset(name_or_hub_id).sha256)
-            if derived.exists():
-                shutil.rmtree(derived.rename(Path(work) / "stale"))
-            staging.rename(derived)
+    derived = float_copy(name_or_hub_id)
     tokenizer = AutoTokenizer.from_pretrained(derived)
     model = AutoModelForCausalLM.from_pretrained(derived, dtype=dtype or torch.float32)
     return tokenizer, model
@@ -592,8 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             path = fetch(name, force=args.force)
             print(f"{name}: {'already cached' if was_cached else 'fetched and verified'} at {path}")
             if name in GGUF_FILES:
-                load_causal_lm(name)  # de-quantise once now, so that lessons load it in a second
-                print(f"{name}: float32 safetensors copy ready in {cache_dir() / 'derived'}")
+                float_copy(name)  # de-quantise once now, so that lessons load it in a second
+                print(f"{name}: float32 safetensors copy verified in {derived_dir(name)}")
     except AssetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

