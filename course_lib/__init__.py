@@ -18,9 +18,11 @@ synthetic      a language with a known entropy rate (05_scaling_laws)
 scaling        power-law and Chinchilla fits (05_scaling_laws)
 finetune       encoder classifiers, metrics, the fine-tuning loop (06_finetuning)
 lora           LoRA from scratch (07_lora)
+peft_family    BitFit, adapters, prompt and prefix tuning, AdaLoRA, memory split (08_peft_family)
+quant          NF4 and int4/int8 block-wise quantisation, QLoRA layers (08_peft_family)
 ddp            data parallelism on several processes (10_scaling_out)
 bench          throughput, MFU and LoRA-vs-peft benchmarks (10_scaling_out)
-experiments    the recorded multi-seed runs behind the lessons' tables (05-07)
+experiments    the recorded multi-seed runs behind the lessons' tables (05-08)
 plots, widgets figures and ipywidgets explorers used by several lessons
 =============  ===========================================================
 """
@@ -42,6 +44,11 @@ def start(seed: int = 0, *, quiet: bool = False, profile=None):
     # transformers' "Loading weights" and "Writing model shards" bars take well under a second here and
     # would be saved as frozen "0%" text in the notebooks; the course shows its own bars for long work.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes (imported by peft) logs at import that its optional `kernels` package is missing; that
+    # package would fetch a CPU kernel from the Hub, which the course never calls: its own CPU code runs.
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     profile = profile or get_profile()
     if profile.name == "ci":
         # CI runs two notebooks at once on two cores: one thread each avoids oversubscription,
