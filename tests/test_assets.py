@@ -89,6 +89,62 @@ def test_interrupted_fetch_leaves_nothing_that_looks_valid(fake_asset, monkeypat
     assert leftovers == [], "the staging folder is removed"
 
 
+def test_leftovers_of_a_killed_fetch_are_removed(fake_asset):
+    """A fetch killed with SIGKILL cannot clean up after itself: the next fetch removes its staging folder."""
+    parent = assets.asset_dir("fake").parent
+    leftover = parent / ".1.0.partial-killed"
+    (leftover / "staging").mkdir(parents=True)
+    (leftover / "staging" / "weights.bin").write_bytes(b"half")
+    fetch("fake")
+    assert not leftover.exists()
+    (leftover / "staging").mkdir(parents=True)  # and again while the asset is cached
+    fetch("fake")
+    assert not leftover.exists() and fake_asset["calls"] == ["fake"]
+
+
+def test_simultaneous_fetches_of_one_asset_download_once(fake_asset, monkeypatch):
+    """Two fetches at once (threads here; the lock is a file lock, so processes too): the second waits
+    for the first and finds the asset cached instead of colliding at the rename."""
+    import threading
+    import time
+
+    real_extract = assets._extract
+
+    def slow_extract(*args):
+        time.sleep(0.5)  # keep the first fetch inside its critical section while the second arrives
+        return real_extract(*args)
+
+    monkeypatch.setattr(assets, "_extract", slow_extract)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(fetch("fake"))
+        except BaseException as error:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert fake_asset["calls"] == ["fake"], "the second fetch waited and reused the first one's work"
+    assert is_cached("fake")
+
+
+def test_offline_with_a_corrupt_cached_asset_says_so(fake_asset, monkeypatch):
+    folder = fetch("fake")
+    (folder / "weights.bin").write_bytes(b"\x02" * 1000)
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    with pytest.raises(AssetOfflineError) as caught:
+        fetch("fake")
+    message = str(caught.value)
+    assert "is in the cache" in message and "not in the cache" not in message
+    assert "weights.bin does not match the SHA-256 its manifest records" in message
+    assert "python -m course_lib.assets fetch fake" in message
+
+
 def test_wrong_hash_is_one_clear_sentence(fake_asset, monkeypatch):
     monkeypatch.setitem(ASSETS, "fake", Asset(**{**ASSETS["fake"].__dict__, "sha256": "0" * 64}))
     with pytest.raises(AssetHashError, match=r"not the pinned 0000.*python -m course_lib.assets fetch fake"):
