@@ -168,7 +168,7 @@ def _folder_problem(folder: Path, key: str, expected: str, *, verify: bool = Tru
     """
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        return "it is not in the cache" if not folder.exists() else f"{folder} has no {MANIFEST}"
+        return "it is not in the cache" if not folder.exists() else f"it has no {MANIFEST}"
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]

@@ -78,6 +78,9 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         except rows whose every key is masked: those are all zero, and so is their output.
     """
     q, k, v = (_require_float_tensor(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    if len({q.dtype, k.dtype, v.dtype}) > 1 and not torch.is_autocast_enabled(q.device.type):
+        raise TypeError(f"q, k and v must share one dtype, but q is {q.dtype}, k is {k.dtype} and v is "
+                        f"{v.dtype}; convert them with k.to(q.dtype) and v.to(q.dtype).")
     d_k = q.shape[-1]
     if k.shape[-1] != d_k:
         raise ValueError(f"q and k must have the same last dimension d_k, but q has {d_k} and k has "

@@ -98,6 +98,10 @@ class LoRALinear(nn.Module):
         return delta.to(self.base.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"this LoRA layer takes inputs whose last dimension is in_features="
+                             f"{self.in_features}, but x has shape {tuple(x.shape)}; pass (..., "
+                             f"{self.in_features}) inputs, or wrap a linear layer of the right width.")
         h = self.base(x)
         if self.merged:  # the update already lives in base.weight
             return h
@@ -336,3 +340,13 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     for n in meta["extra"]:
         params[n].requires_grad_(True)
     return model
+
+
+def experiment(profile, *, seeds: int = 3, quick: bool = False) -> dict:
+    """The recorded comparison of notebook 07 (``python -m course_lib.experiments lora``): probe, BitFit,
+    LoRA at several ranks and full fine-tuning, learning rates chosen on validation, several seeds,
+    paired intervals. It lives in :func:`course_lib.finetune.lora_experiment` with the other recorded
+    fine-tuning runs."""
+    from course_lib.finetune import lora_experiment
+
+    return lora_experiment(profile, seeds=seeds, quick=quick)

@@ -21,6 +21,7 @@ run exactly where it stopped: the weights equal those of an uninterrupted run (t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -153,6 +154,32 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
+def _check_forward_takes_targets(model: nn.Module) -> None:
+    """``train`` calls ``model(x, y)``; say so in one sentence when ``forward`` cannot take ``y``."""
+    try:
+        inspect.signature(model.forward).bind(torch.empty(0), torch.empty(0))
+    except TypeError:
+        raise TypeError(f"train() calls model(x, y) with the targets y and needs (logits, loss) back, but "
+                        f"{type(model).__name__}.forward{inspect.signature(model.forward)} does not take the "
+                        f"targets: give the model a forward(x, y) that returns (logits, loss), like "
+                        f"course_lib.model.GPT.") from None
+    except ValueError:  # no signature to inspect (some C extensions): the first call will tell
+        pass
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss of ``model(x, y)``, which must return ``(logits, loss)`` with a scalar loss."""
+    out = model(x, y)
+    loss = out[1] if isinstance(out, (tuple, list)) and len(out) == 2 else None
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = (f"a {type(out).__name__} of {len(out)} items" if isinstance(out, (tuple, list))
+                else f"a {type(out).__name__}")
+        raise TypeError(f"train() needs model(x, y) to return (logits, loss) with a scalar loss tensor, but "
+                        f"{type(_unwrap(model)).__name__} returned {what}: compute the loss inside forward, "
+                        f"e.g. return logits, F.cross_entropy(logits.flatten(0, 1), y.flatten()).")
+    return loss
+
+
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
@@ -171,7 +198,7 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, batch_size: int, context
         for _ in range(batches):
             x, y = get_batch(tokens, batch_size, context, generator, device)
             with _autocast(device, amp):
-                _, loss = model(x, y)
+                loss = _loss(model, x, y)
             total += float(loss)
     finally:
         model.train(was_training)
@@ -185,7 +212,8 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, batch_size: int, context
 
 @dataclass
 class TrainConfig:
-    """What ``train`` does. ``context=None`` uses ``model.config.context``; ``min_lr=None`` is lr / 10."""
+    """What ``train`` does. ``context=None`` uses ``model.config.context``; ``min_lr=None`` is lr / 10;
+    ``warmup_steps=None`` is 20 steps, or a tenth of the run when that is shorter (see ``warmup``)."""
 
     steps: int = 200
     batch_size: int = 16
@@ -193,7 +221,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr: float | None = None
-    warmup_steps: int = 20
+    warmup_steps: int | None = None
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
@@ -211,11 +239,18 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, but it is {value!r}.")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps must lie in 0..steps={self.steps}, got {self.warmup_steps}.")
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or not isinstance(
+                self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps):
+            raise ValueError(f"TrainConfig.warmup_steps must be an int in 0..steps={self.steps}, got "
+                             f"{self.warmup_steps!r}.")
         if self.amp not in ("auto", "bf16", "none"):
             raise ValueError(f"TrainConfig.amp must be 'auto', 'bf16' or 'none', got {self.amp!r}.")
         self.betas = tuple(self.betas)
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up length used: ``warmup_steps``, or by default min(20, steps // 10)."""
+        return min(20, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
     @property
     def final_lr(self) -> float:
@@ -383,6 +418,7 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module whose forward(x, y) returns (logits, loss), not a "
                         f"{type(model).__name__}.")
+    _check_forward_takes_targets(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     inner = _unwrap(model)
@@ -461,7 +497,7 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
         while step < stop:
             # remember the RNG states, so that a Ctrl-C in the middle of a step can undo its draws
             step_rng = (generator.get_state(), torch.get_rng_state())
-            lr = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps,
+            lr = lr_at(step, lr=config.lr, warmup_steps=config.warmup, total_steps=config.steps,
                        min_lr=config.final_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -473,7 +509,7 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
                 sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
                     with _autocast(device, config.amp):
-                        _, loss = model(x, y)
+                        loss = _loss(model, x, y)
                     (loss / config.grad_accum).backward()
                 step_loss += loss.detach().float() / config.grad_accum
             if config.grad_clip is not None:
@@ -500,7 +536,7 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
         generator.set_state(step_rng[0])
         torch.set_rng_state(step_rng[1])
         if window_steps:                                # log the steps finished since the last log
-            log(step, lr_at(step - 1, lr=config.lr, warmup_steps=config.warmup_steps,
+            log(step, lr_at(step - 1, lr=config.lr, warmup_steps=config.warmup,
                             total_steps=config.steps, min_lr=config.final_lr))
     finally:
         bar.close()

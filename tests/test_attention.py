@@ -207,3 +207,15 @@ def test_plot_attention_and_explorer():
     layer.value, head.value, sentence.value = 1, 1, 1
     assert explorer.result.get_title() == "layer 1, head 1: sentence 1"
     plt.close("all")
+
+
+def test_mixed_dtypes_get_one_sentence_not_a_matmul_error():
+    with pytest.raises(TypeError) as info:
+        scaled_dot_product_attention(_rand(3, 4), _rand(5, 4).double(), _rand(5, 2))
+    assert str(info.value) == ("q, k and v must share one dtype, but q is torch.float32, k is torch.float64 and v "
+                               "is torch.float32; convert them with k.to(q.dtype) and v.to(q.dtype).")
+    with pytest.raises(TypeError, match="must share one dtype"):
+        scaled_dot_product_attention(_rand(3, 4), _rand(5, 4), _rand(5, 2).half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes on purpose: allowed there
+        out, _ = scaled_dot_product_attention(_rand(3, 4), _rand(5, 4).bfloat16(), _rand(5, 2))
+    assert out.shape == (3, 2)

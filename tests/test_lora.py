@@ -297,3 +297,12 @@ def test_bitfit_and_optimizer_state_bytes():
     # Adam keeps exp_avg and exp_avg_sq (float32) per parameter, plus a scalar step per tensor
     n_tensors = len(names)
     assert lora.optimizer_state_bytes(opt) == 2 * 4 * count_trainable(model) + n_tensors * 4
+
+
+def test_input_of_the_wrong_width_gets_one_sentence():
+    layer = LoRALinear(nn.Linear(4, 8), r=2, alpha=2)
+    with pytest.raises(ValueError) as info:
+        layer(torch.randn(3, 5))
+    assert str(info.value).startswith("this LoRA layer takes inputs whose last dimension is in_features=4, but x "
+                                      "has shape (3, 5)")
+    assert layer(torch.randn(2, 3, 4)).shape == (2, 3, 8)  # extra batch dimensions are fine

@@ -229,3 +229,40 @@ def test_config_errors_and_peak_flops_on_cpu():
         train(fresh_model(), TOKENS, stepz=3)
     assert peak_flops("cpu") is None
     assert History.from_dict(History(step=[1]).to_dict()).step == [1]
+
+
+def test_model_without_targets_in_forward_gets_one_sentence():
+    class LogitsOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(20, 20)
+
+        def forward(self, x):
+            return self.table(x)
+
+    with pytest.raises(TypeError) as info:
+        train(LogitsOnly(), TOKENS, context=8, **QUICK)
+    assert str(info.value).startswith("train() calls model(x, y) with the targets y and needs (logits, loss) "
+                                      "back, but LogitsOnly.forward(x) does not take the targets")
+
+    class ReturnsLogits(LogitsOnly):
+        def forward(self, x, y=None):
+            return self.table(x)
+
+    with pytest.raises(TypeError, match=r"needs model\(x, y\) to return \(logits, loss\).*ReturnsLogits returned "
+                                        r"a Tensor"):
+        train(ReturnsLogits(), TOKENS, context=8, **QUICK)
+
+
+def test_short_runs_get_a_default_warmup_that_fits():
+    """train(steps=1) used to refuse the default warm-up of 20 steps the caller never set."""
+    assert TrainConfig(steps=1).warmup == 0
+    assert TrainConfig(steps=50).warmup == 5
+    assert TrainConfig(steps=600).warmup == 20 and TrainConfig(steps=600, warmup_steps=7).warmup == 7
+    model = fresh_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    history = train(model, TOKENS, steps=1, batch_size=2, progress=False)
+    assert history.step == [1] and history.lr == [pytest.approx(1e-4)]  # no warm-up; the last step is at min_lr
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the step changed nothing"
+    with pytest.raises(ValueError, match="warmup_steps must be an int in 0..steps=1"):
+        TrainConfig(steps=1, warmup_steps=2)
