@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "LayerNorm", "CausalSelfAttention", "MLP", "Block", "GPT", "count_params",
+__all__ = ["GPTConfig", "LayerNorm", "CausalSelfAttention", "MLP", "Block", "GPT", "KVCache", "count_params",
            "param_count_formula", "flops_per_token", "memory_estimate", "saved_activation_bytes",
            "top_k_filter", "top_p_filter", "gpt2_config", "load_gpt2_weights"]
 
@@ -97,6 +97,38 @@ class LayerNorm(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class KVCache:
+    """The keys and values of the tokens a model has already seen: one (K, V) pair per layer.
+
+    Generation appends one token at a time; without a cache every step recomputes the keys and
+    values of the whole window, although those of the earlier tokens never change (the mask keeps
+    them from seeing later tokens). With it, a step computes q, k, v for the new token only, appends
+    k and v along the time axis and attends over everything stored. Each layer's tensors have shape
+    (B, H, t, d_head), so the cache holds 2·L·t·d numbers per sequence. Explained in
+    notebooks/04_training_a_language_model.ipynb ("Generation with a KV cache").
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        """The number of tokens stored (the position the next token gets), read from the last layer."""
+        return 0 if self.k[-1] is None else self.k[-1].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys and values (B, H, T_new, d_head) of ``layer``; return all of them."""
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)                       # time is axis 2
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused projection for Q, K and V.
 
@@ -112,12 +144,22 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         # (B, T, d) → (B, H, T, d_head): every head attends on its own slice of the d dimensions
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        past = 0
+        if kv_cache is not None:
+            past = 0 if kv_cache.k[layer] is None else kv_cache.k[layer].shape[2]
+            k, v = kv_cache.update(layer, k, v)
+        mask, causal = None, True
+        if past and T == 1:
+            causal = False     # one new query sees every key; is_causal=True would keep only the first
+        elif past:             # new query i sits at position past + i and sees keys 0 .. past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, d)                 # merge the heads
         return self.resid_dropout(self.proj(y))
@@ -147,8 +189,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.d_model, config.layer_norm_eps, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -186,7 +228,7 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def _check_input(self, idx: Any, targets: Any) -> None:
+    def _check_input(self, idx: Any, targets: Any, past: int = 0) -> None:
         V, context = self.config.vocab_size, self.config.context
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"idx must be a torch.Tensor of token ids, but it is a {type(idx).__name__}; "
@@ -200,6 +242,9 @@ class GPT(nn.Module):
         if idx.shape[1] > context:
             raise ValueError(f"idx has {idx.shape[1]} positions but the model's context is {context}; "
                              f"crop it to the last {context} tokens with idx[:, -{context}:].")
+        if past + idx.shape[1] > context:
+            raise ValueError(f"the KV cache holds {past} tokens and idx adds {idx.shape[1]}, more than the "
+                             f"model's context of {context}; start a new cache from the last tokens.")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
             raise ValueError(f"idx holds token ids outside 0..{V - 1} (min {int(idx.min())}, max "
                              f"{int(idx.max())}); the model's vocab_size is {V}, so the tokenizer and "
@@ -210,18 +255,21 @@ class GPT(nn.Module):
                 raise ValueError(f"targets must be a tensor of the same shape as idx {tuple(idx.shape)}, "
                                  f"but it is {shape}; targets are idx shifted left by one token.")
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for every position, and the mean cross-entropy if ``targets``.
 
-        Target ids equal to -1 are ignored in the loss (e.g. padding).
+        Target ids equal to -1 are ignored in the loss (e.g. padding). With ``kv_cache``, ``idx`` holds
+        only the tokens after those already in the cache: they get positions past .. past + T - 1, and
+        their keys and values are appended to the cache.
         """
-        self._check_input(idx, targets)
+        past = 0 if kv_cache is None else kv_cache.length
+        self._check_input(idx, targets, past)
         B, T = idx.shape
-        positions = torch.arange(T, device=idx.device)
+        positions = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
-        for block in self.blocks:
-            x = block(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, kv_cache, layer) if kv_cache is not None else block(x)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
@@ -232,12 +280,20 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, kv_cache: bool = False) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) and return (B, T + new).
 
         Each step looks at the last ``context`` tokens, divides the last logits by ``temperature``
         (0 means greedy: always the most likely token), keeps the ``top_k`` most likely tokens and/or
         the smallest set whose probability reaches ``top_p``, and samples from what is left.
+
+        ``kv_cache=True`` feeds the prompt once, then one token per step, keeping the keys and values
+        in a :class:`KVCache`; the tokens are the same as without it. While the sequence fits in the
+        context, that is all. Past the context the window slides: the learned position of every token
+        in it changes, and the keys of deeper layers depend on tokens that have left the window, so no
+        stored key stays valid. The cached path then recomputes the window at every step, exactly as
+        the cache-free one does (a rolling cache that kept the old keys would be faster but would
+        generate different tokens).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, but it is {max_new_tokens!r}.")
@@ -246,8 +302,12 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            cache = KVCache(self.config.n_layer) if kv_cache else None
             for _ in range(max_new_tokens):
-                logits, _ = self(idx[:, -self.config.context:])
+                if cache is not None and idx.shape[1] <= self.config.context:
+                    logits, _ = self(idx[:, cache.length:], kv_cache=cache)   # only the tokens not yet seen
+                else:
+                    logits, _ = self(idx[:, -self.config.context:])
                 logits = logits[:, -1, :].float()
                 if temperature == 0:
                     next_id = logits.argmax(dim=-1, keepdim=True)

@@ -266,3 +266,56 @@ def test_top_p_matches_transformers(p):
     torch.testing.assert_close(ours[~ours.isinf()], z[~ours.isinf()])
     with pytest.raises(ValueError, match="top_p"):
         top_p_filter(z, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+def test_kv_cache_logits_equal_the_full_forward_pass():
+    from course_lib.model import KVCache
+
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    x = ids((2, 12))
+    full = model(x)[0]
+    cache = KVCache(SMALL.n_layer)
+    pieces = [model(x[:, :5], kv_cache=cache)[0]]                          # a prompt of 5 tokens
+    pieces += [model(x[:, i:i + 1], kv_cache=cache)[0] for i in range(5, 9)]   # one token at a time
+    pieces.append(model(x[:, 9:], kv_cache=cache)[0])                      # several new tokens at once
+    torch.testing.assert_close(torch.cat(pieces, 1), full)
+    assert cache.length == 12
+    assert cache.nbytes() == 2 * SMALL.n_layer * 2 * 12 * SMALL.d_model * 4   # 2·L·B·t·d floats
+    with pytest.raises(ValueError, match="KV cache holds 12 tokens"):
+        model(ids((2, 5)), kv_cache=cache)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=5),
+                                      dict(top_p=0.8)])
+@pytest.mark.parametrize("prompt_len, new", [(1, 15), (4, 12), (3, 30), (16, 5)])
+def test_kv_cache_generates_the_same_tokens(settings, prompt_len, new):
+    """Within the context and past it (where the cached path recomputes the sliding window)."""
+    torch.manual_seed(1)
+    model = GPT(SMALL)
+    prompt = ids((3, prompt_len))
+    plain = model.generate(prompt, new, generator=torch.Generator().manual_seed(0), **settings)
+    cached = model.generate(prompt, new, generator=torch.Generator().manual_seed(0), kv_cache=True, **settings)
+    assert torch.equal(plain, cached)
+
+
+def test_one_cached_query_attends_to_every_key():
+    """The trap: scaled_dot_product_attention(is_causal=True) with one query keeps only the first key."""
+    from course_lib.attention import scaled_dot_product_attention as course_attention
+    from course_lib.model import CausalSelfAttention, KVCache
+
+    torch.manual_seed(2)
+    attn = CausalSelfAttention(SMALL).eval()
+    x = torch.randn(2, 6, SMALL.d_model)
+    cache = KVCache(1)
+    attn(x[:, :5], cache, 0)
+    last = attn(x[:, 5:], cache, 0)
+    torch.testing.assert_close(last, attn(x)[:, 5:])
+    q = torch.randn(1, 1, 1, 8)
+    k = torch.randn(1, 1, 4, 8)
+    wrong = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True)
+    torch.testing.assert_close(wrong, k[:, :, :1])                          # only the first key
+    right = torch.nn.functional.scaled_dot_product_attention(q, k, k)
+    torch.testing.assert_close(right, course_attention(q, k, k)[0])        # no mask: every key
