@@ -16,6 +16,7 @@ The pieces, with the symbols of the notebook:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -424,3 +425,550 @@ def train_classifier(model: nn.Module, tokenizer: Any, train_data: Any, val_data
 def as_dataset(texts: Sequence[str], labels: Sequence[int] | torch.Tensor) -> Mapping[str, list]:
     """A minimal ``{'text', 'label'}`` mapping that every function here accepts as data."""
     return {"text": list(texts), "label": [int(y) for y in labels]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training for a fixed number of steps (notebook 07: one budget for every method)
+# ----------------------------------------------------------------------------------------------
+
+
+def train_fixed_steps(model: nn.Module, tokenizer: Any, train_data: Any, *, lr: float, steps: int,
+                      batch_size: int = 16, max_length: int = 64, weight_decay: float = 0.0,
+                      warmup_fraction: float = 0.1, clip_norm: float = 1.0, seed: int = 0,
+                      progress: bool = False) -> dict[str, Any]:
+    """Train the trainable parameters of ``model`` for exactly ``steps`` AdamW steps, no early stopping.
+
+    Notebook 07 compares methods that differ only in *what* trains (head, biases, LoRA, everything), so
+    they share this loop: the same batch order for a given ``seed``, linear warm-up over
+    ``warmup_fraction`` of the steps then linear decay, gradient clipping. Returns the number of
+    trainable parameters, the bytes of Adam's state (measured after training), the median step time in
+    ms (the first step, which allocates the optimiser state, left out), the mean loss of the last five
+    steps and the seconds of the whole run.
+    """
+    from course_lib.lora import count_trainable, optimizer_state_bytes
+
+    texts, labels = texts_and_labels(train_data)
+    if not (isinstance(steps, int) and steps >= 1 and batch_size >= 1 and lr > 0):
+        raise ValueError(f"need steps >= 1 (an int), batch_size >= 1 and lr > 0, got steps={steps!r}, "
+                         f"batch_size={batch_size!r}, lr={lr!r}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (did you freeze everything?).")
+    device = _device_of(model)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, round(warmup_fraction * steps))
+    # s + 1: the first step already has a (small) non-zero learning rate
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_linear_decay(s + 1, warmup, steps + 1))
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="training")
+    model.train()
+    step_times, losses, start = [], [], time.perf_counter()
+    for step in range(steps):
+        index = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
+        batch = {k: v.to(device) for k, v in tokenize(tokenizer, [texts[i] for i in index], max_length).items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tick = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(**batch), labels[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        optimizer.step()
+        schedule.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - tick)
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    timed = sorted(step_times[1:] or step_times)
+    return dict(trainable=count_trainable(model), adam_bytes=optimizer_state_bytes(optimizer),
+                step_ms=1000 * timed[len(timed) // 2], final_loss=float(np.mean(losses[-5:])),
+                seconds=time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several seeds: a paired bootstrap over test examples *and* seeds
+# ----------------------------------------------------------------------------------------------
+
+
+def paired_bootstrap_gap_seeds(right_a: Any, right_b: Any, *, rng: np.random.Generator | None = None,
+                               resamples: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """Like :func:`paired_bootstrap_gap`, for methods run with several seeds on the same test examples.
+
+    ``right_a`` and ``right_b`` have shape (seeds, examples): row s says which test examples each method
+    got right in run s (runs of the same seed share their labelled examples and batch order, so they
+    are paired too). Each resample draws the seeds *and* the test examples with replacement, the same
+    draw for both methods, and recomputes the gap of the mean accuracies; so the interval holds both the
+    luck of the test sample and the seed-to-seed spread. With 3 seeds the seed part is crude (a
+    bootstrap over 3 values underestimates their spread by a factor of about sqrt(2/3)): the per-seed
+    gaps are worth printing beside it. Returns (gap, low, high) as fractions.
+    """
+    a, b = np.atleast_2d(np.asarray(right_a, dtype=float)), np.atleast_2d(np.asarray(right_b, dtype=float))
+    if a.ndim != 2 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"right_a and right_b must be equally shaped (seeds, examples) arrays, got shapes "
+                         f"{a.shape} and {b.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level is a coverage between 0 and 1 (e.g. 0.95), got {level}.")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    n_seeds, n = a.shape
+    d = a - b
+    columns = rng.integers(0, n, size=(resamples, n))
+    rows = rng.integers(0, n_seeds, size=(resamples, n_seeds))
+    per_seed = np.stack([d[s][columns].mean(axis=1) for s in range(n_seeds)])  # (seeds, resamples)
+    gaps = per_seed[rows, np.arange(resamples)[:, None]].mean(axis=1)
+    low, high = np.percentile(gaps, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return float(d.mean()), float(low), float(high)
+
+
+def pairwise_gaps(right: Mapping[str, Any], *, resamples: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> dict[str, dict[str, Any]]:
+    """:func:`paired_bootstrap_gap_seeds` for every ordered pair of methods in ``right`` (name -> (seeds,
+    examples)), keyed ``"A − B"``; each value holds the gap, its interval and the per-seed gaps, in
+    accuracy points."""
+    names, out = list(right), {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = np.atleast_2d(np.asarray(right[a], float)), np.atleast_2d(np.asarray(right[b], float))
+            gap, low, high = paired_bootstrap_gap_seeds(ra, rb, rng=np.random.default_rng(seed),
+                                                        resamples=resamples, level=level)
+            per_seed = (ra.mean(axis=1) - rb.mean(axis=1)).tolist()
+            out[f"{a} − {b}"] = dict(gap=100 * gap, low=100 * low, high=100 * high,
+                                     per_seed=[100 * g for g in per_seed])
+    return out
+
+
+def gap_between(gaps: Mapping[str, Mapping[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """The gap A − B from a :func:`pairwise_gaps` table, whichever order it was stored in."""
+    if f"{a} − {b}" in gaps:
+        return dict(gaps[f"{a} − {b}"])
+    if f"{b} − {a}" in gaps:
+        g = gaps[f"{b} − {a}"]
+        return dict(gap=-g["gap"], low=-g["high"], high=-g["low"], per_seed=[-x for x in g["per_seed"]])
+    raise KeyError(f"no gap between {a!r} and {b!r} in this table.")
+
+
+def describe_gap(g: Mapping[str, Any], a: str, b: str) -> str:
+    """One sentence: A's lead over B in points with its interval, and whether the interval excludes 0."""
+    if g["low"] > 0:
+        verdict = f"{a} is ahead"
+    elif g["high"] < 0:
+        verdict = f"{b} is ahead"
+    else:
+        verdict = "the interval includes 0: no difference this run can detect"
+    seeds = ", ".join(f"{x:+.1f}" for x in g.get("per_seed", []))
+    return (f"{a} − {b}: {g['gap']:+.1f} points (95% interval {g['low']:+.1f} … {g['high']:+.1f}"
+            + (f"; per seed {seeds}" if seeds else "") + f") → {verdict}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recorded experiments: python -m course_lib.experiments finetuning | lora
+# ----------------------------------------------------------------------------------------------
+
+
+def take(data: Any, n: int | None, seed: int = 0) -> Any:
+    """The first ``n`` examples of a fixed shuffle of ``data`` (all of it when ``n`` is None or too big).
+
+    Seed s of a recorded experiment trains on ``take(train, n, seed=s)``: every method of that seed sees
+    the same labelled examples, and a smaller ``n`` is a subset of a larger one.
+    """
+    return data if n is None or n >= len(data) else data.shuffle(seed=seed).select(range(n))
+
+
+# Notebook 06 at each profile; "quick" is the seconds-long smoke form of the tests.
+FINETUNING_SIZES: dict[str, dict[str, Any]] = {
+    "quick": dict(n_label=32, n_val=16, n_test=24, n_ood=8, max_length=24, epochs=1, batch_size=16,
+                  evals_per_epoch=1, patience=1, lrs=(1e-4, 3e-4)),
+    "ci": dict(n_label=128, n_val=64, n_test=120, n_ood=60, max_length=40, epochs=1, batch_size=16,
+               evals_per_epoch=2, patience=2, lrs=(1e-4,)),
+    "cpu": dict(n_label=1500, n_val=500, n_test=None, n_ood=None, max_length=64, epochs=2, batch_size=16,
+                evals_per_epoch=2, patience=2, lrs=(3e-5, 1e-4, 3e-4)),
+    "gpu": dict(n_label=None, n_val=None, n_test=None, n_ood=None, max_length=128, epochs=3, batch_size=32,
+                evals_per_epoch=2, patience=3, lrs=(2e-5, 5e-5, 1e-4)),
+}
+
+# Notebook 07 at each profile: LoRA's alpha is alpha_over_r * r, so alpha / r is the same at every rank.
+LORA_SIZES: dict[str, dict[str, Any]] = {
+    "quick": dict(n_train=32, n_val=16, n_test=16, batch_size=8, max_length=24, epochs=None, steps=2,
+                  ranks=(1, 2), search_rank=2, alpha_over_r=2,
+                  lrs={"linear probe": (1e-2,), "BitFit": (3e-3,), "LoRA": (1e-3, 3e-3),
+                       "full fine-tuning": (1e-4,)}),
+    "ci": dict(n_train=200, n_val=48, n_test=48, batch_size=8, max_length=48, epochs=None, steps=3,
+               ranks=(1, 4), search_rank=4, alpha_over_r=2,
+               lrs={"linear probe": (1e-2,), "BitFit": (3e-3,), "LoRA": (3e-3,), "full fine-tuning": (1e-4,)}),
+    "cpu": dict(n_train=1500, n_val=500, n_test=None, batch_size=16, max_length=64, epochs=1, steps=None,
+                ranks=(1, 2, 4, 8, 16), search_rank=8, alpha_over_r=2,
+                lrs={"linear probe": (3e-3, 1e-2, 3e-2), "BitFit": (1e-3, 3e-3, 1e-2),
+                     "LoRA": (3e-4, 1e-3, 3e-3, 1e-2), "full fine-tuning": (3e-5, 1e-4, 3e-4)}),
+    "gpu": dict(n_train=None, n_val=None, n_test=None, batch_size=32, max_length=64, epochs=3, steps=None,
+                ranks=(1, 2, 4, 8, 16, 64), search_rank=8, alpha_over_r=2,
+                lrs={"linear probe": (3e-3, 1e-2, 3e-2), "BitFit": (3e-4, 1e-3, 3e-3),
+                     "LoRA": (1e-4, 3e-4, 1e-3, 3e-3), "full fine-tuning": (2e-5, 5e-5, 1e-4)}),
+}
+LORA_TARGETS = ("query", "value")
+
+
+def _sizes(table: Mapping[str, dict[str, Any]], profile: Any, quick: bool) -> dict[str, Any]:
+    name = "quick" if quick else getattr(profile, "name", profile)
+    if name not in table:
+        raise ValueError(f"no sizes for profile {name!r}: choose one of {', '.join(table)}.")
+    return dict(table[name])
+
+
+def finetuning_sizes(profile: Any, quick: bool = False) -> dict[str, Any]:
+    """The sizes notebook 06 and the ``finetuning`` experiment use on ``profile`` (a Profile or its name)."""
+    return _sizes(FINETUNING_SIZES, profile, quick)
+
+
+def lora_sizes(profile: Any, quick: bool = False) -> dict[str, Any]:
+    """The sizes notebook 07 and the ``lora`` experiment use on ``profile`` (a Profile or its name)."""
+    return _sizes(LORA_SIZES, profile, quick)
+
+
+class _RunCache:
+    """Finished runs of a long experiment, one JSON line each, so an interrupted record resumes.
+
+    A run is found again only under the same key: the experiment's sizes, the run's settings and a
+    hash of this module's and lora.py's source, so a code change never reuses an old number.
+    """
+
+    def __init__(self, name: str, profile_name: str, sizes: Mapping[str, Any], enabled: bool = True) -> None:
+        import hashlib
+        from pathlib import Path
+
+        from course_lib.assets import cache_dir
+
+        source = b"".join((Path(__file__).parent / f).read_bytes() for f in ("finetune.py", "lora.py"))
+        self.base = dict(sizes=json_ready(sizes), code=hashlib.sha256(source).hexdigest()[:16])
+        self.path = cache_dir() / "experiments" / f"{name}_{profile_name}.jsonl" if enabled else None
+        self.done: dict[str, Any] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.done[entry["key"]] = entry["value"]
+
+    def get(self, settings: Mapping[str, Any], compute) -> Any:
+        key = json.dumps({**self.base, **json_ready(settings)}, sort_keys=True)
+        if key in self.done:
+            return self.done[key]
+        value = json_ready(compute())
+        self.done[key] = value
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+        return value
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with tuples as lists, numpy numbers as Python numbers (what JSON can hold)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _bits(flags: Any) -> str:
+    return "".join("1" if f else "0" for f in np.asarray(flags).astype(bool))
+
+
+def _unbits(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
+
+
+def _log(name: str, message: str) -> None:
+    print(f"[{name}] {time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def _vader(texts: Sequence[str]) -> np.ndarray:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return np.array([analyzer.polarity_scores(t)["compound"] for t in texts])
+
+
+def vader_threshold(scores_val: np.ndarray, y_val: np.ndarray) -> float:
+    """The threshold t on VADER's compound score (positive if >= t) with the best validation accuracy,
+    from -0.9 to 0.9 in steps of 0.05 (the first of equally good ones)."""
+    thresholds = np.round(np.arange(-0.9, 0.91, 0.05), 2)
+    return float(thresholds[int(np.argmax([((scores_val >= t) == y_val).mean() for t in thresholds]))])
+
+
+BOW_CS = (0.3, 1, 3, 10, 30)
+PROBE_CS = (0.1, 0.3, 1, 3, 10)
+
+
+def fit_bag_of_words(train_texts: Sequence[str], y_train: Any, val_texts: Sequence[str], y_val: Any):
+    """TF-IDF of words and word pairs + logistic regression, C chosen on validation.
+
+    Returns ``(vectorizer, model, C)``; notebook 06 section 3.3 explains it.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    x_train, x_val = vectorizer.fit_transform(list(train_texts)), vectorizer.transform(list(val_texts))
+    fits = {c: LogisticRegression(C=c, max_iter=2000).fit(x_train, y_train) for c in BOW_CS}
+    c = max(fits, key=lambda c: fits[c].score(x_val, y_val))
+    return vectorizer, fits[c], c
+
+
+def fit_probe(e_train: Any, y_train: Any, e_val: Any, y_val: Any):
+    """Logistic regression on frozen sentence embeddings, C chosen on validation: ``(model, C)``."""
+    from sklearn.linear_model import LogisticRegression
+
+    fits = {c: LogisticRegression(C=c, max_iter=3000).fit(e_train, y_train) for c in PROBE_CS}
+    c = max(fits, key=lambda c: fits[c].score(e_val, y_val))
+    return fits[c], c
+
+
+def finetune_once(encoder: nn.Module, tokenizer: Any, train_data: Any, val_data: Any, *, lr: float, seed: int,
+                  sizes: Mapping[str, Any], progress: bool = False) -> tuple[nn.Module, TrainingRun]:
+    """Full fine-tuning of a fresh copy of ``encoder`` as notebook 06 does it: ``(model, run)``.
+
+    The copy, its head and its dropout are seeded with ``seed``; training is :func:`train_classifier`
+    with the sizes of the profile (epochs, batch, early stopping twice per epoch).
+    """
+    import copy
+
+    torch.manual_seed(seed)
+    model = SentenceClassifier(copy.deepcopy(encoder), n_classes=2, pooling="mean", dropout=0.1)
+    model.to(_device_of(encoder))
+    steps_per_epoch = math.ceil(len(train_data) / sizes["batch_size"])
+    run = train_classifier(model, tokenizer, train_data, val_data, epochs=sizes["epochs"], lr=lr,
+                           batch_size=sizes["batch_size"], max_length=sizes["max_length"], weight_decay=0.01,
+                           warmup_fraction=0.1, patience=sizes["patience"], seed=seed, progress=progress,
+                           eval_every=max(1, steps_per_epoch // sizes["evals_per_epoch"]))
+    return model, run
+
+
+def _summarise(right: Mapping[str, list], predictions: Mapping[str, list], y_test: np.ndarray) -> dict:
+    table = {}
+    for name, rows in right.items():
+        accuracy = [float(np.mean(r)) for r in rows]
+        f1 = [classification_metrics(y_test, p)["f1"] for p in predictions[name]]
+        macro = [classification_metrics(y_test, p)["macro_f1"] for p in predictions[name]]
+        table[name] = dict(accuracy_mean=float(np.mean(accuracy)), accuracy_sd=float(np.std(accuracy, ddof=1))
+                           if len(accuracy) > 1 else 0.0, accuracy_by_seed=accuracy,
+                           f1_mean=float(np.mean(f1)), macro_f1_mean=float(np.mean(macro)))
+    return table
+
+
+def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:
+    """The recorded run behind notebook 06: ``python -m course_lib.experiments finetuning``.
+
+    For each seed s the labelled examples are ``take(train, n_label, seed=s)``, the same for the bag of
+    words, the linear probe and full fine-tuning. VADER's threshold, the C of both logistic regressions
+    and the fine-tuning learning rate are chosen on the validation split; the learning rate by a search
+    over ``lrs`` on seed 0, after which the other seeds run at the chosen rate (seed 0's run at that
+    rate is reused). Every pair of methods gets a paired bootstrap interval over test examples and
+    seeds (:func:`pairwise_gaps`).
+    """
+    from course_lib.data import load_sentiment
+    from course_lib.profiles import code_version
+
+    sizes = finetuning_sizes(profile, quick)
+    name, profile_name = "finetuning", "quick" if quick else profile.name
+    code_at_start = code_version()
+    cache = _RunCache(name, profile_name, {**sizes, "seeds": seeds}, enabled=not quick)
+    movies = load_sentiment("movies")
+    val, test = take(movies["validation"], sizes["n_val"]), take(movies["test"], sizes["n_test"])
+    ood = {d: take(load_sentiment(d)["test"], sizes["n_ood"]) for d in ("tweets", "amazon")}
+    y_val, y_test = np.array(val["label"]), np.array(test["label"])
+    y_ood = {d: np.array(data["label"]) for d, data in ood.items()}
+    tokenizer, encoder = load_encoder(profile)
+    max_length = sizes["max_length"]
+
+    def embeddings(texts):
+        return embed(encoder, tokenizer, list(texts), max_length=max_length).numpy()
+
+    vader_val, vader_test = _vader(val["text"]), _vader(test["text"])
+    vader_ood = {d: _vader(data["text"]) for d, data in ood.items()}
+    t = vader_threshold(vader_val, y_val)
+    e_val, e_test = embeddings(val["text"]), embeddings(test["text"])
+    e_ood = {d: embeddings(data["text"]) for d, data in ood.items()}
+    _log(name, f"VADER threshold {t:+.2f}; embedded validation, test and out-of-domain snippets")
+
+    methods = ["majority class", "VADER (compound ≥ 0)", "VADER (tuned threshold)", "bag of words + LR",
+               "linear probe (frozen MiniLM)", "fine-tuned MiniLM"]
+    predictions = {m: [] for m in methods}
+    transfer = {m: {d: [] for d in ood} for m in methods[1:]}
+    chosen_c = {"bag of words + LR": [], "linear probe (frozen MiniLM)": []}
+    for seed in range(seeds):
+        pool = take(movies["train"], sizes["n_label"], seed=seed)
+        y_pool = np.array(pool["label"])
+        predictions["majority class"].append(np.full(len(y_test), int(np.bincount(y_pool).argmax())))
+        predictions["VADER (compound ≥ 0)"].append((vader_test >= 0).astype(int))
+        predictions["VADER (tuned threshold)"].append((vader_test >= t).astype(int))
+        vectorizer, bow, c = fit_bag_of_words(pool["text"], y_pool, val["text"], y_val)
+        predictions["bag of words + LR"].append(bow.predict(vectorizer.transform(list(test["text"]))))
+        chosen_c["bag of words + LR"].append(c)
+        probe, c = fit_probe(embeddings(pool["text"]), y_pool, e_val, y_val)
+        predictions["linear probe (frozen MiniLM)"].append(probe.predict(e_test))
+        chosen_c["linear probe (frozen MiniLM)"].append(c)
+        for d, data in ood.items():
+            transfer["VADER (compound ≥ 0)"][d].append(float(((vader_ood[d] >= 0) == y_ood[d]).mean()))
+            transfer["VADER (tuned threshold)"][d].append(float(((vader_ood[d] >= t) == y_ood[d]).mean()))
+            transfer["bag of words + LR"][d].append(
+                float((bow.predict(vectorizer.transform(list(data["text"]))) == y_ood[d]).mean()))
+            transfer["linear probe (frozen MiniLM)"][d].append(float((probe.predict(e_ood[d]) == y_ood[d]).mean()))
+        _log(name, f"seed {seed}: baselines done (bag of words C={chosen_c['bag of words + LR'][-1]}, "
+                   f"probe C={c})")
+
+    def finetune_run(lr: float, seed: int) -> dict[str, Any]:
+        pool = take(movies["train"], sizes["n_label"], seed=seed)
+        model, run = finetune_once(encoder, tokenizer, pool, val, lr=lr, seed=seed, sizes=sizes)
+        out = dict(val_accuracy=run.best_val_accuracy, best_step=run.best_step, steps=run.steps,
+                   stopped_early=run.stopped_early, seconds=run.seconds,
+                   examples_per_second=run.train_examples_per_second, history=run.history,
+                   test_predictions=_bits(evaluate(model, tokenizer, test, max_length=max_length)["predictions"]),
+                   ood_accuracy={d: evaluate(model, tokenizer, data, max_length=max_length)["accuracy"]
+                                 for d, data in ood.items()})
+        _log(name, f"fine-tuning lr={lr:g} seed {seed}: validation {out['val_accuracy']:.3f} "
+                   f"(best step {run.best_step} of {run.steps}) in {run.seconds:.0f} s")
+        return out
+
+    search = {lr: cache.get(dict(method="full", lr=lr, seed=0), lambda lr=lr: finetune_run(lr, 0))
+              for lr in sizes["lrs"]}
+    chosen_lr = max(sizes["lrs"], key=lambda lr: search[lr]["val_accuracy"])  # the first of equal ones
+    runs = [search[chosen_lr]] + [cache.get(dict(method="full", lr=chosen_lr, seed=s),
+                                            lambda s=s: finetune_run(chosen_lr, s)) for s in range(1, seeds)]
+    for run in runs:
+        predictions["fine-tuned MiniLM"].append(_unbits(run["test_predictions"]).astype(int))
+        for d in ood:
+            transfer["fine-tuned MiniLM"][d].append(run["ood_accuracy"][d])
+
+    right = {m: [np.asarray(p) == y_test for p in predictions[m]] for m in methods}
+    table = _summarise(right, predictions, y_test)
+    n_pool = len(take(movies["train"], sizes["n_label"]))
+    for m in methods:
+        table[m]["trained_on"] = 0 if m.startswith("VADER") else n_pool  # labelled examples it learned from
+    table["fine-tuned MiniLM"]["seconds_mean"] = float(np.mean([r["seconds"] for r in runs]))
+    return json_ready(dict(
+        sizes=sizes, seeds=seeds, n_train_split=len(movies["train"]), n_val=len(val), n_test=len(test),
+        n_ood={d: len(data) for d, data in ood.items()}, code_at_start=code_at_start,
+        vader_threshold=t, chosen_c=chosen_c, chosen_lr=chosen_lr,
+        search=[dict(lr=lr, val_accuracy=r["val_accuracy"], best_step=r["best_step"], steps=r["steps"],
+                     stopped_early=r["stopped_early"], seconds=r["seconds"],
+                     test_accuracy=float((_unbits(r["test_predictions"]) == y_test).mean()))
+                for lr, r in search.items()],
+        runs=[{k: v for k, v in r.items() if k != "test_predictions"} | {"seed": s} for s, r in enumerate(runs)],
+        table=table, gaps=pairwise_gaps({m: right[m] for m in methods}),
+        transfer={m: {d: float(np.mean(v)) for d, v in by.items()} for m, by in transfer.items()},
+        transfer_majority={d: float(max(y.mean(), 1 - y.mean())) for d, y in y_ood.items()},
+        right={m: [_bits(r) for r in right[m]] for m in methods},
+    ))
+
+
+def lora_experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:
+    """The recorded run behind notebook 07: ``python -m course_lib.experiments lora`` (it calls this).
+
+    Methods that differ only in what trains -- the head alone (linear probe), biases (BitFit), LoRA on
+    ``query`` and ``value`` at every rank of ``ranks`` with alpha = alpha_over_r * r (the same scale
+    alpha / r at every rank), everything (full fine-tuning) -- trained by :func:`train_fixed_steps` on
+    the same labelled examples ``take(train, n_train, seed=s)`` for the same number of steps. Each
+    method family's learning rate is chosen on the validation split by a search on seed 0 (LoRA's at
+    ``search_rank``, then used at every rank); the other seeds run at the chosen rates. Every pair of
+    methods, and each against VADER, gets a paired bootstrap interval over test examples and seeds.
+    """
+    import copy
+
+    from course_lib import lora
+    from course_lib.data import load_sentiment
+    from course_lib.profiles import code_version
+
+    sizes = lora_sizes(profile, quick)
+    name, profile_name = "lora", "quick" if quick else profile.name
+    code_at_start = code_version()
+    cache = _RunCache(name, profile_name, sizes, enabled=not quick)
+    movies = load_sentiment("movies")
+    val, test = take(movies["validation"], sizes["n_val"]), take(movies["test"], sizes["n_test"])
+    y_test = np.array(test["label"])
+    tokenizer, encoder = load_encoder(profile)
+    n_train = len(take(movies["train"], sizes["n_train"]))
+    steps = sizes["steps"] or math.ceil(sizes["epochs"] * n_train / sizes["batch_size"])
+
+    def family(method: str) -> str:
+        return "LoRA" if method.startswith("LoRA") else method
+
+    def build(method: str, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = SentenceClassifier(copy.deepcopy(encoder)).to(_device_of(encoder))
+        if method == "linear probe":
+            return model.freeze_encoder()
+        if method == "BitFit":
+            return lora.apply_bitfit(model, trainable_extra=["head"])
+        if method.startswith("LoRA"):
+            r = int(method.split("=")[1])
+            return lora.apply_lora(model, list(LORA_TARGETS), r=r, alpha=sizes["alpha_over_r"] * r,
+                                   trainable_extra=["head"])
+        return model
+
+    def one_run(method: str, lr: float, seed: int, with_val: bool) -> dict[str, Any]:
+        model = build(method, seed)
+        out = train_fixed_steps(model, tokenizer, take(movies["train"], sizes["n_train"], seed=seed), lr=lr,
+                                steps=steps, batch_size=sizes["batch_size"], max_length=sizes["max_length"],
+                                seed=seed)
+        if with_val:
+            out["val_accuracy"] = evaluate(model, tokenizer, val, max_length=sizes["max_length"])["accuracy"]
+        out["test_predictions"] = _bits(evaluate(model, tokenizer, test, max_length=sizes["max_length"])["predictions"])
+        _log(name, f"{method} lr={lr:g} seed {seed}: "
+                   + (f"validation {out['val_accuracy']:.3f}, " if with_val else "")
+                   + f"test {float((_unbits(out['test_predictions']) == y_test).mean()):.3f}, {out['seconds']:.0f} s")
+        return out
+
+    def run(method: str, lr: float, seed: int, with_val: bool = False) -> dict[str, Any]:
+        return cache.get(dict(method=method, lr=lr, seed=seed, with_val=with_val),
+                         lambda: one_run(method, lr, seed, with_val))
+
+    search_method = {"linear probe": "linear probe", "BitFit": "BitFit", "LoRA": f"LoRA r={sizes['search_rank']}",
+                     "full fine-tuning": "full fine-tuning"}
+    search, chosen_lr = {}, {}
+    for fam, method in search_method.items():
+        search[fam] = {lr: run(method, lr, 0, with_val=True) for lr in sizes["lrs"][fam]}
+        chosen_lr[fam] = max(sizes["lrs"][fam], key=lambda lr: search[fam][lr]["val_accuracy"])
+
+    methods = ["linear probe", "BitFit", *[f"LoRA r={r}" for r in sizes["ranks"]], "full fine-tuning"]
+    results: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        lr = chosen_lr[family(method)]
+        rows = []
+        for seed in range(seeds):
+            if seed == 0 and method == search_method[family(method)]:
+                rows.append(search[family(method)][lr])
+            else:
+                rows.append(run(method, lr, seed))
+        results[method] = rows
+
+    vader_right = (_vader(test["text"]) >= 0).astype(int) == y_test
+    right = {m: [_unbits(r["test_predictions"]) == y_test for r in rows] for m, rows in results.items()}
+    predictions = {m: [_unbits(r["test_predictions"]).astype(int) for r in rows] for m, rows in results.items()}
+    table = _summarise(right, predictions, y_test)
+    for m, rows in results.items():
+        table[m].update(lr=chosen_lr[family(m)], trainable=rows[0]["trainable"], adam_bytes=rows[0]["adam_bytes"],
+                        step_ms=float(np.median([r["step_ms"] for r in rows])),
+                        seconds_mean=float(np.mean([r["seconds"] for r in rows])))
+    gaps = pairwise_gaps({**right, "VADER (compound ≥ 0)": [vader_right] * seeds})
+    return json_ready(dict(
+        sizes=sizes, seeds=seeds, steps=steps, n_train=n_train, n_val=len(val), n_test=len(test),
+        targets=list(LORA_TARGETS), code_at_start=code_at_start, chosen_lr=chosen_lr,
+        search={fam: [dict(lr=lr, method=search_method[fam], val_accuracy=r["val_accuracy"],
+                           test_accuracy=float((_unbits(r["test_predictions"]) == y_test).mean()))
+                      for lr, r in by_lr.items()] for fam, by_lr in search.items()},
+        table=table, vader_accuracy=float(vader_right.mean()), gaps=gaps,
+        right={m: [_bits(r) for r in rows] for m, rows in right.items()},
+    ))
