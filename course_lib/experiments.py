@@ -34,6 +34,9 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "lora": ("course_lib.lora:experiment",
              "LoRA (rank sweep), BitFit, probe and full fine-tuning on one task; seeds; paired intervals",
              "07_lora"),
+    "peft_family": ("course_lib.peft_family:experiment",
+                    "full fine-tuning, probe, BitFit, adapters, prompt and prefix tuning, LoRA, AdaLoRA, QLoRA on one "
+                    "task; learning rates on validation; seeds; paired intervals; memory split", "08_peft_family"),
     "scaling": ("course_lib.scaling:experiment",
                 "IsoFLOP sweep of the tiny GPT on the synthetic language (Chinchilla Approach 2 and 3)",
                 "05_scaling_laws"),

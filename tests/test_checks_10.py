@@ -1,4 +1,5 @@
-"""The check of 10_scaling_out accepts correct memory formulas and refuses each common mistake."""
+"""The checks of 10_scaling_out (ZeRO memory, ring all-reduce, its time) accept correct answers and refuse the
+common mistakes, each with its own sentence."""
 
 from __future__ import annotations
 
@@ -71,5 +72,198 @@ def test_stub_and_crash():
 
 
 def test_hint_exists(capsys):
-    checks.hint("10.1")
+    checks.hint("10.1", level=2)
     assert "12 of Adam state" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# 10.2: the ring all-reduce on simulated ranks
+# ---------------------------------------------------------------------------------------------
+
+def ring_all_reduce(grads, send):
+    """The textbook ring: W - 1 reduce-scatter steps, then W - 1 all-gather steps, always to rank r + 1."""
+    W = len(grads)
+    chunks = [list(torch.tensor_split(g.flatten().clone(), W)) for g in grads]
+    for j in range(W - 1):
+        messages = [(r, (r - j) % W, send(r, (r + 1) % W, chunks[r][(r - j) % W])) for r in range(W)]
+        for r, c, data in messages:
+            chunks[(r + 1) % W][c] = chunks[(r + 1) % W][c] + data
+    for j in range(W - 1):
+        messages = [(r, (r + 1 - j) % W, send(r, (r + 1) % W, chunks[r][(r + 1 - j) % W])) for r in range(W)]
+        for r, c, data in messages:
+            chunks[(r + 1) % W][c] = data
+    return [torch.cat(c).reshape(g.shape) for c, g in zip(chunks, grads)]
+
+
+def ring_to_the_left(grads, send):
+    """The same ring, turning the other way (every rank sends to r - 1)."""
+    W = len(grads)
+    chunks = [list(torch.tensor_split(g.flatten().clone(), W)) for g in grads]
+    for phase in ("reduce", "gather"):
+        for j in range(W - 1):
+            messages = []
+            for r in range(W):
+                c = (r + j) % W if phase == "reduce" else (r - 1 + j) % W
+                messages.append((r, c, send(r, (r - 1) % W, chunks[r][c])))
+            for r, c, data in messages:
+                dst = (r - 1) % W
+                chunks[dst][c] = chunks[dst][c] + data if phase == "reduce" else data
+    return [torch.cat(c).reshape(g.shape) for c, g in zip(chunks, grads)]
+
+
+def _ring_variant(grads, send, *, average=False, gather=True, even_chunks=False, inplace=False):
+    W = len(grads)
+    if inplace:
+        flats = [g.view(-1) for g in grads]
+    else:
+        flats = [g.flatten().clone() for g in grads]
+    if even_chunks:
+        size = flats[0].numel() // W
+        chunks = [[f[i * size:(i + 1) * size] for i in range(W)] + [f[W * size:]] for f in flats]
+    else:
+        chunks = [list(torch.tensor_split(f, W)) for f in flats]
+    for j in range(W - 1):
+        messages = [(r, (r - j) % W, send(r, (r + 1) % W, chunks[r][(r - j) % W])) for r in range(W)]
+        for r, c, data in messages:
+            chunks[(r + 1) % W][c].add_(data) if inplace else chunks[(r + 1) % W].__setitem__(c, chunks[(r + 1) % W][c] + data)
+    if gather:
+        for j in range(W - 1):
+            messages = [(r, (r + 1 - j) % W, send(r, (r + 1) % W, chunks[r][(r + 1 - j) % W])) for r in range(W)]
+            for r, c, data in messages:
+                chunks[(r + 1) % W][c] = data
+    out = [torch.cat(c).reshape(g.shape) for c, g in zip(chunks, grads)]
+    return [o / W for o in out] if average else out
+
+
+def naive_exchange(grads, send):
+    """Every rank sends its whole tensor to every other rank and adds up what it receives."""
+    W = len(grads)
+    received = [[grads[r].clone()] for r in range(W)]
+    for src in range(W):
+        for dst in range(W):
+            if src != dst:
+                received[dst].append(send(src, dst, grads[src]))
+    return [torch.stack(r).sum(0) for r in received]
+
+
+def whole_tensor_around_the_ring(grads, send):
+    """Pass the whole tensor W - 1 times around the ring (right, but W/2 times the traffic of a ring all-reduce)."""
+    W = len(grads)
+    totals = [g.clone() for g in grads]
+    moving = [g.clone() for g in grads]
+    for _ in range(W - 1):
+        moving = [send((r - 1) % W, r, moving[(r - 1) % W]) for r in range(W)]
+        totals = [t + m for t, m in zip(totals, moving)]
+    return totals
+
+
+def both_directions(grads, send):
+    """A correct sum, but the reduce-scatter turns right and the all-gather left."""
+    W = len(grads)
+    result = ring_all_reduce(grads, lambda s, d, t: send(s, d, t))
+    if W > 2:
+        send(1, 0, grads[1][:1])
+    return result
+
+
+RING_CORRECT = [ring_all_reduce, ring_to_the_left]
+
+RING_WRONG = {
+    "no communication at all": (lambda grads, send: [sum(g.clone() for g in grads) for _ in grads],
+                                 "you never called send"),
+    "averages": (lambda grads, send: _ring_variant(grads, send, average=True), "you averaged"),
+    "reduce-scatter only": (lambda grads, send: _ring_variant(grads, send, gather=False),
+                            "holds the full sum in only part of its tensor"),
+    "drops the remainder of uneven chunks": (lambda grads, send: _ring_variant(grads, send, even_chunks=True),
+                                             "the last numbers of the tensor were never reduced"),
+    "changes its input": (lambda grads, send: _ring_variant(grads, send, inplace=True),
+                          "changed the input tensors"),
+    "all-to-all exchange": (naive_exchange, "sent to rank"),
+    "whole tensor around the ring": (whole_tensor_around_the_ring, "each rank sent its whole tensor"),
+    "one shared result": (lambda grads, send: [ring_all_reduce(grads, send)[0]] * len(grads),
+                          "several ranks share one result tensor"),
+    "flat results": (lambda grads, send: [r.flatten() for r in ring_all_reduce(grads, send)], "reshape the chunks"),
+    "float64 results": (lambda grads, send: [r.double() for r in ring_all_reduce(grads, send)], "has dtype"),
+    "both directions": (both_directions, "sent in both directions"),
+    "returns a tensor, not a list": (lambda grads, send: torch.stack(ring_all_reduce(grads, send)),
+                                     "should return a list"),
+}
+
+
+@pytest.mark.parametrize("fn", RING_CORRECT, ids=lambda f: f.__name__)
+def test_ring_check_accepts_correct_rings(fn, capsys):
+    checks.check_ring_all_reduce(fn)
+    assert "check_ring_all_reduce passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", RING_WRONG)
+def test_ring_check_refuses_common_mistakes(name):
+    fn, sentence = RING_WRONG[name]
+    with pytest.raises(CheckFailed) as info:
+        checks.check_ring_all_reduce(fn)
+    assert sentence in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_ring_check_stub_and_crash():
+    def stub(grads, send):
+        raise NotImplementedError("Exercise 10.2 is not done yet")
+
+    with pytest.raises(NotAttempted, match="Exercise 10.2 is not done yet"):
+        checks.check_ring_all_reduce(stub)
+    with pytest.raises(StudentCodeError, match="raised IndexError"):
+        checks.check_ring_all_reduce(lambda grads, send: [grads[len(grads)]])
+
+
+# ---------------------------------------------------------------------------------------------
+# 10.3: the alpha-beta model of a ring all-reduce
+# ---------------------------------------------------------------------------------------------
+
+def ring_time(n_bytes, world, alpha, beta):
+    return 2 * (world - 1) * alpha + 2 * (world - 1) / world * n_bytes / beta
+
+
+def ring_time_by_steps(n_bytes, world, alpha, beta):
+    steps = 2 * (world - 1)
+    return sum(alpha + (n_bytes / world) / beta for _ in range(steps))
+
+
+TIME_WRONG = {
+    "milliseconds": (lambda n, W, a, b: 1e3 * ring_time(n, W, a, b), "milliseconds"),
+    "reduce-scatter only": (lambda n, W, a, b: (W - 1) * a + (W - 1) / W * n / b, "only the reduce-scatter half"),
+    "n bytes per rank": (lambda n, W, a, b: 2 * (W - 1) * a + n / b, "not n"),
+    "whole tensor to everyone": (lambda n, W, a, b: 2 * (W - 1) * a + (W - 1) * n / b, "whole tensor"),
+    "latency paid twice only": (lambda n, W, a, b: 2 * a + 2 * (W - 1) / W * n / b, "pays the latency"),
+    "beta as seconds per byte": (lambda n, W, a, b: 2 * (W - 1) * a + 2 * (W - 1) / W * n * b, "divide the bytes"),
+    "bits": (lambda n, W, a, b: 2 * (W - 1) * a + 2 * (W - 1) / W * 8 * n / b, "bits"),
+    "no latency": (lambda n, W, a, b: 2 * (W - 1) / W * n / b, "latency term"),
+    "slightly off": (lambda n, W, a, b: 1.1 * ring_time(n, W, a, b), "but it should be"),
+    "a list": (lambda n, W, a, b: [ring_time(n, W, a, b)], "one number"),
+}
+
+
+@pytest.mark.parametrize("fn", [ring_time, ring_time_by_steps,
+                                lambda n, W, a, b: torch.tensor(ring_time(n, W, a, b), dtype=torch.float64)],
+                         ids=["formula", "by steps", "tensor"])
+def test_time_check_accepts_correct_answers(fn, capsys):
+    checks.check_all_reduce_time(fn)
+    assert "check_all_reduce_time passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", TIME_WRONG)
+def test_time_check_refuses_common_mistakes(name):
+    fn, sentence = TIME_WRONG[name]
+    with pytest.raises(CheckFailed) as info:
+        checks.check_all_reduce_time(fn)
+    assert sentence in str(info.value)
+
+
+@pytest.mark.parametrize("exercise", ["10.1", "10.2", "10.3"])
+def test_three_hint_levels_and_the_idea_does_not_give_the_line_away(exercise, capsys):
+    from course_lib.checks.framework import HINTS
+
+    idea, approach, key_line = HINTS[exercise]
+    assert key_line not in idea and "return" not in idea
+    for level in (1, 2, 3):
+        checks.hint(exercise, level=level)
+        assert f"Hint {level}/3 for exercise {exercise}" in capsys.readouterr().out

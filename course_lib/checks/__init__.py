@@ -50,6 +50,12 @@ from course_lib.checks.finetuning import (  # noqa: F401
 from course_lib.checks.lora import (  # noqa: F401
     check_lora_forward, check_lora_linear, check_apply_lora,
 )
+from course_lib.checks.lora_causal_lm import (  # noqa: F401
+    check_render_chat, check_prompt_masking, check_lora_param_count,
+)
 from course_lib.checks.scaling_out import (  # noqa: F401
-    check_zero_memory,
+    check_zero_memory, check_ring_all_reduce, check_all_reduce_time,
+)
+from course_lib.checks.model_parallelism import (  # noqa: F401
+    check_shard_qkv, check_gpipe_idle_fraction, check_activation_bytes,
 )

@@ -15,9 +15,16 @@ from course_lib.checks.framework import (
 # ---- 10_scaling_out: memory per GPU with mixed-precision Adam and ZeRO stages 0-3
 # ----------------------------------------------------------------------------------------------
 
-register_hint("10.1", "Per parameter: 2 bytes of bf16 weights, 2 of bf16 gradients, 12 of Adam state (fp32 master "
-                      "copy + two moments). Stage 1 divides the 12 by n_gpus, stage 2 also the gradients' 2, "
-                      "stage 3 also the weights' 2. Return gigabytes: bytes / 1e9.")
+register_hint(
+    "10.1",
+    "Count bytes per parameter for each of the three kinds of memory (weights, gradients, optimiser state) in "
+    "mixed precision, then ask which of them each ZeRO stage divides among the GPUs.",
+    "Per parameter: 2 bytes of bf16 weights, 2 of bf16 gradients, 12 of Adam state (fp32 master copy + two "
+    "moments). Stage 1 divides the 12 by n_gpus, stage 2 also the gradients' 2, stage 3 also the weights' 2. "
+    "Return gigabytes: bytes / 1e9.",
+    "return n_params * (2 / (n_gpus if zero_stage >= 3 else 1) + 2 / (n_gpus if zero_stage >= 2 else 1) "
+    "+ 12 / (n_gpus if zero_stage >= 1 else 1)) / 1e9",
+)
 
 
 def check_zero_memory(fn: Callable[[float, int, int], float]) -> None:
@@ -67,3 +74,158 @@ def check_zero_memory(fn: Callable[[float, int, int], float]) -> None:
         fail(f"your memory per GPU on {case} is {result:.4g} GB, but it should be {expected:.4g} GB.")
     passed("check_zero_memory", f"your formula gives the memory per GPU on {len(cases)} cases, ZeRO's Fig. 1 "
                                 f"(7.5B parameters on 64 GPUs: 120, 31.4, 16.6, 1.9 GB) among them.")
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- 10_scaling_out: a ring all-reduce on simulated ranks
+# ----------------------------------------------------------------------------------------------
+
+register_hint(
+    "10.2",
+    "Cut every rank's tensor into W chunks. In W − 1 steps of reduce-scatter each rank passes one partial sum "
+    "to its right-hand neighbour, which adds its own chunk; afterwards rank r holds the full sum of one chunk. "
+    "W − 1 steps of all-gather then pass the finished chunks around the ring.",
+    "Work on flat copies (t.flatten().clone()) cut with torch.tensor_split(x, W), which allows unequal pieces. "
+    "Reduce-scatter step j: rank r sends chunk (r − j) mod W to rank (r + 1) mod W, which adds it to its own "
+    "copy of that chunk. All-gather step j: rank r sends chunk (r + 1 − j) mod W, and the receiver overwrites "
+    "its copy. Finally reshape each rank's chunks back to the input's shape.",
+    "chunks[(r + 1) % W][c] += send(r, (r + 1) % W, chunks[r][c])   # c = (r - j) % W, for every rank r",
+)
+
+
+class _Ring:
+    """The network the check gives the student: ``send(src, dst, tensor)`` returns dst's copy and logs it."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, int, int]] = []
+
+    def send(self, src: int, dst: int, tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"send(src, dst, tensor) expects a tensor, got a {type(tensor).__name__}")
+        self.log.append((int(src), int(dst), tensor.numel()))
+        return tensor.detach().clone()
+
+
+def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
+    """Exercise 10.2: ``fn(grads, send)`` takes one tensor per rank and returns one tensor per rank, each the sum
+    of all of them, computed as a ring all-reduce: rank r may only ``send(r, neighbour, tensor)``."""
+    __tracebackhide__ = True
+    from course_lib.checks.framework import close, require_tensor
+
+    generator = torch.Generator().manual_seed(10)
+    cases = [(2, (8,), torch.float32), (4, (12,), torch.float32), (3, (10,), torch.float64), (4, (4, 5), torch.float32),
+             (5, (23,), torch.float64), (1, (6,), torch.float32)]
+    traffic = []
+    for W, shape, dtype in cases:
+        grads = [torch.randn(shape, generator=generator).to(dtype) for _ in range(W)]
+        originals = [g.clone() for g in grads]
+        ring = _Ring()
+        case = f"{W} rank(s) holding tensors of shape {shape} ({dtype})"
+        result = call_student(fn, grads, ring.send, case=case)
+        n = originals[0].numel()
+        expected = torch.stack([g.double() for g in originals]).sum(0)
+        if not all(torch.equal(g, o) for g, o in zip(grads, originals)):
+            fail(f"your function changed the input tensors (on {case}); work on copies, the ranks' gradients "
+                 f"must stay as they were.")
+        if not isinstance(result, (list, tuple)) or len(result) != W:
+            fail(f"your function should return a list with one tensor per rank ({W} on {case}), but it returns "
+                 f"{type(result).__name__}{f' of length {len(result)}' if isinstance(result, (list, tuple)) else ''}.")
+        for r, out in enumerate(result):
+            require_tensor(out, f"rank {r}'s result on {case}")
+            if out.shape != originals[0].shape:
+                fail(f"rank {r}'s result has shape {tuple(out.shape)} on {case}, but the input has shape {shape}: "
+                     f"reshape the chunks back.")
+            if out.dtype != dtype:
+                fail(f"rank {r}'s result has dtype {out.dtype} on {case}, but the inputs have {dtype}.")
+        if W > 1 and len({out.untyped_storage().data_ptr() for out in result}) < W:
+            fail(f"on {case} several ranks share one result tensor; on real machines every rank holds its own "
+                 f"copy: give each rank its own tensor.")
+        for r, out in enumerate(result):
+            if close(out, expected, atol=1e-5, rtol=1e-5):
+                continue
+            if close(out, expected / W, atol=1e-5, rtol=1e-5):
+                fail(f"you averaged on {case}: an all-reduce sums (DDP divides by W itself, afterwards).")
+            right = torch.isclose(out.double().flatten(), expected.flatten(), atol=1e-5, rtol=1e-5)
+            if n % W and right[: W * (n // W)].all():
+                fail(f"on {case} the last numbers of the tensor were never reduced: with {n} numbers on {W} ranks the "
+                     f"chunks are unequal; cut with torch.tensor_split, which keeps every number.")
+            if right.any():
+                fail(f"on {case} rank {r} holds the full sum in only part of its tensor: after the reduce-scatter "
+                     f"each rank has finished one chunk; the all-gather must pass the finished chunks around.")
+            fail(f"rank {r}'s result on {case} is not the sum of the ranks' tensors.")
+        if W > 1:
+            traffic.append((W, n, case, ring.log))
+    for W, n, case, log in sorted(traffic, key=lambda item: -item[0]):  # the most ranks show the most
+        if not log:
+            fail(f"you never called send on {case}: in a ring all-reduce each rank only learns the others' numbers "
+                 f"through what its neighbour sends.")
+        off_ring = [(s, d) for s, d, _ in log if d not in ((s + 1) % W, (s - 1) % W)]
+        if off_ring:
+            fail(f"on {case} rank {off_ring[0][0]} sent to rank {off_ring[0][1]}: in a ring every rank sends only "
+                 f"to its neighbour, rank (r + 1) mod W.")
+        if not (all(d == (s + 1) % W for s, d, _ in log) or all(d == (s - 1) % W for s, d, _ in log)):
+            fail(f"on {case} your ranks sent in both directions; a ring passes the chunks one way round, always "
+                 f"to rank (r + 1) mod W.")
+        sent = sum(k for _, _, k in log)
+        if W > 2 and sent >= (W - 1) * W * n:
+            fail(f"on {case} each rank sent its whole tensor around the ring ({sent // W} numbers per rank); a "
+                 f"ring all-reduce sends chunks of n/W numbers, 2(W − 1)/W · n per rank.")
+        if sent != 2 * (W - 1) * n or any(sum(1 for s, _, _ in log if s == r) != 2 * (W - 1) for r in range(W)):
+            fail(f"on {case} the ranks sent {sent} numbers in {len(log)} messages; a ring all-reduce takes "
+                 f"2(W − 1) steps with one chunk per rank and step: {2 * (W - 1) * n} numbers in "
+                 f"{2 * (W - 1) * W} messages.")
+    passed("check_ring_all_reduce", "every rank ends with the sum, and each sent 2(W − 1) chunks to its neighbour "
+                                    "only: 2(W − 1)/W of the tensor, whatever the number of ranks.")
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- 10_scaling_out: the time of a ring all-reduce, latency and bandwidth
+# ----------------------------------------------------------------------------------------------
+
+register_hint(
+    "10.3",
+    "Count the steps and the bytes of the ring: every step pays the latency α once, and every byte a rank "
+    "sends costs 1/β seconds.",
+    "A ring all-reduce has 2(W − 1) steps (reduce-scatter, then all-gather), and in each a rank sends one chunk "
+    "of n/W bytes. Add the two costs; with W = 1 there is nothing to send.",
+    "return 2 * (world - 1) * alpha + 2 * (world - 1) / world * n_bytes / beta",
+)
+
+
+def check_all_reduce_time(fn: Callable[[float, int, float, float], float]) -> None:
+    """Exercise 10.3: ``fn(n_bytes, world, alpha, beta)`` returns the seconds of a ring all-reduce of ``n_bytes``
+    over ``world`` ranks, with latency ``alpha`` seconds per message and bandwidth ``beta`` bytes per second."""
+    __tracebackhide__ = True
+    import math
+
+    cases = [(1e6, 2, 1e-5, 1e10), (1e6, 8, 1e-5, 1e10), (4e9, 64, 5e-6, 5e10), (1024, 4, 2e-5, 1e9),
+             (2.5e8, 1, 1e-5, 1e10), (3e7, 3, 0.0, 2e10), (1e3, 16, 1e-4, 1e11)]
+    for n, W, alpha, beta in cases:
+        case = f"n_bytes={n:g}, world={W}, alpha={alpha:g} s, beta={beta:g} B/s"
+        result = call_student(fn, n, W, alpha, beta, case=case)
+        if isinstance(result, torch.Tensor) and result.numel() == 1:
+            result = result.item()
+        if isinstance(result, bool) or not isinstance(result, (int, float)):
+            fail(f"your function should return one number (seconds), but on {case} it returns a "
+                 f"{type(result).__name__}.")
+        expected = 2 * (W - 1) * alpha + 2 * (W - 1) / W * n / beta
+        if math.isclose(result, expected, rel_tol=1e-6, abs_tol=1e-15):
+            continue
+        wrong = {
+            "you returned milliseconds; return seconds": 1e3 * expected,
+            "you counted only the reduce-scatter half; the all-gather takes as many steps and bytes again":
+                (W - 1) * alpha + (W - 1) / W * n / beta,
+            "each rank sends 2(W − 1)/W · n bytes, not n": 2 * (W - 1) * alpha + n / beta,
+            "that is every rank sending its whole tensor to each other rank; a ring sends chunks of n/W":
+                2 * (W - 1) * alpha + (W - 1) * n / beta,
+            "the ring takes 2(W − 1) steps and pays the latency α in each": 2 * alpha + 2 * (W - 1) / W * n / beta,
+            "β is a bandwidth in bytes per second: divide the bytes by it": 2 * (W - 1) * alpha + 2 * (W - 1) / W * n * beta,
+            "n_bytes is already in bytes; do not convert to bits": 2 * (W - 1) * alpha + 2 * (W - 1) / W * 8 * n / beta,
+            "you left out the latency term 2(W − 1)·α": 2 * (W - 1) / W * n / beta,
+        }
+        for sentence, value in wrong.items():
+            if not math.isclose(value, expected, rel_tol=1e-6) and math.isclose(result, value, rel_tol=1e-6):
+                fail(f"your all-reduce time is wrong on {case}: {sentence}.")
+        fail(f"your all-reduce time on {case} is {result:.4g} s, but it should be {expected:.4g} s.")
+    passed("check_all_reduce_time", f"your α-β model gives the ring all-reduce time on {len(cases)} cases, one rank "
+                                    f"(no communication) and 64 ranks among them.")

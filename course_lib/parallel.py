@@ -1,0 +1,252 @@
+"""Run one part of the model-parallelism lesson on several processes, and fail fast when one goes wrong.
+
+Explained in notebooks/11_model_parallelism.ipynb. Each part is a module with a ``Spec`` dataclass and a
+``worker(spec, rank, world, device) -> dict`` that every process runs:
+
+=========  ==============================  =======================================================
+part       module                          what the processes do
+=========  ==============================  =======================================================
+tensor     course_lib.tensor_parallel      one transformer block split Megatron-style (columns, rows, heads)
+pipeline   course_lib.pipeline             the tiny GPT in stages, GPipe with micro-batches
+sharded    course_lib.sharded              DDP, ZeRO stage 1 and FSDP2 on the same batches
+fault      (this module)                   a receive that is never matched, or a rank that dies
+=========  ==============================  =======================================================
+
+The same command runs on a laptop (gloo on CPUs), on one node with N GPUs (NCCL, chosen by
+:func:`course_lib.ddp.backend_for` when every rank gets its own GPU) and on several machines::
+
+    torchrun --standalone --nproc_per_node=2 -m course_lib.parallel tensor --out runs/tp
+    torchrun --standalone --nproc_per_node=8 -m course_lib.parallel pipeline --out runs/pp
+    # on each of 2 machines (the same command; HEAD is the address of one of them):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HEAD:29500 \\
+        --rdzv-id=course -m course_lib.parallel sharded --out runs/fsdp
+
+Every process group gets a timeout (``--group-timeout``, seconds): a receive that no send matches, or a
+collective that a dead rank never joins, raises in that many seconds instead of hanging forever; each
+rank writes one line saying what went wrong, and :func:`launch` turns those lines into one sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["PARTS", "ParallelJobFailed", "launch", "init", "spec_from", "describe_error", "main"]
+
+PARTS = {"tensor": "course_lib.tensor_parallel", "pipeline": "course_lib.pipeline",
+         "sharded": "course_lib.sharded", "fault": "course_lib.parallel"}
+FAULTS = ("unmatched-recv", "dead-rank")
+
+
+class ParallelJobFailed(RuntimeError):
+    """A multi-process job failed; the message says which rank did what, in one sentence."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Inside each process
+# ------------------------------------------------------------------------------------------------
+
+
+def init(group_timeout_s: float) -> tuple[int, int, torch.device]:
+    """Join the process group that torchrun set up (its env variables), with a timeout in seconds.
+
+    Returns (rank, world size, device): one CUDA GPU per rank when there are enough of them (NCCL),
+    else the CPU (gloo).
+    """
+    from course_lib.ddp import _device_for_rank, backend_for
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = _device_for_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend_for(device), timeout=datetime.timedelta(seconds=group_timeout_s))
+    return rank, world, device
+
+
+def spec_from(spec_class: type, options: dict[str, Any]) -> Any:
+    """``spec_class(**options)``, with one sentence for an unknown option."""
+    known = {f.name for f in fields(spec_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{spec_class.__name__} has no option {unknown[0]!r}; its options are {sorted(known)}.")
+    return spec_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
+def describe_error(error: BaseException, rank: int, timeout_s: float) -> str:
+    """One line for what went wrong in this rank (gloo's and NCCL's messages are long and technical)."""
+    text = str(error)
+    if re.search(r"timed out|timeout", text, re.IGNORECASE):
+        op = re.search(r"for (\w+) operation", text)
+        where = f" in {op.group(1)}" if op else ""
+        return (f"rank {rank} waited {timeout_s:g} s{where} for a message or a collective that never came "
+                f"(a receive without a matching send, or a rank that stopped)")
+    if "Connection closed by peer" in text or "Connection reset by peer" in text or "Broken pipe" in text:
+        return f"rank {rank} lost its connection to another rank (that rank died)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"rank {rank} raised {type(error).__name__}: {first[:200]}"
+
+
+def _fault_worker(mode: str, rank: int, world: int, device: torch.device) -> dict:
+    """Deliberate failures, for the lesson and the tests: they must end in seconds, not hang."""
+    x = torch.zeros(4, device=device)
+    if mode == "unmatched-recv":
+        if rank == 1:
+            dist.recv(x, src=0)      # rank 0 never sends: this waits until the group's timeout
+        else:
+            dist.barrier()           # rank 0 waits at a barrier rank 1 never reaches
+    elif mode == "dead-rank":
+        if rank == 1:
+            os._exit(3)              # dies without a word, like a process killed by the OOM killer
+        dist.all_reduce(x)           # rank 0 waits for a partner that is gone
+    return {"survived": True}
+
+
+def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", 0))
+    (out / f"pid_rank{rank}").write_text(str(os.getpid()))
+    (out / f"error_rank{rank}.txt").unlink(missing_ok=True)
+    try:
+        rank, world, device = init(group_timeout_s)
+        start = time.perf_counter()
+        if part == "fault":
+            result = _fault_worker(options.get("mode", "unmatched-recv"), rank, world, device)
+        else:
+            module = importlib.import_module(PARTS[part])
+            result = module.worker(spec_from(module.Spec, options), rank, world, device)
+        result.update(rank=rank, world_size=world, backend=dist.get_backend(), device=device.type,
+                      worker_seconds=time.perf_counter() - start)
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    except BaseException as error:
+        (out / f"error_rank{rank}.txt").write_text(describe_error(error, rank, group_timeout_s))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="torchrun --standalone --nproc_per_node=2 -m course_lib.parallel",
+                                     description="One part of notebooks/11_model_parallelism.ipynb.")
+    parser.add_argument("part", choices=sorted(PARTS))
+    parser.add_argument("--out", required=True, type=Path, help="folder for rank*.json")
+    parser.add_argument("--options", default="{}", help="JSON object of the part's Spec fields")
+    parser.add_argument("--group-timeout", type=float, default=30.0,
+                        help="seconds a rank waits for a message or a collective before it gives up")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if "RANK" not in os.environ:
+        print("course_lib.parallel runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 "
+              "-m course_lib.parallel tensor --out runs/tp", file=sys.stderr)
+        return 2
+    args = _parse(argv)
+    _run(args.part, args.out, json.loads(args.options), args.group_timeout)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# From a notebook or a test: start torchrun, collect the results, explain a failure
+# ------------------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"course_lib.parallel" in f.read()
+    except OSError:
+        return False
+
+
+def _kill_leftovers(out: Path) -> list[int]:
+    """SIGKILL every worker of this job that is still running (found by the pid files it wrote)."""
+    killed = []
+    for path in out.glob("pid_rank*"):
+        pid = int(path.read_text() or 0)
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
+
+
+def _failure_sentence(part: str, nproc: int, out: Path, log: str) -> str:
+    lines = {int(p.stem.removeprefix("error_rank")): p.read_text().strip() for p in out.glob("error_rank*.txt")}
+    pids = {int(p.read_text() or 0): int(p.name.removeprefix("pid_rank")) for p in out.glob("pid_rank*")}
+    for code, pid in re.findall(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)", log):
+        rank = pids.get(int(pid))
+        if rank is not None and rank not in lines and int(code) > 0:
+            lines[rank] = f"rank {rank} died with exit code {code} without an error message"
+    if not lines:
+        tail = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        return f"the {nproc}-process job {part!r} failed before any rank started its work: {tail[0][:300]}"
+    lost = "lost its connection"
+    order = sorted(lines, key=lambda r: (lost in lines[r] or "waited" in lines[r], r))  # the cause first
+    return f"the {nproc}-process job {part!r} failed: " + "; ".join(lines[r] for r in order) + "."
+
+
+def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any] | Any | None = None,
+           group_timeout_s: float = 30.0, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.parallel PART`` and collect it.
+
+    ``options`` are the part's ``Spec`` fields (a dict or the Spec itself). Returns ``{"part", "world_size",
+    "backend", "device", "seconds", "ranks": [the dict each rank's worker returned, by rank]}``. A failure
+    raises :class:`ParallelJobFailed` with one sentence; no worker process is left running either way.
+    """
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}: choose one of {sorted(PARTS)}.")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a positive integer (the number of processes), got {nproc!r}.")
+    if not group_timeout_s > 0 or not timeout_s > 0:
+        raise ValueError("group_timeout_s and timeout_s must be positive numbers of seconds.")
+    options = asdict(options) if options is not None and not isinstance(options, dict) else dict(options or {})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("rank*.json"), *out.glob("error_rank*.txt"), *out.glob("pid_rank*")]:
+        stale.unlink()
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "--monitor-interval=0.1", "-m", "course_lib.parallel", part, "--out", str(out),
+            "--options", json.dumps(options), "--group-timeout", str(group_timeout_s)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        log, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
+        try:
+            log, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            log, _ = process.communicate()
+        _kill_leftovers(out)
+        raise ParallelJobFailed(f"the {nproc}-process job {part!r} did not finish within {timeout_s:g} s and "
+                                f"was stopped; raise timeout_s or make the job smaller.") from None
+    finally:
+        _kill_leftovers(out)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        raise ParallelJobFailed(_failure_sentence(part, nproc, out, log))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return dict(part=part, world_size=ranks[0]["world_size"], backend=ranks[0]["backend"],
+                device=ranks[0]["device"], seconds=seconds, ranks=ranks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Pipeline parallelism (GPipe): the tiny GPT cut into stages, each batch cut into micro-batches.
+
+Explained in notebooks/11_model_parallelism.ipynb, part 2 (Huang et al. 2019, Sec. 2).
+
+Stage s of p holds n_layer/p consecutive blocks; the first stage also holds the token and position
+embeddings, the last one the final LayerNorm, the lm head and the loss. GPipe cuts a batch into m equal
+micro-batches, runs all m forward passes (each stage sends its output activation to the next), then all
+m backward passes (each stage sends the gradient of its input back), then one optimiser step. The loss of
+micro-batch k is divided by m, so the summed gradients are those of the mean loss over the whole batch:
+the same step as one process.
+
+While the pipeline fills and drains, stages wait. If every stage takes t_F per forward and t_B per
+backward pass of a micro-batch, each stage works m·(t_F + t_B) out of (m + p − 1)·(t_F + t_B), so the
+idle fraction -- the *bubble* -- is
+
+    (p − 1) / (m + p − 1)                  (Huang et al. 2019, Sec. 2.2, "O((K−1)/(M+K−1))")
+
+Tied weights: the lm head reuses the token-embedding matrix E, but now the two uses live on different
+ranks, the first and the last stage, each with its own copy of E. Each copy receives only its own part of
+the gradient (the embedding lookup's, or the head's). :func:`sum_tied_gradients` all-reduces the two
+between those stages before the optimiser step, so both copies get the full gradient and stay equal --
+what Megatron-LM does in its "embedding group".
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.model import GPT, GPTConfig
+
+__all__ = ["bubble_fraction", "gpipe_timeline", "idle_fraction", "measured_idle_fraction", "Stage",
+           "global_name", "gpipe_step", "sum_tied_gradients", "Spec", "worker"]
+
+
+def bubble_fraction(p: int, m: int) -> float:
+    """GPipe's idle fraction (p − 1)/(m + p − 1) for p equal stages and m micro-batches."""
+    for name, value in (("p", p), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return (p - 1) / (m + p - 1)
+
+
+def gpipe_timeline(t_forward: list[float], t_backward: list[float], m: int) -> list[list[tuple[str, int, float, float]]]:
+    """The GPipe schedule with these per-stage times (communication free): per stage, (kind, k, start, end).
+
+    Stage s runs F_0 … F_{m−1}, then B_0 … B_{m−1}. F_k on stage s waits for F_k on stage s − 1; B_k on
+    stage s waits for B_k on stage s + 1. Each stage does one thing at a time.
+    """
+    p = len(t_forward)
+    if p < 1 or len(t_backward) != p:
+        raise ValueError(f"t_forward and t_backward need one time per stage each, got {len(t_forward)} and "
+                         f"{len(t_backward)}.")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m (the number of micro-batches) must be a positive integer, got {m!r}.")
+    free = [0.0] * p                       # when each stage is next free
+    done_f = [[0.0] * m for _ in range(p)]
+    events: list[list[tuple[str, int, float, float]]] = [[] for _ in range(p)]
+    for k in range(m):
+        for s in range(p):
+            start = max(free[s], done_f[s - 1][k] if s else 0.0)
+            free[s] = done_f[s][k] = start + t_forward[s]
+            events[s].append(("F", k, start, free[s]))
+    done_b = [[0.0] * m for _ in range(p)]
+    for k in range(m):
+        for s in reversed(range(p)):
+            start = max(free[s], done_b[s + 1][k] if s < p - 1 else 0.0)
+            free[s] = done_b[s][k] = start + t_backward[s]
+            events[s].append(("B", k, start, free[s]))
+    return events
+
+
+def idle_fraction(timeline: list[list[tuple[str, int, float, float]]]) -> float:
+    """1 − (busy time of all stages) / (stages × (last end − first start))."""
+    starts = [e[2] for stage in timeline for e in stage]
+    ends = [e[3] for stage in timeline for e in stage]
+    busy = sum(e[3] - e[2] for stage in timeline for e in stage)
+    return 1.0 - busy / (len(timeline) * (max(ends) - min(starts)))
+
+
+def measured_idle_fraction(ranks: list[dict[str, Any]], m: int) -> list[float]:
+    """The idle fraction of every timed step with ``m`` micro-batches, from the ranks' recorded events."""
+    steps = zip(*(rank["timelines"][str(m)] for rank in ranks))
+    return [idle_fraction([[tuple(e) for e in stage] for stage in step]) for step in steps]
+
+
+# ------------------------------------------------------------------------------------------------
+# A stage of the GPT
+# ------------------------------------------------------------------------------------------------
+
+
+class Stage(nn.Module):
+    """Stage ``stage`` of ``n_stages`` of a :class:`~course_lib.model.GPT` (copies of its modules).
+
+    ``forward(x, targets)`` takes token ids on the first stage and activations (B, T, d) elsewhere; it
+    returns activations, or the mean cross-entropy on the last stage.
+    """
+
+    def __init__(self, model: GPT, stage: int, n_stages: int) -> None:
+        super().__init__()
+        L = model.config.n_layer
+        if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 1 or L % n_stages:
+            raise ValueError(f"n_layer = {L} cannot be split into {n_stages!r} stages of equal depth: choose a "
+                             f"number of stages that divides it.")
+        if not 0 <= stage < n_stages:
+            raise ValueError(f"stage must lie in 0..{n_stages - 1}, got {stage!r}.")
+        if not model.config.tie_weights:
+            raise ValueError("Stage expects a GPT with tie_weights=True (the course's default).")
+        self.first, self.last, per = stage == 0, stage == n_stages - 1, L // n_stages
+        self.blocks = nn.ModuleList(copy.deepcopy(model.blocks[stage * per:(stage + 1) * per]))
+        if self.first:
+            self.tok_emb, self.pos_emb = copy.deepcopy(model.tok_emb), copy.deepcopy(model.pos_emb)
+        if self.last:
+            self.ln_f = copy.deepcopy(model.ln_f)
+            self.lm_head = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
+            # its own copy of E on another rank; one and the same tensor when a single stage holds both
+            self.lm_head.weight = self.tok_emb.weight if self.first else nn.Parameter(model.tok_emb.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if self.first:
+            x = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device))
+        for block in self.blocks:
+            x = block(x)
+        if not self.last:
+            return x
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def global_name(name: str, stage: int, n_stages: int, n_layer: int) -> str:
+    """The name in the whole GPT of stage parameter ``name`` (the head's copy of E is ``tok_emb.weight``)."""
+    if name.startswith("blocks."):
+        _, index, rest = name.split(".", 2)
+        return f"blocks.{stage * (n_layer // n_stages) + int(index)}.{rest}"
+    return "tok_emb.weight" if name == "lm_head.weight" else name
+
+
+# ------------------------------------------------------------------------------------------------
+# One GPipe step, by hand, with point-to-point sends
+# ------------------------------------------------------------------------------------------------
+
+
+def gpipe_step(module: Stage, idx: torch.Tensor, targets: torch.Tensor, m: int, stage: int, n_stages: int,
+               d_model: int) -> tuple[torch.Tensor | None, list[tuple[str, int, float, float]]]:
+    """Forward and backward of one batch in ``m`` micro-batches on this stage (gradients accumulate in .grad).
+
+    Returns the loss (on the last stage; None elsewhere) and this stage's events (kind, k, start, end) in
+    ``time.perf_counter`` seconds, computation only: waiting for a message counts as idle.
+    """
+    if idx.shape[0] % m:
+        raise ValueError(f"a batch of {idx.shape[0]} sequences cannot be cut into {m} equal micro-batches.")
+    device, b, T = idx.device, idx.shape[0] // m, idx.shape[1]
+    shape, dtype = (b, T, d_model), next(module.parameters()).dtype
+    inputs, outputs, events, pending = [], [], [], []
+    for k in range(m):
+        if module.first:
+            x = idx[k * b:(k + 1) * b]
+        else:
+            x = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(x, src=stage - 1)                          # the previous stage's activation
+            x.requires_grad_()
+        start = time.perf_counter()
+        y = module(x, targets[k * b:(k + 1) * b] if module.last else None)
+        events.append(("F", k, start, time.perf_counter()))
+        if module.last:
+            y = y / m                                            # mean over the whole batch
+        else:
+            pending.append(dist.isend(y.detach(), dst=stage + 1))
+        inputs.append(x)
+        outputs.append(y)
+    for k in range(m):
+        grad = None
+        if not module.last:
+            grad = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(grad, src=stage + 1)                       # dLoss/d(our output) from the next stage
+        start = time.perf_counter()
+        outputs[k].backward(grad)
+        events.append(("B", k, start, time.perf_counter()))
+        if not module.first:
+            pending.append(dist.isend(inputs[k].grad, dst=stage - 1))
+    for work in pending:
+        work.wait()
+    loss = sum(o.detach() for o in outputs) if module.last else None
+    return loss, events
+
+
+def sum_tied_gradients(module: Stage, group: Any) -> None:
+    """HERE the tied matrix E gets its full gradient: the first stage's copy holds the embedding's part,
+    the last stage's copy the lm head's part; an all-reduce over those two stages adds them up."""
+    if module.first and module.last:
+        return  # one stage holds the one shared tensor: autograd already added both parts
+    if module.first:
+        dist.all_reduce(module.tok_emb.weight.grad, group=group)
+    elif module.last:
+        dist.all_reduce(module.lm_head.weight.grad, group=group)
+
+
+# ------------------------------------------------------------------------------------------------
+# What every rank runs (python -m course_lib.parallel pipeline)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Spec:
+    """The GPT, the batch, the micro-batch counts to time, and the optimiser steps compared with one process.
+
+    No biases and no dropout, as in course_lib.ddp: a key bias has an exactly-zero gradient, whose rounding
+    noise Adam would blow up into full-size steps, and dropout would draw different masks per micro-batch.
+    """
+
+    vocab_size: int = 65
+    context: int = 32
+    d_model: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    batch: int = 8
+    micro_batches: tuple[int, ...] = (1, 2, 4, 8)
+    timed_steps: int = 3
+    train_steps: int = 2
+    train_micro_batches: int = 4
+    lr: float = 1e-3
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.micro_batches = tuple(self.micro_batches)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}.")
+        for m in (*self.micro_batches, self.train_micro_batches):
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1 or self.batch % m:
+                raise ValueError(f"each number of micro-batches must divide the batch of {self.batch}, got {m!r}.")
+
+    def config(self) -> GPTConfig:
+        return GPTConfig(vocab_size=self.vocab_size, context=self.context, d_model=self.d_model,
+                         n_layer=self.n_layer, n_head=self.n_head, dropout=0.0, bias=False)
+
+
+def _model(spec: Spec, device: torch.device) -> GPT:
+    torch.manual_seed(spec.seed)
+    return GPT(spec.config()).to(device=device, dtype=getattr(torch, spec.dtype))
+
+
+def _batch(spec: Spec, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(spec.seed + 1000 + step)
+    tokens = torch.randint(spec.vocab_size, (spec.batch, spec.context + 1), generator=generator)
+    return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+
+def _reference(spec: Spec, device: torch.device) -> tuple[GPT, float, dict[str, torch.Tensor]]:
+    """One process, whole batches: the first step's loss and gradients, then the weights after training."""
+    model = _model(spec, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, foreach=False)
+    loss0, grads0 = None, None
+    for step in range(spec.train_steps):
+        x, y = _batch(spec, step, device)
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 0:
+            loss0, grads0 = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        optimizer.step()
+    return model, loss0, grads0
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    p, stage = world, rank
+    module = Stage(_model(spec, device), stage, p)
+    tied_group = dist.new_group([0, p - 1]) if p > 1 else None   # the "embedding group"
+    reference, ref_loss, ref_grads = _reference(spec, device)
+    ref_params = dict(reference.named_parameters())
+
+    # correctness: train_steps optimiser steps, the first one's gradients compared before and after the sum
+    optimizer = torch.optim.AdamW(module.parameters(), lr=spec.lr, foreach=False)
+    grad_gap_before = grad_gap_after = 0.0
+    loss0 = torch.zeros((), dtype=torch.float64, device=device)
+    for step in range(spec.train_steps):
+        x, y = _batch(spec, step, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = gpipe_step(module, x, y, spec.train_micro_batches, stage, p, spec.d_model)
+        if step == 0:
+            gaps = {n: (q.grad - ref_grads[global_name(n, stage, p, spec.n_layer)]).abs().max().item()
+                    for n, q in module.named_parameters()}
+            grad_gap_before = max(gaps.get("tok_emb.weight", 0.0), gaps.get("lm_head.weight", 0.0))
+            if loss is not None:
+                loss0 += loss.double()
+        sum_tied_gradients(module, tied_group)
+        if step == 0:
+            grad_gap_after = max((q.grad - ref_grads[global_name(n, stage, p, spec.n_layer)]).abs().max().item()
+                                 for n, q in module.named_parameters())
+        optimizer.step()
+    dist.all_reduce(loss0)  # only the last stage contributed
+    weight_gap = max((q.detach() - ref_params[global_name(n, stage, p, spec.n_layer)].detach()).abs().max().item()
+                     for n, q in module.named_parameters())
+    tied_gap = 0.0
+    if p > 1 and (module.first or module.last):
+        signed = module.tok_emb.weight.detach().clone() if module.first else -module.lm_head.weight.detach()
+        dist.all_reduce(signed, group=tied_group)       # E on the first stage minus E on the last stage
+        tied_gap = signed.abs().max().item()
+
+    # timing: the GPipe schedule for each number of micro-batches
+    timelines: dict[str, list[list[tuple[str, int, float, float]]]] = {}
+    x, y = _batch(spec, 0, device)
+    for m in spec.micro_batches:
+        timelines[str(m)] = []
+        for step in range(spec.timed_steps + 1):           # the first run of each m is a warm-up
+            module.zero_grad(set_to_none=True)
+            dist.barrier()
+            _, events = gpipe_step(module, x, y, m, stage, p, spec.d_model)
+            if step:
+                timelines[str(m)].append(events)
+    return dict(
+        stage=stage, n_stages=p, params_this_stage=sum(q.numel() for q in module.parameters()),
+        loss_pipeline=loss0.item(), loss_one_process=ref_loss,
+        loss_abs_diff=abs(loss0.item() - ref_loss),
+        tied_grad_gap_before_sum=_max_over_ranks(grad_gap_before, device),
+        grad_max_abs_diff=_max_over_ranks(grad_gap_after, device),
+        weights_max_abs_diff=_max_over_ranks(weight_gap, device),
+        tied_copies_max_abs_diff=_max_over_ranks(tied_gap, device),
+        timelines=timelines,
+    )
