@@ -20,7 +20,7 @@ lab: setup  ## open the course in JupyterLab
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
 
 test: setup student  ## unit tests, then nbval of both editions under the ci profile
-	COURSE_PROFILE=ci $(PY) -m pytest -q tests -p no:cacheprovider -n $(JOBS) --dist loadfile
+	COURSE_PROFILE=ci $(PY) -m pytest -q -rs tests -p no:cacheprovider -n $(JOBS) --dist loadfile
 	$(MAKE) nbval
 
 setup: $(STAMP) kernel assets
@@ -47,7 +47,7 @@ student: $(STAMP)  ## write the student edition to student/notebooks
 nbval: nbval-solution nbval-student
 
 NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
-	-p no:cacheprovider -q -n $(JOBS) --dist loadfile
+	-p no:cacheprovider -q -rs -n $(JOBS) --dist loadfile
 
 nbval-solution:
 	cd notebooks && COURSE_PROFILE=ci ../$(PY) -m pytest $(NBVAL_FLAGS) --rootdir=. -c /dev/null \
@@ -58,7 +58,7 @@ nbval-student:
 		--nbval-sanitize-with ../../tests/nbval_sanitize.cfg *.ipynb
 
 test-browser: setup  ## JupyterLab in headless Chromium (needs scripts/install_browser.sh)
-	COURSE_PROFILE=ci $(PY) -m pytest -q tests/browser -p no:cacheprovider
+	COURSE_PROFILE=ci $(PY) -m pytest -q -rs tests/browser -p no:cacheprovider
 
 execute: $(STAMP)  ## re-execute one notebook in place: make execute NB=notebooks/01_attention.ipynb [PROFILE=cpu]
 	@test -n "$(NB)" || { echo "usage: make execute NB=notebooks/NN_name.ipynb [PROFILE=cpu]"; exit 2; }

@@ -1,5 +1,9 @@
 """Fixtures of the browser test: headless Chromium (Debian's, never a downloaded one), a page per test,
-and screenshots under test-artifacts/browser/ on success and on failure."""
+and screenshots under test-artifacts/browser/ on success and on failure.
+
+Without Chromium (or Playwright) the browser tests skip, with the reason, on a developer's machine;
+under CI (the ``CI`` environment variable set, as ``.ci/run`` does) they fail instead, so that a CI
+run can never pass without the browser test having run."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from labdriver import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
@@ -32,10 +38,12 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip(f"Chromium not found at {CHROMIUM}: run scripts/install_browser.sh (as root, Debian) "
-                    f"to run the browser test")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: "
-                                   "run `make setup` (it is in requirements.txt)")
+        skip_or_fail(f"Chromium not found at {CHROMIUM}: run scripts/install_browser.sh (as root, Debian) "
+                     f"to run the browser test")
+    try:
+        import playwright.sync_api as sync_api
+    except ImportError:
+        skip_or_fail("playwright is not installed: run `make setup` (it is in requirements.txt)")
     shutil.rmtree(ARTIFACTS, ignore_errors=True)  # the folder shows the last run only
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))

@@ -25,6 +25,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 WIDGET_EXTENSION = "@jupyter-widgets/jupyterlab-manager"
+UNDER_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test with ``reason``; under CI (the ``CI`` environment variable set) fail with it
+    instead: there the browser test must run, never skip."""
+    import pytest
+
+    if UNDER_CI:
+        pytest.fail(f"{reason} (the CI environment variable is set, so the browser test must run, not skip)",
+                    pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ What a student gets from ``make lab``, on a copy of notebooks/ (nothing in the r
   the ipywidgets lab extension is disabled (in the test server's throw-away config only);
 * the settings shipped in jupyter/ are what JupyterLab and the server serve.
 
-Needs /usr/bin/chromium (``scripts/install_browser.sh``; the tests skip without it), the course kernel
+Needs /usr/bin/chromium (``scripts/install_browser.sh``; without it the tests skip, or fail under CI), the course kernel
 and the course's Jupyter settings (``make setup``). Screenshots land in test-artifacts/browser/.
 
 To point the test at other lessons or widgets, change the constants below (or, while developing,
@@ -34,7 +34,7 @@ import nbformat
 import pytest
 
 from labdriver import (WIDGET_EXTENSION, LabServer, Notebook, cell_source, cell_tags, describe_error,
-                       error_outputs, wait_for)
+                       error_outputs, skip_or_fail, wait_for)
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
@@ -75,7 +75,7 @@ pytestmark = pytest.mark.slow
 def _require(notebook: str) -> Path:
     path = NOTEBOOKS / notebook
     if not path.exists():
-        pytest.skip(f"{path} does not exist yet; the browser test needs it (or set COURSE_BROWSER_NOTEBOOKS)")
+        skip_or_fail(f"{path} does not exist yet; the browser test needs it (or set COURSE_BROWSER_NOTEBOOKS)")
     return path
 
 
