@@ -11,9 +11,9 @@ from scipy import optimize, special, stats
 
 from course_lib import scaling
 
-CHINCHILLA_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla_svg_extracted.csv"
-if not CHINCHILLA_CSV.exists():  # the course checkout may sit elsewhere; the reference data lives here
-    CHINCHILLA_CSV = Path("/work/shared/data/chinchilla_svg_extracted.csv")
+REPO = Path(__file__).resolve().parents[1]
+# Reference data beside the repository (../shared/data/), never copied into it (see data/README.md).
+CHINCHILLA_CSV = REPO.parent / "shared" / "data" / "chinchilla_svg_extracted.csv"
 
 SMALL_GRID = {"a": (0.0, 5.0), "b": (0.0, 5.0), "e": (-1.0, 0.0), "alpha": (0.0, 0.5), "beta": (0.0, 0.5)}
 
@@ -122,6 +122,8 @@ def test_fit_chinchilla_reproduces_the_replication_on_the_digitised_runs():
 
     Measured with this fitter (the full 4,500-start grid of Hoffmann et al. gives the same optimum as the
     32 starts used here, objective 1.01827e-3): E 1.8172, A 477.8, B 2143.4, alpha 0.3473, beta 0.3672.
+    The published values are checked with tolerances; the objective is a regression value (labelled below).
+    Reads ../shared/data/ beside the repository; skips, saying so, where that is absent.
     """
     import csv
 
@@ -140,6 +142,8 @@ def test_fit_chinchilla_reproduces_the_replication_on_the_digitised_runs():
     assert fit["beta"] == pytest.approx(ref["beta"], abs=0.003)
     assert fit["A"] == pytest.approx(ref["A"], rel=0.02)
     assert fit["B"] == pytest.approx(ref["B"], rel=0.04)
+    # Regression value, not a published number: this fitter's own optimum on these 240 runs (see the
+    # docstring). It catches a change in the fitter's objective; it says nothing about correctness.
     assert fit["objective"] == pytest.approx(1.01827e-3, rel=1e-4)
 
 
