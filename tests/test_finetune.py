@@ -183,11 +183,14 @@ def test_training_is_reproducible(tokenizer):
 
     def once():
         model = ft.SentenceClassifier(tiny_encoder(seed=1))
+        start = model.head.weight.detach().clone()
         torch.manual_seed(0)  # dropout
         ft.train_classifier(model, tokenizer, train, val, epochs=1, lr=1e-3, batch_size=8, progress=False)
-        return model.head.weight.detach().clone()
+        return start, model.head.weight.detach().clone()
 
-    torch.testing.assert_close(once(), once(), rtol=0, atol=0)
+    start, first = once()
+    assert not torch.equal(first, start), "training did not change the weights: equal runs would prove nothing"
+    torch.testing.assert_close(first, once()[1], rtol=0, atol=0)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

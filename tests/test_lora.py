@@ -8,15 +8,14 @@ from __future__ import annotations
 import copy
 import math
 
+import peft  # the independent reference; pinned, so a missing one fails instead of skipping
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from course_lib import lora
 from course_lib.lora import LoRALinear, apply_lora, count_trainable
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -48,9 +48,20 @@ def test_gpu_profile_without_cuda_is_explained(monkeypatch):
         get_profile()
 
 
-def test_mps_only_when_asked(monkeypatch):
+@pytest.mark.parametrize("available", [True, False])
+def test_mps_only_when_asked(monkeypatch, available):
+    """An Apple-silicon machine (MPS available, faked here) stays on the CPU unless COURSE_MPS=1."""
     monkeypatch.setenv("COURSE_PROFILE", "cpu")
-    monkeypatch.setattr(profiles, "_mps_usable", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: available)
+    monkeypatch.delenv("COURSE_MPS", raising=False)
+    assert get_profile().device.type == "cpu"
+    monkeypatch.setenv("COURSE_MPS", "0")
+    assert get_profile().device.type == "cpu"
+    monkeypatch.setenv("COURSE_MPS", "1")
+    profile = get_profile()
+    assert profile.device.type == ("mps" if available else "cpu")
+    assert ("MPS enabled by COURSE_MPS=1" in profile.reason) == available
+    monkeypatch.setenv("COURSE_PROFILE", "ci")  # only the cpu profile moves to MPS
     assert get_profile().device.type == "cpu"
 
 
