@@ -32,11 +32,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def start(seed: int = 0, *, quiet: bool = False, profile=None):
+def start(seed: int = 0, *, quiet: bool = False, profile=None, deterministic: bool = True):
     """What the first code cell of every notebook calls: pick the profile, seed everything, and print
     the profile and the library versions. Returns the :class:`~course_lib.profiles.Profile`.
 
-    Scripts that choose the profile themselves (``course_lib.experiments``) pass it as ``profile``."""
+    Scripts that choose the profile themselves (``course_lib.experiments``) pass it as ``profile``.
+    Deterministic algorithms are on (``deterministic=True``) so that checked numbers repeat; a cell
+    that times throughput wraps the timed code in ``course_lib.profiles.timing_section()``."""
     from course_lib.profiles import describe_environment, get_profile, seed_everything
 
     import os
@@ -56,7 +58,7 @@ def start(seed: int = 0, *, quiet: bool = False, profile=None):
         import torch
 
         torch.set_num_threads(1)
-    seed_everything(seed)
+    seed_everything(seed, deterministic=deterministic)
     if not quiet:
         info = describe_environment(profile)
         print(f"profile: {profile.name} on {profile.device} ({profile.reason})")

@@ -4,8 +4,9 @@
 
 ``train``  trains the course's GPT (course_lib.model) at GPT-2-small shape (12 layers, d_model 768,
            context 1024, vocab 50257) with ``course_lib.train.train`` in bf16 and reports tokens/s and
-           MFU = tokens/s x 6N-style FLOPs per token / the GPU's dense bf16 peak
-           (``course_lib.train.PEAK_BF16_FLOPS``). Then it adds the optimisations one at a time, each
+           MFU = tokens/s x 6N-style FLOPs per token / the GPU's dense bf16 peak (``course_lib.train.mfu``
+           and ``PEAK_BF16_FLOPS``), timed with deterministic algorithms off (``profiles.timing_section``,
+           recorded in the provenance). Then it adds the optimisations one at a time, each
            row on top of the one before: fused AdamW, flash attention (``F.scaled_dot_product_attention``
            instead of the course's explicit softmax(QKᵀ/√d)V), ``torch.compile``, a larger batch.
 ``lora``   one optimiser step of SmolLM2-135M (course asset "smollm2-135m-instruct") with LoRA from
@@ -42,7 +43,7 @@ from course_lib import train as course_train
 from course_lib.assets import GGUF_FILES
 from course_lib.attention import causal_mask, scaled_dot_product_attention
 from course_lib.model import GPT, CausalSelfAttention, GPTConfig, flops_per_token, param_count_formula
-from course_lib.profiles import code_version, cpu_name, machine_load, package_versions
+from course_lib.profiles import code_version, cpu_name, machine_load, package_versions, timing_section
 
 __all__ = ["GPT2_SMALL", "ExplicitAttention", "use_explicit_attention", "bench_train", "bench_lora",
            "run", "main", "DEFAULT_OUT"]
@@ -80,7 +81,10 @@ class ExplicitAttention(CausalSelfAttention):
     """The GPT's attention computed by ``course_lib.attention`` (scores, mask, softmax, weights @ V),
     which materialises the (B, H, T, T) score matrix that flash attention never stores."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None, layer: int = 0) -> torch.Tensor:
+        if kv_cache is not None:
+            raise ValueError("ExplicitAttention times training, which uses no KV cache; generate with the "
+                             "GPT's own attention (use_explicit_attention only for the benchmark).")
         B, T, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -339,7 +343,9 @@ def bench_lora(device: torch.device, *, quick: bool, model_name: str | None = No
 # ------------------------------------------------------------------------------------------------
 
 
-def _provenance(device: torch.device, argv: list[str], reduced: bool) -> dict[str, Any]:
+def _provenance(device: torch.device, argv: list[str], reduced: bool, deterministic: bool) -> dict[str, Any]:
+    """Where and how the numbers were measured; ``deterministic`` is torch's deterministic-algorithms
+    flag while they were timed."""
     hardware: dict[str, Any] = dict(platform=platform.platform(), cpu=cpu_name(),
                                     cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
     if device.type == "cuda":
@@ -349,7 +355,7 @@ def _provenance(device: torch.device, argv: list[str], reduced: bool) -> dict[st
     return dict(command="python -m course_lib.bench " + " ".join(argv),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 versions=package_versions(), hardware=hardware, reduced=reduced, commit=code_version(),
-                deterministic_algorithms=torch.are_deterministic_algorithms_enabled(), **machine_load())
+                deterministic_algorithms=deterministic, **machine_load())
 
 
 def run(what: str, *, device: torch.device | str | None = None, quick: bool = False,
@@ -366,13 +372,15 @@ def run(what: str, *, device: torch.device | str | None = None, quick: bool = Fa
     result: dict[str, Any] = dict(
         device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__, reduced=reduced)
-    if what in ("train", "all"):
-        result.update(bench_train(device, quick=reduced, progress=progress))
-        if device.type != "cuda":
-            result["tiny_gpt"]["mfu"] = None  # MFU is defined against a GPU's bf16 peak
-    if what in ("lora", "all"):
-        result.update(bench_lora(device, quick=reduced, model_name=lora_model, progress=progress))
-    result["provenance"] = _provenance(device, argv if argv is not None else [what], reduced)
+    with timing_section():  # the fast kernels, whatever course_lib.start() chose for reproducibility
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if what in ("train", "all"):
+            result.update(bench_train(device, quick=reduced, progress=progress))
+            if device.type != "cuda":
+                result["tiny_gpt"]["mfu"] = None  # MFU is defined against a GPU's bf16 peak
+        if what in ("lora", "all"):
+            result.update(bench_lora(device, quick=reduced, model_name=lora_model, progress=progress))
+    result["provenance"] = _provenance(device, argv if argv is not None else [what], reduced, deterministic)
     return result
 
 

@@ -34,21 +34,37 @@ import torch
 from torch import nn
 
 __all__ = ["TrainConfig", "History", "lr_at", "get_batch", "configure_optimizer", "evaluate", "train",
-           "save_checkpoint", "load_checkpoint", "peak_flops", "PEAK_BF16_FLOPS", "CHECKPOINT_NAME"]
+           "save_checkpoint", "load_checkpoint", "peak_flops", "peak_for_name", "mfu", "MFU", "PEAK_BF16_FLOPS",
+           "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _FORMAT = "course_lib.train/1"
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks, FLOP/s, matched against torch.cuda.get_device_name().
-# Sources: NVIDIA A100 datasheet (312 TFLOP/s bf16); NVIDIA H100 datasheet (SXM 989, PCIe 756 TFLOP/s
-# bf16 dense; the datasheet's 1,979 and 1,513 assume sparsity); NVIDIA H200 datasheet (989 dense, the
-# same Hopper tensor cores as H100 SXM). The first matching entry wins, so PCIe comes before H100.
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks, FLOP/s, matched against torch.cuda.get_device_name()
+# (e.g. "NVIDIA H100 80GB HBM3" for the SXM board, "NVIDIA H100 NVL", "NVIDIA H100 PCIe", "NVIDIA H200",
+# "NVIDIA A100-SXM4-80GB"). Sources, dense bf16 = half the datasheets' figures "with sparsity":
+# NVIDIA A100 datasheet: 312 TFLOP/s (SXM and PCIe alike). NVIDIA H100 datasheet: SXM 1,979 -> 989,
+# NVL 1,671 -> 835, PCIe 1,513 -> 756. NVIDIA H200 datasheet: SXM 1,979 -> 989, NVL 1,671 -> 835.
+# Lookup (peak_for_name): the longest key contained in the name wins, so "H100 NVL" and "H100 PCIe" are
+# never scored against the SXM peak that the plain "H100" stands for.
 PEAK_BF16_FLOPS: dict[str, float] = {
+    "H100": 989e12,        # SXM
+    "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "H200": 989e12,
+    "H200": 989e12,        # SXM
+    "H200 NVL": 835e12,
     "A100": 312e12,
 }
+
+
+def peak_for_name(device_name: str) -> tuple[str, float] | None:
+    """``(key, dense bf16 FLOP/s)`` of ``PEAK_BF16_FLOPS`` for a CUDA device name, or None if unknown."""
+    name = device_name.lower()
+    matches = [key for key in PEAK_BF16_FLOPS if key.lower() in name]
+    if not matches:
+        return None
+    key = max(matches, key=len)
+    return key, PEAK_BF16_FLOPS[key]
 
 
 def peak_flops(device: torch.device | str | None = None) -> float | None:
@@ -56,11 +72,53 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return None
+    found = peak_for_name(torch.cuda.get_device_name(device))
+    return found[1] if found else None
+
+
+@dataclass(frozen=True)
+class MFU:
+    """Model-FLOPs utilisation of a run: ``value`` (a fraction of the peak) or None, and ``reason``,
+    which names the peak used or says why there is none. ``str()`` gives e.g. "37.1% of ..."."""
+
+    value: float | None
+    peak_flops: float | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{100 * self.value:.1f}% {self.reason}" if self.value is not None else f"not defined: {self.reason}"
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, device: torch.device | str | None = None, *,
+        amp: str = "bf16") -> MFU:
+    """MFU = tokens/s × training FLOPs per token / the GPU's dense bf16 peak, the one definition the
+    course uses (notebooks 04, 09, 10; ``train`` and ``course_lib.bench``).
+
+    ``flops_per_token`` counts the training FLOPs of one token (``course_lib.model.flops_per_token`` for
+    the GPT, ≈ 6N; ≈ 4N for LoRA, where no weight gradients of the frozen base are computed).
+    ``amp`` is how the run computed: "bf16" (or "auto", which is bf16 autocast on CUDA, as in ``train``)
+    is scored against ``PEAK_BF16_FLOPS``; "none" (fp32 matmuls) is not held to a bf16 peak and gets
+    None, as do CPUs and GPUs missing from the table. ``device`` defaults to the current CUDA device.
+    """
+    if amp not in ("auto", "bf16", "none"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'none' (as in TrainConfig), got {amp!r}.")
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return MFU(None, None, f"there is no bf16 tensor-core peak for a {device.type} device; MFU is "
+                               f"measured on CUDA GPUs only")
+    if amp == "none":
+        return MFU(None, None, "the run computed in fp32 (amp='none'), so it is not scored against the "
+                               "dense bf16 peak")
     name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key.lower() in name.lower():
-            return value
-    return None
+    found = peak_for_name(name)
+    if found is None:
+        return MFU(None, None, f"{name} is not in course_lib.train.PEAK_BF16_FLOPS (add its dense bf16 "
+                               f"peak from its datasheet)")
+    key, peak = found
+    return MFU(tokens_per_s * flops_per_token / peak, peak,
+               f"of the {name}'s dense bf16 peak, {peak / 1e12:.0f} TFLOP/s (PEAK_BF16_FLOPS[{key!r}])")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,9 +462,9 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
     names another file). ``until_step`` stops after that many steps as if interrupted; the schedule
     still runs to ``config.steps``. Ctrl-C (KeyboardInterrupt) also stops cleanly: a checkpoint is
     written (when ``checkpoint_dir`` is set) and the history so far is returned.
-    ``flops_per_token`` (training FLOPs) enables the MFU column; for a ``GPT`` it is computed with
-    ``course_lib.model.flops_per_token``. The model is trained in place on ``device`` (default: where
-    its parameters are).
+    ``flops_per_token`` (training FLOPs) enables the MFU column (``mfu()``: None on a CPU and for
+    amp="none"); for a ``GPT`` it is computed with ``course_lib.model.flops_per_token``. The model is
+    trained in place on ``device`` (default: where its parameters are).
     """
     from tqdm.auto import tqdm
 
@@ -434,7 +492,6 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
 
         if isinstance(model_config, GPTConfig):
             flops_per_token = gpt_flops(model_config, training=True, seq_len=context)
-    peak = peak_flops(device)
 
     optimizer = configure_optimizer(model, config.lr, config.weight_decay, config.betas)
     generator = torch.Generator().manual_seed(config.seed)
@@ -473,11 +530,11 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
         history.train_loss.append(mean_loss)
         history.lr.append(lr)
         history.tokens_per_s.append(speed)
-        mfu = speed * flops_per_token / peak if flops_per_token and peak else None
-        history.mfu.append(mfu)
+        utilisation = mfu(speed, flops_per_token, device, amp=config.amp).value if flops_per_token else None
+        history.mfu.append(utilisation)
         postfix = {"loss": f"{mean_loss:.3f}", "tok/s": f"{speed:,.0f}"}
-        if mfu is not None:
-            postfix["MFU"] = f"{100 * mfu:.1f}%"
+        if utilisation is not None:
+            postfix["MFU"] = f"{100 * utilisation:.1f}%"
         bar.set_postfix(postfix, refresh=False)
         window_loss.zero_()
         window_steps = 0

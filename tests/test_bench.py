@@ -129,3 +129,23 @@ def test_smollm2_shape_matches_the_asset():
             field["llama.vocab_size"]) == (shape["hidden_size"], shape["intermediate_size"],
                                             shape["num_hidden_layers"], shape["num_attention_heads"],
                                             shape["num_key_value_heads"], shape["vocab_size"])
+
+
+def test_benchmarks_time_without_deterministic_algorithms_and_say_so(monkeypatch):
+    """start() turns deterministic algorithms on; the benchmark times with them off, records that in
+    its provenance, and restores the caller's setting."""
+    seen = []
+
+    def stub(device, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return {"tiny_gpt": {"tokens_per_s": 1.0, "mfu": None}}
+
+    monkeypatch.setattr(bench, "bench_train", stub)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        result = bench.run("train", device="cpu", quick=True, progress=False)
+        assert seen == [False] and result["provenance"]["deterministic_algorithms"] is False
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

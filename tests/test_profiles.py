@@ -86,3 +86,20 @@ def test_seed_everything_repeats_every_generator():
     assert draw() == first
     seed_everything(124)
     assert draw() != first
+
+
+def test_timing_section_turns_deterministic_algorithms_off_and_restores_them():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        seed_everything(0)  # what course_lib.start() does
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        with profiles.timing_section():
+            assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        with pytest.raises(RuntimeError, match="boom"), profiles.timing_section():
+            raise RuntimeError("boom")
+        assert torch.are_deterministic_algorithms_enabled(), "restored after an error too"
+        seed_everything(0, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

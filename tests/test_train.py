@@ -10,8 +10,8 @@ from safetensors import safe_open
 from torch import nn
 
 from course_lib.model import GPT, GPTConfig
-from course_lib.train import (CHECKPOINT_NAME, History, TrainConfig, evaluate, get_batch, load_checkpoint,
-                              lr_at, peak_flops, save_checkpoint, train)
+from course_lib.train import (CHECKPOINT_NAME, PEAK_BF16_FLOPS, History, TrainConfig, evaluate, get_batch,
+                              load_checkpoint, lr_at, mfu, peak_flops, save_checkpoint, train)
 
 CONFIG = GPTConfig(vocab_size=20, context=16, n_layer=2, n_head=2, d_model=32)
 TOKENS = torch.randint(0, 20, (4000,), generator=torch.Generator().manual_seed(0))
@@ -266,3 +266,69 @@ def test_short_runs_get_a_default_warmup_that_fits():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the step changed nothing"
     with pytest.raises(ValueError, match="warmup_steps must be an int in 0..steps=1"):
         TrainConfig(steps=1, warmup_steps=2)
+
+
+# ---------------------------------------------------------------------------------------------- MFU
+NAMES_AND_PEAKS = [  # as torch.cuda.get_device_name() reports them
+    ("NVIDIA H100 80GB HBM3", "H100", 989e12),       # SXM
+    ("NVIDIA H100 NVL", "H100 NVL", 835e12),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
+    ("NVIDIA H200", "H200", 989e12),
+    ("NVIDIA H200 NVL", "H200 NVL", 835e12),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312e12),
+    ("NVIDIA A100 80GB PCIe", "A100", 312e12),
+]
+
+
+@pytest.mark.parametrize("order", ["as written", "reversed"])
+def test_peak_table_lookup_picks_the_most_specific_entry(monkeypatch, order):
+    """H100 NVL and PCIe are not the SXM board; the lookup does not depend on the table's order."""
+    from course_lib import train as train_module
+
+    if order == "reversed":
+        monkeypatch.setattr(train_module, "PEAK_BF16_FLOPS", dict(reversed(PEAK_BF16_FLOPS.items())))
+    for name, key, peak in NAMES_AND_PEAKS:
+        assert train_module.peak_for_name(name) == (key, peak), name
+    assert train_module.peak_for_name("NVIDIA GeForce RTX 4090") is None
+
+
+def fake_gpu(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def test_mfu_uses_the_boards_own_peak_and_names_it(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA H100 NVL")
+    result = mfu(10_000, 6e9, "cuda")
+    assert result.value == pytest.approx(10_000 * 6e9 / 835e12) and result.peak_flops == 835e12
+    assert "835 TFLOP/s" in str(result) and "PEAK_BF16_FLOPS['H100 NVL']" in str(result)
+    assert mfu(10_000, 6e9, "cuda", amp="auto").value == result.value  # auto = bf16 autocast on CUDA
+    fake_gpu(monkeypatch, "NVIDIA H200")
+    assert mfu(10_000, 6e9, "cuda").value == pytest.approx(10_000 * 6e9 / 989e12)
+
+
+def test_mfu_is_none_with_a_reason_where_no_bf16_peak_applies(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3")
+    fp32 = mfu(10_000, 6e9, "cuda", amp="none")
+    assert fp32.value is None and "fp32 (amp='none')" in fp32.reason and str(fp32).startswith("not defined: ")
+    fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090")
+    assert "RTX 4090 is not in course_lib.train.PEAK_BF16_FLOPS" in mfu(10_000, 6e9, "cuda").reason
+    cpu = mfu(10_000, 6e9, "cpu")
+    assert cpu.value is None and "cpu device" in cpu.reason
+    with pytest.raises(ValueError, match="amp must be 'auto', 'bf16' or 'none'"):
+        mfu(1, 1, "cpu", amp="fp16")
+
+
+def test_train_scores_mfu_with_its_own_amp_setting(monkeypatch):
+    from course_lib import train as train_module
+
+    seen = []
+    real = train_module.mfu
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["amp"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "mfu", spy)
+    history = train(fresh_model(), TOKENS, **{**QUICK, "amp": "none"})
+    assert seen and set(seen) == {"none"} and history.mfu == [None] * len(history.step)
