@@ -37,6 +37,9 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "peft_family": ("course_lib.peft_family:experiment",
                     "full fine-tuning, probe, BitFit, adapters, prompt and prefix tuning, LoRA, AdaLoRA, QLoRA on one "
                     "task; learning rates on validation; seeds; paired intervals; memory split", "08_peft_family"),
+    "lora_causal_lm": ("course_lib.causal_lm:experiment",
+                       "LoRA on SmolLM2-135M-Instruct vs zero-/few-shot prompting (seeds, paired intervals); "
+                       "our LoRA step vs peft's, timed interleaved", "09_lora_causal_lm_gpu"),
     "scaling": ("course_lib.scaling:experiment",
                 "IsoFLOP sweep of the tiny GPT on the synthetic language (Chinchilla Approach 2 and 3)",
                 "05_scaling_laws"),

@@ -45,10 +45,10 @@ from course_lib.checks.scaling_laws import (  # noqa: F401
     check_power_law_fit, check_compute_optimal,
 )
 from course_lib.checks.finetuning import (  # noqa: F401
-    check_mean_pooling, METRIC_KEYS, check_precision_recall_f1,
+    check_mean_pooling, METRIC_KEYS, check_precision_recall_f1, check_paired_bootstrap,
 )
 from course_lib.checks.lora import (  # noqa: F401
-    check_lora_forward, check_lora_linear, check_apply_lora,
+    check_lora_forward, check_lora_linear, check_apply_lora, check_lora_grads,
 )
 from course_lib.checks.lora_causal_lm import (  # noqa: F401
     check_render_chat, check_prompt_masking, check_lora_param_count,

@@ -1,0 +1,276 @@
+"""The checks of 09_lora_causal_lm_gpu accept correct answers and refuse each wrong answer students write,
+with a sentence that names it. Uses SmolLM2's real tokenizer (from the course cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib import checks
+from course_lib.causal_lm import answer, answer_ids, chat, prompt_ids
+from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
+
+DEFAULT = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from course_lib import assets
+
+    derived = assets.cache_dir() / "derived" / "smollm2-135m-instruct-f32"
+    if not (derived / "tokenizer.json").is_file():  # made by `make assets`; the model is not needed here
+        assets.load_causal_lm("smollm2-135m-instruct")
+    return AutoTokenizer.from_pretrained(derived)
+
+
+def refused(check, fn, *args, phrase):
+    with pytest.raises(CheckFailed) as info:
+        check(fn, *args)
+    assert phrase in str(info.value), str(info.value)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- 09.1
+
+
+def render_right(messages, add_generation_prompt=True):
+    text = DEFAULT if messages[0]["role"] != "system" else ""
+    for m in messages:
+        text += "<|im_start|>" + m["role"] + "\n" + m["content"] + "<|im_end|>\n"
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def render_join(messages, add_generation_prompt=True):
+    blocks = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+    head = [] if messages and messages[0]["role"] == "system" else [DEFAULT]
+    return "".join(head + blocks) + ("<|im_start|>assistant\n" * bool(add_generation_prompt))
+
+
+def render_no_default(messages, add_generation_prompt=True):
+    return render_right(messages, add_generation_prompt).replace(DEFAULT, "")
+
+
+def render_always_default(messages, add_generation_prompt=True):
+    text = render_right(messages, add_generation_prompt)
+    return text if text.startswith(DEFAULT) else DEFAULT + text
+
+
+def render_no_generation_prompt(messages, add_generation_prompt=True):
+    return render_right(messages, False)
+
+
+def render_always_generation_prompt(messages, add_generation_prompt=True):
+    return render_right(messages, True)
+
+
+def render_no_newline_after_end(messages, add_generation_prompt=True):
+    return render_right(messages, add_generation_prompt).replace("<|im_end|>\n", "<|im_end|>")
+
+
+def render_space_not_newline(messages, add_generation_prompt=True):
+    text = render_right(messages, add_generation_prompt)
+    for role in ("system", "user", "assistant"):
+        text = text.replace(f"<|im_start|>{role}\n", f"<|im_start|>{role} ")
+    return text
+
+
+def render_wrong_default_argument(messages, add_generation_prompt=False):
+    return render_right(messages, add_generation_prompt) if add_generation_prompt else render_right(messages, False)
+
+
+def render_mutates(messages, add_generation_prompt=True):
+    if messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": DEFAULT[len("<|im_start|>system\n"):-len("<|im_end|>\n")]})
+    return render_right(messages, add_generation_prompt)
+
+
+def render_end_marker_typo(messages, add_generation_prompt=True):
+    return render_right(messages, add_generation_prompt).replace("<|im_end|>", "<|end|>")
+
+
+@pytest.mark.parametrize("fn", [render_right, render_join])
+def test_render_chat_accepts(fn, tokenizer, capsys):
+    checks.check_render_chat(fn, tokenizer)
+    assert "✅ check_render_chat passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (render_no_default, "default system message"),
+    (render_always_default, "only when messages[0]['role'] is not 'system'"),
+    (render_no_generation_prompt, "opening the assistant's turn"),
+    (render_always_generation_prompt, "add_generation_prompt is False"),
+    (render_no_newline_after_end, "followed by a newline"),
+    (render_space_not_newline, "newlines differ"),
+    (render_mutates, "changed the messages"),
+    (render_end_marker_typo, "differs from the chat template's"),
+])
+def test_render_chat_refuses(fn, phrase, tokenizer):
+    refused(checks.check_render_chat, fn, tokenizer, phrase=phrase)
+
+
+def test_render_chat_with_a_wrong_default_argument_still_passes_when_called_explicitly(tokenizer, capsys):
+    # The check always passes add_generation_prompt explicitly, as the notebook's code does; a wrong
+    # default is therefore harmless here and must not be reported as a mistake.
+    checks.check_render_chat(render_wrong_default_argument, tokenizer)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_render_chat_stub_and_crash(tokenizer):
+    def stub(messages, add_generation_prompt=True):
+        raise NotImplementedError("Exercise 09.1 is not done yet")
+
+    with pytest.raises(NotAttempted, match="Exercise 09.1 is not done yet"):
+        checks.check_render_chat(stub, tokenizer)
+    with pytest.raises(StudentCodeError, match="KeyError"):
+        checks.check_render_chat(lambda messages, add_generation_prompt=True: messages[0]["text"], tokenizer)
+
+
+# ------------------------------------------------------------------------------------------- 09.2
+
+
+def encode_right(tokenizer, text, label):
+    prompt = tokenizer.apply_chat_template(chat(text), add_generation_prompt=True)["input_ids"]
+    reply = tokenizer(answer(label) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return list(prompt) + reply, [-100] * len(prompt) + reply
+
+
+def encode_tensors(tokenizer, text, label):
+    ids, labels = encode_right(tokenizer, text, label)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def encode_labels_are_ids(tokenizer, text, label):
+    ids, _ = encode_right(tokenizer, text, label)
+    return ids, list(ids)
+
+
+def encode_shifted(tokenizer, text, label):
+    ids, labels = encode_right(tokenizer, text, label)
+    return ids, labels[1:] + [-100]
+
+
+def encode_zero_mask(tokenizer, text, label):
+    ids, labels = encode_right(tokenizer, text, label)
+    return ids, [0 if v == -100 else v for v in labels]
+
+
+def encode_masks_answer(tokenizer, text, label):
+    prompt, reply = prompt_ids(tokenizer, text), answer_ids(tokenizer, label)
+    return prompt + reply, prompt + [-100] * len(reply)
+
+
+def encode_no_im_end(tokenizer, text, label):
+    prompt = prompt_ids(tokenizer, text)
+    reply = tokenizer(answer(label), add_special_tokens=False)["input_ids"]
+    return prompt + reply, [-100] * len(prompt) + reply
+
+
+def encode_no_generation_header(tokenizer, text, label):
+    prompt = list(tokenizer.apply_chat_template(chat(text), add_generation_prompt=False)["input_ids"])
+    reply = answer_ids(tokenizer, label)
+    return prompt + reply, [-100] * len(prompt) + reply
+
+
+def encode_masks_one_too_many(tokenizer, text, label):
+    ids, labels = encode_right(tokenizer, text, label)
+    n = labels.count(-100)
+    return ids, [-100] * (n + 1) + labels[n + 1:]
+
+
+def encode_only_prompt(tokenizer, text, label):
+    prompt = prompt_ids(tokenizer, text)
+    return prompt, [-100] * len(prompt)
+
+
+def encode_length_mismatch(tokenizer, text, label):
+    ids, labels = encode_right(tokenizer, text, label)
+    return ids, labels[:-1]
+
+
+def encode_batch_dim(tokenizer, text, label):
+    ids, labels = encode_right(tokenizer, text, label)
+    return torch.tensor([ids]), torch.tensor([labels])
+
+
+@pytest.mark.parametrize("fn", [encode_right, encode_tensors])
+def test_prompt_masking_accepts(fn, tokenizer, capsys):
+    checks.check_prompt_masking(fn, tokenizer)
+    assert "✅ check_prompt_masking passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (encode_labels_are_ids, "your labels are the input ids"),
+    (encode_shifted, "shifted by one"),
+    (encode_zero_mask, "masked the prompt with 0"),
+    (encode_masks_answer, "other way round"),
+    (encode_no_im_end, "lacks '<|im_end|>'"),
+    (encode_no_generation_header, "add_generation_prompt=True"),
+    (encode_masks_one_too_many, "mask exactly the prompt"),
+    (encode_only_prompt, "only the prompt"),
+    (encode_length_mismatch, "different lengths"),
+    (encode_batch_dim, "one flat sequence"),
+])
+def test_prompt_masking_refuses(fn, phrase, tokenizer):
+    refused(checks.check_prompt_masking, fn, tokenizer, phrase=phrase)
+
+
+# ------------------------------------------------------------------------------------------- 09.3
+
+
+def count_right(config, r, targets):
+    h, m, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    return L * sum(r * (i + o) for i, o in (shapes[t] for t in targets))
+
+
+def count_by_building(config, r, targets):
+    from transformers import LlamaForCausalLM
+
+    from course_lib.causal_lm import peft_lora  # peft's own count
+
+    return peft_lora(LlamaForCausalLM(config), r=r, alpha=r, targets=targets).get_nb_trainable_parameters()[0]
+
+
+def _variant(**change):
+    def count(config, r, targets):
+        h, m, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+        kv = config.num_key_value_heads * (h // config.num_attention_heads)
+        if change.get("no_gqa"):
+            kv = h
+        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                  "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+        names = shapes if change.get("all_targets") else targets
+        per = {"A_only": lambda i, o: r * i, "full": lambda i, o: i * o}.get(change.get("per"), lambda i, o: r * (i + o))
+        total = sum(per(*shapes[t]) for t in names)
+        return total if change.get("one_layer") else L * total
+    return count
+
+
+@pytest.mark.parametrize("fn", [count_right, count_by_building])
+def test_lora_param_count_accepts(fn, capsys):
+    checks.check_lora_param_count(fn)
+    assert "✅ check_lora_param_count passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (_variant(no_gqa=True), "grouped-query attention"),
+    (_variant(one_layer=True), "one layer"),
+    (_variant(per="A_only"), "only A"),
+    (_variant(per="full"), "full d_out × d_in"),
+    (_variant(all_targets=True), "not only the targets"),
+    (lambda config, r, targets: count_right(config, r, targets) + 1, "LoRA parameters"),
+    (lambda config, r, targets: str(count_right(config, r, targets)), "return a number"),
+])
+def test_lora_param_count_refuses(fn, phrase):
+    refused(checks.check_lora_param_count, fn, phrase=phrase)
+
+
+def test_hints_have_three_levels(capsys):
+    for exercise in ("09.1", "09.2", "09.3"):
+        for level in (1, 2, 3):
+            checks.hint(exercise, level=level)
+    assert capsys.readouterr().out.count("for exercise 09.") == 9
