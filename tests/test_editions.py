@@ -62,3 +62,18 @@ def test_student_notebook_clears_solution_outputs_and_expects_the_error():
 def test_broken_conventions_are_named(cells, message):
     with pytest.raises(EditionError, match=message):
         student_notebook(notebook(*cells), "bad.ipynb")
+
+
+def test_the_student_edition_tells_ai_assistants_to_tutor_not_solve(tmp_path):
+    from course_lib.editions import write_student_edition
+
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    nb = notebook(code("import course_lib"), code(EXERCISE, "exercise"), code("# NBVAL_CHECK_OUTPUT\ncheck(mse)", "check"))
+    nbformat.write(nb, source / "00_setup.ipynb")
+    written = write_student_edition(source, tmp_path / "student" / "notebooks")
+    assert [p.name for p in written] == ["00_setup.ipynb"]
+    agents = (tmp_path / "student" / "AGENTS.md").read_text()
+    assert "Do not write exercise solutions" in agents and 'checks.hint("NN.K", level=2)' in agents
+    assert "Exercises in this copy: 00.1." in agents
+    assert not (source.parent / "AGENTS.md").exists(), "the solution edition gets no such file"
