@@ -348,8 +348,15 @@ def load_published_laws(path: str | Path | None = None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# A sweep: train GPTs of several sizes for several token budgets
+# Sweeps: train GPTs of several sizes, on a grid of token budgets or along IsoFLOP lines
 # ----------------------------------------------------------------------------------------------
+
+
+def _gpt_config(vocab_size: int, context: int, d_model: int, n_layer: int) -> Any:
+    from course_lib.model import GPTConfig
+
+    return GPTConfig(vocab_size=vocab_size, context=context, n_layer=n_layer,
+                     n_head=max(1, d_model // 16), d_model=d_model)
 
 
 def run_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int, sizes: Sequence[tuple[int, int]],
@@ -362,54 +369,402 @@ def run_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int, sizes: Seq
     its number of ``steps`` on batches of ``batch_size`` windows of ``context`` tokens with
     ``course_lib.train.train`` (warm-up, then cosine decay over exactly that many steps, so each run
     is a finished run, as in Hoffmann et al. 2022, not a snapshot of a longer one). A record holds
-    d_model, n_layer, N (non-embedding parameters), steps, D (training tokens), C = 6·N·D, the final
-    validation loss and the seconds it took.
+    d_model, n_layer, N (non-embedding parameters, Kaplan's count), N_total, steps, D (training
+    tokens), C = 6·N·D, the final validation loss and the seconds it took.
     """
-    import torch
-
     if not sizes or not steps:
         raise ValueError("sizes and steps must both be non-empty lists.")
+    plan = [{"d_model": d, "n_layer": L, "steps": s} for (d, L) in sizes for s in steps]
+    records = _train_runs(plan, train_tokens, val_tokens, vocab_size=vocab_size, batch_size=batch_size,
+                          context=context, lr=lr, device=device, eval_batches=eval_batches, progress=progress,
+                          seeds=(seed,))
+    for r in records:
+        r["N"] = r.pop("N_non_embedding")
+        r["C"] = 6.0 * r["N"] * r["D"]
+    return records
+
+
+def isoflop_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int,
+                  plan: Mapping[float, Sequence[tuple[int, int]]], batch_size: int, context: int,
+                  lr: float = 1e-2, device: Any = "cpu", eval_batches: int = 100,
+                  seeds: Sequence[int] = (0,), progress: bool = True) -> list[dict[str, Any]]:
+    """Chinchilla's Approach 2 sweep: for each budget C in ``plan``, train each (d_model, n_layer) in ``plan[C]``
+    for as many steps as make 6·N·D = C (Hoffmann et al. 2022, Sec. 3.2).
+
+    N counts *all* parameters, embeddings included, as Hoffmann et al. do (Kaplan et al. 2020 leave the
+    embeddings out); D = steps · batch_size · context, with the steps rounded to an integer, so a run's
+    own C = 6·N·D is within half a step of the budget. Every run has its own warm-up and cosine
+    schedule ending at its last step. One record per run and seed: C_budget, d_model, n_layer, N,
+    N_non_embedding, steps, D, C, C_matmul (every matrix multiply counted, attention and the lm head
+    included: ``course_lib.model.flops_per_token`` · D), seed, val_loss, seconds.
+    """
+    from course_lib.model import param_count_formula
+
+    if not plan:
+        raise ValueError("plan is empty: give {budget C: [(d_model, n_layer), ...]}.")
+    tokens_per_step = batch_size * context
+    runs = []
+    for C, sizes in sorted(plan.items()):
+        C = float(_positive_array(C, "budget C"))
+        if len(sizes) < 3:
+            raise ValueError(f"the budget C={C:.3g} has {len(sizes)} model sizes; a parabola needs at least 3 "
+                             f"(Hoffmann et al. used about 9).")
+        for d_model, n_layer in sizes:
+            N = param_count_formula(_gpt_config(vocab_size, context, d_model, n_layer), non_embedding=False)
+            steps = round(C / (6.0 * N * tokens_per_step))
+            if steps < 1:
+                raise ValueError(f"the budget C={C:.3g} buys less than one step of the model with d_model="
+                                 f"{d_model} (N={N:,}); use a larger budget or a smaller model.")
+            runs.append({"C_budget": C, "d_model": d_model, "n_layer": n_layer, "steps": steps})
+    records = _train_runs(runs, train_tokens, val_tokens, vocab_size=vocab_size, batch_size=batch_size,
+                          context=context, lr=lr, device=device, eval_batches=eval_batches, progress=progress,
+                          seeds=tuple(seeds))
+    for r in records:
+        r["N"] = r.pop("N_total")
+        r["C"] = 6.0 * r["N"] * r["D"]
+    return records
+
+
+def _train_runs(plan: list[dict[str, Any]], train_tokens: Any, val_tokens: Any, *, vocab_size: int,
+                batch_size: int, context: int, lr: float, device: Any, eval_batches: int, progress: bool,
+                seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Train one GPT per entry of ``plan`` (and per seed); each record is the entry plus what was measured."""
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from course_lib.model import GPT, count_params, flops_per_token
+    from course_lib.train import TrainConfig, train
+
     records = []
-    runs = [(d, L, s) for (d, L) in sizes for s in steps]
     # Models this small are dominated by per-op overhead on a CPU: one thread is faster than several
     # (and far faster on a busy machine, where threads wait for each other).
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
     try:
-        records = _sweep_runs(runs, train_tokens, val_tokens, vocab_size, batch_size, context, lr, device,
-                              eval_batches, seed, progress)
+        jobs = [(entry, seed) for entry in plan for seed in seeds]
+        for entry, seed in tqdm(jobs, desc="sweep", disable=not progress):
+            torch.manual_seed(seed)
+            config = _gpt_config(vocab_size, context, entry["d_model"], entry["n_layer"])
+            model = GPT(config)
+            start = time.perf_counter()
+            history = train(model, train_tokens, val_tokens,
+                            TrainConfig(steps=entry["steps"], batch_size=batch_size, lr=lr,
+                                        warmup_steps=min(20, entry["steps"] // 5), eval_every=0,
+                                        eval_batches=eval_batches, seed=seed, progress=False),
+                            device=device)
+            D = entry["steps"] * batch_size * context
+            records.append({**entry, "seed": seed, "N_total": count_params(model, non_embedding=False),
+                            "N_non_embedding": count_params(model, non_embedding=True), "D": D,
+                            "C_matmul": float(flops_per_token(config, training=True, seq_len=context) * D),
+                            "val_loss": history.val_loss[-1], "seconds": round(time.perf_counter() - start, 2)})
     finally:
         torch.set_num_threads(threads)
     return records
 
 
-def _sweep_runs(runs: list[tuple[int, int, int]], train_tokens: Any, val_tokens: Any, vocab_size: int,
-                batch_size: int, context: int, lr: float, device: Any, eval_batches: int, seed: int,
-                progress: bool) -> list[dict[str, Any]]:
-    import time
+# ----------------------------------------------------------------------------------------------
+# Approach 2 on trained runs, the Approach 3 fit's uncertainty
+# ----------------------------------------------------------------------------------------------
 
-    import torch
-    from tqdm.auto import tqdm
 
-    from course_lib.model import GPT, GPTConfig, count_params
-    from course_lib.train import TrainConfig, train
+def mean_over_seeds(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (C_budget, d_model, n_layer): the first seed's record with val_loss averaged over seeds."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["C_budget"], r["d_model"], r["n_layer"]), []).append(r)
+    return [{**rs[0], "val_loss": float(np.mean([r["val_loss"] for r in rs])), "n_seeds": len(rs)}
+            for rs in groups.values()]
 
-    records = []
-    for d_model, n_layer, n_steps in tqdm(runs, desc="sweep", disable=not progress):
-        torch.manual_seed(seed)
-        config = GPTConfig(vocab_size=vocab_size, context=context, n_layer=n_layer,
-                           n_head=max(1, d_model // 16), d_model=d_model)
-        model = GPT(config)
-        start = time.perf_counter()
-        history = train(model, train_tokens, val_tokens,
-                        TrainConfig(steps=n_steps, batch_size=batch_size, lr=lr,
-                                    warmup_steps=min(20, n_steps // 5), eval_every=0,
-                                    eval_batches=eval_batches, seed=seed, progress=False),
-                        device=device)
-        N = count_params(model, non_embedding=True)
-        D = n_steps * batch_size * context
-        records.append({"d_model": d_model, "n_layer": n_layer, "N": N, "steps": n_steps, "D": D,
-                        "C": 6.0 * N * D, "val_loss": history.val_loss[-1],
-                        "seconds": time.perf_counter() - start})
-    return records
+
+def isoflop_minima(runs: Sequence[Mapping[str, Any]], *, size_key: str = "N") -> list[dict[str, Any]]:
+    """Approach 2 on measured losses: per budget, a parabola in ln N through the runs' final losses.
+
+    ``runs`` are records of :func:`isoflop_sweep` (several seeds are averaged first). Returns, per
+    budget in increasing order, the vertex of :func:`isoflop_minimum` with ``C`` (the budget),
+    ``n_runs`` and the parabola's residuals (``rms_residual``, ``max_abs_residual``, nats).
+    ``size_key="N_non_embedding"`` puts the parabola on Kaplan's count of N instead.
+    """
+    by_budget: dict[float, list[Mapping[str, Any]]] = {}
+    for r in mean_over_seeds(runs):
+        by_budget.setdefault(float(r["C_budget"]), []).append(r)
+    out = []
+    for C, rs in sorted(by_budget.items()):
+        N = np.array([r[size_key] for r in rs], dtype=float)
+        L = np.array([r["val_loss"] for r in rs], dtype=float)
+        vertex = isoflop_minimum(N, L)
+        residual = L - np.polyval(np.polyfit(np.log(N), L, 2), np.log(N))
+        out.append({"C": C, **vertex, "n_runs": len(rs), "rms_residual": float(np.sqrt(np.mean(residual**2))),
+                    "max_abs_residual": float(np.abs(residual).max())})
+    return out
+
+
+def bootstrap_isoflop_exponent(runs: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed: int = 0,
+                               size_key: str = "N") -> np.ndarray:
+    """The exponent a of N_opt ∝ C^a, refitted on runs resampled with replacement within each budget.
+
+    A resample that leaves fewer than 3 distinct sizes in a budget, or whose parabola opens downward,
+    is drawn again (a parabola needs 3 points that curve upward).
+    """
+    rng = np.random.default_rng(seed)
+    by_budget: dict[float, list[Mapping[str, Any]]] = {}
+    for r in mean_over_seeds(runs):
+        by_budget.setdefault(float(r["C_budget"]), []).append(r)
+    budgets = sorted(by_budget)
+    out = np.empty(n_resamples)
+    for i in range(n_resamples):
+        for _ in range(100):
+            minima = []
+            for C in budgets:
+                rs = by_budget[C]
+                pick = rng.integers(len(rs), size=len(rs))
+                if len(set(pick.tolist())) < 3:
+                    break
+                N = np.array([rs[j][size_key] for j in pick], dtype=float)
+                L = np.array([rs[j]["val_loss"] for j in pick], dtype=float)
+                try:
+                    minima.append(isoflop_minimum(N, L)["N_opt"])
+                except ValueError:
+                    break
+            if len(minima) == len(budgets):
+                out[i] = fit_exponent(budgets, minima)["a"]
+                break
+        else:  # pragma: no cover -- needs a budget whose runs hardly ever curve upward
+            raise RuntimeError("could not draw a resample whose parabolas all open upward; add runs per budget.")
+    return out
+
+
+def _start_at(law: Mapping[str, float]) -> dict[str, tuple[float]]:
+    """A one-point "grid" for :func:`fit_chinchilla`: start L-BFGS at ``law``."""
+    p = _params(law)
+    return {"a": (math.log(p["A"]),), "b": (math.log(p["B"]),), "e": (math.log(p["E"]),),
+            "alpha": (p["alpha"],), "beta": (p["beta"],)}
+
+
+def bootstrap_chinchilla(N: Any, D: Any, L: Any, law: Mapping[str, float], *, n_resamples: int = 200,
+                         seed: int = 0, delta: float = 1e-3) -> dict[str, np.ndarray]:
+    """Refit L(N, D) on runs drawn with replacement (Besiroglu et al. 2024, Sec. 4: a bootstrap over runs).
+
+    Each refit starts L-BFGS at ``law`` (the fit of all runs), which finds the same optimum as the grid
+    at a fraction of the cost. Returns arrays E, A, B, alpha, beta and a = beta/(alpha+beta).
+    """
+    N, D, L = _positive_array(N, "N"), _positive_array(D, "D"), _positive_array(L, "L")
+    _same_length(("N", N), ("D", D), ("L", L), minimum=5)
+    rng = np.random.default_rng(seed)
+    start = _start_at(law)
+    draws = {k: np.empty(n_resamples) for k in (*_PARAMS, "a")}
+    for i in range(n_resamples):
+        pick = rng.integers(N.size, size=N.size)
+        fit = fit_chinchilla(N[pick], D[pick], L[pick], delta=delta, grid=start)
+        for k in _PARAMS:
+            draws[k][i] = fit[k]
+        draws["a"][i] = optimal_exponents(fit)["a"]
+    return draws
+
+
+def interval(draws: Any, level: float = 0.95) -> tuple[float, float]:
+    """The central percentile interval of bootstrap draws, e.g. (2.5%, 97.5%) for ``level=0.95``."""
+    draws = np.asarray(draws, dtype=float)
+    tail = 50.0 * (1.0 - level)
+    lo, hi = np.percentile(draws, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scaling lab: an offline "training service" over the recorded sweep
+# ----------------------------------------------------------------------------------------------
+
+
+class FlopBudgetExceeded(RuntimeError):
+    """A query to :class:`TrainingService` would spend more FLOPs than are left."""
+
+
+class TrainingService:
+    """An offline training service for the lab of notebooks/05_scaling_laws.ipynb.
+
+    It holds recorded runs of the synthetic language at a few small budgets. ``train(N, C)`` "trains"
+    the model with N parameters for C FLOPs (D = C / 6N tokens) and returns its final validation loss,
+    charging C to ``flop_budget``; asking again for a run already paid for is free. ``menu()`` lists
+    what can be bought. The lab's question is the compute-optimal N and the loss at ``target_budget``,
+    ten times the largest budget on offer; its answer lies in the part of the recorded sweep that is
+    not for sale. ``floor`` is the lowest loss the evaluation can reach (the window floor).
+    """
+
+    def __init__(self, runs: Sequence[Mapping[str, Any]], *, offered_budgets: Sequence[float], flop_budget: float,
+                 target_budget: float, floor: float) -> None:
+        offered = {float(C) for C in offered_budgets}
+        self._runs = {(int(r["N"]), float(r["C_budget"])): r for r in mean_over_seeds(runs)
+                      if float(r["C_budget"]) in offered}
+        if not self._runs:
+            raise ValueError("none of the runs lies on an offered budget; check offered_budgets.")
+        self.offered_budgets = tuple(sorted(offered))
+        self.flop_budget, self.target_budget, self.floor = float(flop_budget), float(target_budget), float(floor)
+        self.spent = 0.0
+        self.bought: list[dict[str, float]] = []
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None = None) -> TrainingService:
+        """The service of the recorded sweep (``data/results/scaling_cpu.json``)."""
+        record = record if record is not None else _scaling_record()
+        lab = record["results"]["lab"]
+        return cls(record["results"]["runs"], offered_budgets=lab["offered_budgets"],
+                   flop_budget=lab["flop_budget"], target_budget=lab["target_budget"], floor=lab["floor"])
+
+    @property
+    def remaining(self) -> float:
+        return self.flop_budget - self.spent
+
+    def menu(self) -> list[dict[str, float]]:
+        """Every run on offer: N (all parameters), C (its budget and price, FLOPs) and D = C / (6N) tokens."""
+        return [{"N": N, "C": C, "D": self._runs[N, C]["D"]} for N, C in sorted(self._runs, key=lambda k: (k[1], k[0]))]
+
+    def train(self, N: int, C: float) -> float:
+        """The final validation loss (nats/token) of the model with ``N`` parameters trained on budget ``C``."""
+        key = (int(N), float(C))
+        if key[1] not in self.offered_budgets:
+            raise ValueError(f"no runs are on offer at C={float(C):.3g}; the budgets on offer are "
+                             f"{', '.join(f'{b:.3g}' for b in self.offered_budgets)} FLOPs.")
+        if key not in self._runs:
+            sizes = sorted(n for n, c in self._runs if c == key[1])
+            raise ValueError(f"no model with N={N} on offer at C={float(C):.3g}; the sizes there are {sizes}.")
+        run = self._runs[key]
+        if not any(b["N"] == key[0] and b["C"] == key[1] for b in self.bought):
+            if key[1] > self.remaining * (1 + 1e-12):
+                raise FlopBudgetExceeded(
+                    f"this run costs {key[1]:.3g} FLOPs but only {self.remaining:.3g} of your {self.flop_budget:.3g} "
+                    f"are left ({len(self.bought)} runs bought); choose fewer runs.")
+            self.spent += key[1]
+            self.bought.append({"N": key[0], "C": key[1], "D": float(run["D"]), "loss": float(run["val_loss"])})
+        return float(run["val_loss"])
+
+    def __repr__(self) -> str:
+        return (f"TrainingService({len(self._runs)} runs on offer at C = "
+                f"{', '.join(f'{b:.0e}' for b in self.offered_budgets)}; spent {self.spent:.3g} of "
+                f"{self.flop_budget:.3g} FLOPs; question: N_opt and loss at C = {self.target_budget:.0e})")
+
+
+def lab_truth(record: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """What the lab asks for, from the recorded runs at the target budget: the vertex of their parabola."""
+    record = record if record is not None else _scaling_record()
+    lab = record["results"]["lab"]
+    runs = [r for r in record["results"]["runs"] if float(r["C_budget"]) == float(lab["target_budget"])
+            and r.get("seed", 0) == 0]
+    vertex = isoflop_minimum([r["N"] for r in runs], [r["val_loss"] for r in runs])
+    return {"C": float(lab["target_budget"]), "N_opt": vertex["N_opt"], "loss": vertex["L_opt"]}
+
+
+def _scaling_record() -> dict[str, Any]:
+    from course_lib import results
+
+    record = results.recorded("scaling", "cpu")
+    if record is None:
+        raise FileNotFoundError("data/results/scaling_cpu.json is missing: it ships with the course; "
+                                "remake it with `python -m course_lib.experiments scaling`.")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# The recorded experiment: python -m course_lib.experiments scaling
+# ----------------------------------------------------------------------------------------------
+
+#: The synthetic language, model shape and training recipe of the recorded sweep.
+SWEEP_SETUP: dict[str, Any] = {
+    "language": {"vocab_size": 32, "bigram_successors": 4, "trigram_successors": 2, "seed": 0},
+    "context": 16, "batch_size": 64, "lr": 1e-2, "n_train": 8_500_000, "n_val": 200_000, "data_seed": 0,
+    "eval_batches": 100,
+}
+
+#: Budget C (FLOPs, C = 6·N·D with N all parameters) -> the (d_model, n_layer) trained on it. One layer
+#: throughout, so that N changes by width alone; the widths bracket each budget's optimum.
+ISOFLOP_PLAN: dict[float, tuple[tuple[int, int], ...]] = {
+    1e10: tuple((d, 1) for d in (8, 10, 12, 14, 16, 20, 24)),
+    3e10: tuple((d, 1) for d in (10, 12, 16, 20, 24, 28, 32)),
+    1e11: tuple((d, 1) for d in (12, 16, 20, 24, 32, 40, 48)),
+    3e11: tuple((d, 1) for d in (20, 24, 28, 32, 40, 48, 64)),
+}
+
+_QUICK_PLAN: dict[float, tuple[tuple[int, int], ...]] = {
+    1e8: ((8, 1), (12, 1), (16, 1)), 3e8: ((8, 1), (12, 1), (16, 1)), 1e9: ((8, 1), (12, 1), (16, 1)),
+}
+
+
+def sweep_language(setup: Mapping[str, Any] = SWEEP_SETUP) -> Any:
+    """The synthetic language of the sweep (``course_lib.synthetic.make_language`` with the setup's arguments)."""
+    from course_lib.synthetic import make_language
+
+    spec = dict(setup["language"])
+    return make_language(spec.pop("vocab_size"), **spec)
+
+
+def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:
+    """The IsoFLOP sweep of notebook 05, with its Approach 2 and Approach 3 analyses and the lab's setup.
+
+    Every run of :data:`ISOFLOP_PLAN` is trained once (seed 0); the smallest budget, which the notebook
+    re-runs live, is trained with ``seeds`` seeds to measure how much one run's loss varies. The
+    analyses use seed 0 only, so every budget has the same noise. ``quick`` is a seconds-long smoke form.
+    """
+    setup = {**SWEEP_SETUP, **({"n_train": 100_000, "n_val": 20_000, "eval_batches": 2} if quick else {})}
+    plan = _QUICK_PLAN if quick else ISOFLOP_PLAN
+    lang = sweep_language(setup)
+    floor = lang.window_floor(setup["context"])
+    train_tokens, val_tokens = lang.train_val(setup["n_train"], setup["n_val"], seed=setup["data_seed"])
+    common = dict(vocab_size=lang.vocab_size, batch_size=setup["batch_size"], context=setup["context"],
+                  lr=setup["lr"], device=profile.device, eval_batches=setup["eval_batches"])
+    budgets = sorted(plan)
+    runs = isoflop_sweep(train_tokens, val_tokens, plan={budgets[0]: plan[budgets[0]]},
+                         seeds=tuple(range(max(1, seeds))), **common)
+    runs += isoflop_sweep(train_tokens, val_tokens, plan={C: plan[C] for C in budgets[1:]}, **common)
+
+    first = [r for r in runs if r["C_budget"] == budgets[0]]
+    per_size: dict[int, list[float]] = {}
+    for r in first:
+        per_size.setdefault(r["d_model"], []).append(r["val_loss"])
+    main = [r for r in runs if r["seed"] == 0]
+    try:
+        analysis = analyse_sweep(main, n_resamples=20 if quick else 1000,
+                                 grid=COARSE_GRID if quick else HOFFMANN_GRID)
+    except (ValueError, RuntimeError) as error:
+        if not quick:
+            raise
+        analysis = {"skipped": f"the smoke sweep is too short to analyse: {error}"}
+    if "approach3" in analysis:
+        analysis["approach3"]["E_minus_floor"] = analysis["approach3"]["E"] - floor
+    return {
+        "setup": {**setup, "plan": {f"{C:.0e}": [list(s) for s in plan[C]] for C in budgets}, "seeds_first_budget": seeds,
+                  "entropy_rate": lang.entropy_rate(), "window_floor": floor, "bigram_entropy": lang.bigram_entropy()},
+        "runs": runs,
+        **analysis,
+        "seed_spread_first_budget": _seed_spread(first, per_size) if seeds > 1 else None,
+        "lab": {"offered_budgets": budgets[:-2] if len(budgets) > 2 else budgets[:1], "target_budget": budgets[-1],
+                "flop_budget": 5.0 * sum(budgets[:-2] if len(budgets) > 2 else budgets[:1]), "floor": floor},
+    }
+
+
+def _seed_spread(first: list[dict[str, Any]], per_size: dict[int, list[float]]) -> dict[str, Any]:
+    """How much one run varies with its seed: the std of each size's loss, and each seed's parabola vertex."""
+    vertices = []
+    for seed in sorted({r["seed"] for r in first}):
+        mine = [r for r in first if r["seed"] == seed]
+        try:
+            vertices.append(isoflop_minimum([r["N"] for r in mine], [r["val_loss"] for r in mine])["N_opt"])
+        except ValueError:
+            vertices.append(None)
+    return {"loss_std_by_d_model": {str(d): float(np.std(v, ddof=1)) for d, v in sorted(per_size.items())},
+            "N_opt_by_seed": vertices}
+
+
+def analyse_sweep(runs: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000,
+                  grid: Mapping[str, Sequence[float]] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Approach 2 (parabola minima, N_opt ∝ C^a) and Approach 3 (the fitted law) on the same runs, each
+    with a bootstrap interval over runs (95%)."""
+    minima = isoflop_minima(runs)
+    a2 = fit_exponent([m["C"] for m in minima], [m["N_opt"] for m in minima])
+    a2_draws = bootstrap_isoflop_exponent(runs, n_resamples=n_resamples, seed=seed)
+    N, D, L = (np.array([r[k] for r in runs], dtype=float) for k in ("N", "D", "val_loss"))
+    law = fit_chinchilla(N, D, L, grid=grid, return_details=True)
+    draws = bootstrap_chinchilla(N, D, L, law, n_resamples=n_resamples, seed=seed)
+    return {"approach2": {"minima": minima, "a": a2["a"], "k": a2["k"], "a_interval95": interval(a2_draws)},
+            "approach3": {**law, "a": optimal_exponents(law)["a"], "E_interval95": interval(draws["E"]),
+                          "a_interval95": interval(draws["a"])}}
