@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["scaled_dot_product_attention", "causal_mask", "padding_mask", "MultiHeadAttention",
-           "attention_parameter_count"]
+__all__ = ["scaled_dot_product_attention", "attention_backward", "causal_mask", "padding_mask",
+           "MultiHeadAttention", "attention_parameter_count"]
 
 
 def _require_float_tensor(x: object, name: str) -> torch.Tensor:
@@ -110,6 +110,30 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     scores = scores.masked_fill(~has_key, 0.0)
     weights = torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
     return weights @ v, weights
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward pass of ``out = softmax(Q Kᵀ/√d_k) V`` by hand: ``(dQ, dK, dV)`` given ``dOut``.
+
+    Derived in notebooks/01_attention.ipynb (exercise 01.4). With S = Q Kᵀ/√d_k, A = softmax(S) row by
+    row (masked keys get A = 0) and O = A V:
+
+        dV = Aᵀ dO                          each value row collects the weight every query gave it
+        dA = dO Vᵀ
+        dS = A ⊙ (dA − rowsum(dA ⊙ A))      the softmax Jacobian diag(a) − a aᵀ, applied row by row
+        dQ = dS K / √d_k,   dK = dSᵀ Q / √d_k
+
+    Masked entries have A = 0, so dS = 0 there: no gradient flows to a key a query could not see.
+    Leading (batch, head) axes are carried along; tests/test_attention.py compares with autograd.
+    """
+    _, A = scaled_dot_product_attention(q, k, v, mask)
+    d_out = _require_float_tensor(d_out, "d_out")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dV = A.transpose(-2, -1) @ d_out
+    dA = d_out @ v.transpose(-2, -1)
+    dS = A * (dA - (dA * A).sum(dim=-1, keepdim=True))
+    return dS @ k * scale, dS.transpose(-2, -1) @ q * scale, dV
 
 
 def causal_mask(T: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -43,6 +43,8 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "scaling": ("course_lib.scaling:experiment",
                 "IsoFLOP sweep of the tiny GPT on the synthetic language (Chinchilla Approach 2 and 3)",
                 "05_scaling_laws"),
+    "positions": ("course_lib.positions:experiment", "tiny GPT with learned, sinusoidal, RoPE and no position "
+                  "encoding; seeds; held-out loss at and past the training context", "03_transformer_block"),
 }
 
 

@@ -12,7 +12,12 @@ sub-block, a final LayerNorm, residual projections initialised with std 0.02/√
 
 Counting (Kaplan et al. 2020, Table 1): one block holds 4d² attention weights (W_q, W_k, W_v, W_o)
 and 8d² MLP weights (d×4d and 4d×d), so the non-embedding parameter count is N ≈ 12·L·d²; a forward
-pass costs ≈ 2 FLOPs per weight per token (one multiply, one add) and training ≈ 3× that: C ≈ 6N.
+pass costs ≈ 2 FLOPs per weight per token (one multiply, one add) and training ≈ 3× that: C ≈ 6N
+(``flops_per_token`` counts exactly, attention included).
+
+Positions (``GPTConfig.position``, explained in 03's "Positions"): ``"learned"`` (the table P above,
+the default), ``"sinusoidal"``, ``"rope"`` (queries and keys rotated inside attention) or ``"none"``;
+see ``course_lib.positions``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "LayerNorm", "CausalSelfAttention", "MLP", "Block", "GPT", "KVCache", "count_params",
+from course_lib.positions import POSITION_KINDS, apply_rope, sinusoidal_encoding
+
+__all__ = ["GPTConfig", "LayerNorm", "layer_norm_backward", "CausalSelfAttention", "MLP", "Block", "GPT", "KVCache", "count_params",
            "param_count_formula", "flops_per_token", "memory_estimate", "saved_activation_bytes",
            "top_k_filter", "top_p_filter", "gpt2_config", "load_gpt2_weights"]
 
@@ -43,6 +50,7 @@ class GPTConfig:
     bias: bool = True          # biases in the Linear layers and LayerNorms (GPT-2 has them)
     tie_weights: bool = True   # lm head shares its matrix with the token embedding (GPT-2 does)
     layer_norm_eps: float = 1e-5
+    position: str = "learned"  # "learned" (GPT-2), "sinusoidal", "rope" or "none": course_lib.positions
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
@@ -54,6 +62,12 @@ class GPTConfig:
                              f"({self.n_head}) so that every head gets d_model / n_head dimensions.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must lie in [0, 1), but it is {self.dropout!r}.")
+        if self.position not in POSITION_KINDS:
+            raise ValueError(f"GPTConfig.position must be one of {', '.join(POSITION_KINDS)}, but it is "
+                             f"{self.position!r}.")
+        if self.position == "rope" and self.d_head % 2:
+            raise ValueError(f"RoPE rotates pairs of dimensions, so d_model / n_head must be even, but it is "
+                             f"{self.d_head}.")
 
     @property
     def d_head(self) -> int:
@@ -95,6 +109,26 @@ class LayerNorm(nn.Module):
         x_hat = (x - mean) * torch.rsqrt(var + self.eps)
         y = x_hat * self.weight
         return y + self.bias if self.bias is not None else y
+
+
+def layer_norm_backward(x: torch.Tensor, gamma: torch.Tensor, dy: torch.Tensor, eps: float = 1e-5
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward pass of y = γ ⊙ x̂ + β, x̂ = (x − μ)/σ, σ = √(var + ε), over the last axis (03.3).
+
+    With g = dy ⊙ γ (the gradient reaching x̂) and means over the d features of each vector,
+
+        dx = (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂)) / σ     (the subtracted terms: the paths through μ and σ)
+        dγ = Σ dy ⊙ x̂,   dβ = Σ dy                      (sums over every leading axis: batch, positions)
+
+    Returns ``(dx, dgamma, dbeta)``; tests/test_model.py compares them with autograd in float64.
+    """
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+    sigma = torch.sqrt(var + eps)
+    x_hat = (x - mean) / sigma
+    g = dy * gamma
+    dx = (g - g.mean(dim=-1, keepdim=True) - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)) / sigma
+    lead = tuple(range(x.dim() - 1))
+    return dx, (dy * x_hat).sum(dim=lead), dy.sum(dim=lead)
 
 
 class KVCache:
@@ -140,6 +174,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.d_model, self.dropout = config.n_head, config.d_model, config.dropout
+        self.rope = config.position == "rope"
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -152,6 +187,10 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if kv_cache is not None:
             past = 0 if kv_cache.k[layer] is None else kv_cache.k[layer].shape[2]
+        if self.rope:       # rotate queries and new keys by their positions (values stay as they are)
+            positions = torch.arange(past, past + T, device=x.device)
+            q, k = apply_rope(q, positions), apply_rope(k, positions)
+        if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         mask, causal = None, True
         if past and T == 1:
@@ -194,6 +233,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+SINUSOIDAL_SCALE = 0.02 * math.sqrt(2)   # sin and cos have RMS 1/√2: this makes it 0.02
+
+
 class GPT(nn.Module):
     """A decoder-only language model: ``forward(idx, targets=None) -> (logits, loss)``."""
 
@@ -204,7 +246,8 @@ class GPT(nn.Module):
                             f"GPTConfig(vocab_size=..., context=..., n_layer=..., n_head=..., d_model=...).")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)      # E
-        self.pos_emb = nn.Embedding(config.context, config.d_model)         # P
+        # P: a learned table for "learned" only; "sinusoidal" adds a fixed one, "rope"/"none" add nothing
+        self.pos_emb = nn.Embedding(config.context, config.d_model) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.d_model, config.layer_norm_eps, config.bias)
@@ -239,10 +282,11 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, T), but it has shape {tuple(idx.shape)}; "
                              f"for one sequence use idx.unsqueeze(0).")
-        if idx.shape[1] > context:
+        learned = self.config.position == "learned"     # the other encodings have no table to run out of
+        if idx.shape[1] > context and learned:
             raise ValueError(f"idx has {idx.shape[1]} positions but the model's context is {context}; "
                              f"crop it to the last {context} tokens with idx[:, -{context}:].")
-        if past + idx.shape[1] > context:
+        if past + idx.shape[1] > context and learned:
             raise ValueError(f"the KV cache holds {past} tokens and idx adds {idx.shape[1]}, more than the "
                              f"model's context of {context}; start a new cache from the last tokens.")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
@@ -266,8 +310,15 @@ class GPT(nn.Module):
         past = 0 if kv_cache is None else kv_cache.length
         self._check_input(idx, targets, past)
         B, T = idx.shape
-        positions = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        x = self.tok_emb(idx)
+        if self.config.position == "learned":
+            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
+        elif self.config.position == "sinusoidal":
+            # scaled so that each component has the std of the learned table at initialisation (0.02);
+            # Vaswani et al. instead multiply the embeddings by √d, which tying them to the lm head forbids
+            table = sinusoidal_encoding(past + T, self.config.d_model)[past:]
+            x = x + SINUSOIDAL_SCALE * table.to(x.device, x.dtype)
+        x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, kv_cache, layer) if kv_cache is not None else block(x)
         logits = self.lm_head(self.ln_f(x))
@@ -382,8 +433,8 @@ def param_count_formula(config: GPTConfig, non_embedding: bool = True) -> int:
 
     Per block: attention 4d² (+ 4d biases), MLP 8d² (+ 4d + d biases), two LayerNorms 2·2d
     (γ and β; γ only without biases): 12d² + 13d with biases, 12d² + 2d without. Then the final
-    LayerNorm. Embeddings add V·d (tokens; the tied lm head adds nothing) + T·d (positions), and an
-    untied lm head another V·d.
+    LayerNorm. Embeddings add V·d (tokens; the tied lm head adds nothing) + T·d (learned positions
+    only), and an untied lm head another V·d.
     """
     d, L, V, T = config.d_model, config.n_layer, config.vocab_size, config.context
     if config.bias:
@@ -392,24 +443,27 @@ def param_count_formula(config: GPTConfig, non_embedding: bool = True) -> int:
         per_block, final_ln = 12 * d * d + 2 * d, d
     n = L * per_block + final_ln
     if not non_embedding:
-        n += V * d + T * d + (0 if config.tie_weights else V * d)
+        n += V * d + (T * d if config.position == "learned" else 0) + (0 if config.tie_weights else V * d)
     return n
 
 
 def flops_per_token(config: GPTConfig, training: bool = True, seq_len: int | None = None) -> int:
     """Matrix-multiply FLOPs per token (2 per multiply-add), as ``FlopCounterMode`` counts them.
 
-        forward  = 2·12·L·d²        the weight matrices of the blocks (≈ 2N)
+        forward  = 24·L·d²          the weight matrices of the blocks, 2·12·L·d² (biases and
+                                    LayerNorms are not matrix products, so this is a little below 2N)
                  + 2·d·V            the lm head (logits)
                  + 4·L·T·d          attention: QKᵀ and A·V, 2·T·d each per layer, over the full
                                     context T (the causal mask makes half of it wasted work; flash
-                                    kernels skip it, the count here and in Kaplan's table does not)
+                                    kernels skip it, this count does not)
         training = 3 × forward      the backward pass costs two matmuls per forward matmul
                                     (gradient w.r.t. the input and w.r.t. the weight)
 
-    So training ≈ 6N + 6·d·V + 12·L·T·d per token: Kaplan et al. 2020 (Table 1, Sec. 2.1) write
-    C ≈ 6N, dropping the smaller terms. LayerNorm, GELU, softmax and additions are not counted (they
-    are O(d) per token, not O(d²)). ``seq_len`` defaults to the full context.
+    So training = 72·L·d² + 6·d·V + 12·L·T·d per token. The attention term is PaLM's convention
+    (Chowdhery et al. 2022, App. B: 6N + 12·L·H·Q·T, with H·Q = d); Kaplan et al. 2020 (Table 1)
+    count 2·L·T·d forward, half of it, and write C ≈ 6N, dropping the smaller terms. LayerNorm,
+    GELU, softmax, RoPE and additions are not counted (O(d) per token, not O(d²)). ``seq_len``
+    defaults to the full context.
     """
     if not isinstance(config, GPTConfig):
         raise TypeError(f"flops_per_token expects a GPTConfig, but got a {type(config).__name__}.")

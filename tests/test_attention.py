@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.attention import (MultiHeadAttention, attention_parameter_count, causal_mask, padding_mask,
-                                  scaled_dot_product_attention)
+from course_lib.attention import (MultiHeadAttention, attention_backward, attention_parameter_count, causal_mask,
+                                  padding_mask, scaled_dot_product_attention)
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -219,3 +219,39 @@ def test_mixed_dtypes_get_one_sentence_not_a_matmul_error():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes on purpose: allowed there
         out, _ = scaled_dot_product_attention(_rand(3, 4), _rand(5, 4).bfloat16(), _rand(5, 2))
     assert out.shape == (3, 2)
+
+
+# ------------------------------------------------------------------------- the backward pass by hand
+
+def _autograd_backward(q, k, v, d_out, mask=None):
+    q, k, v = (t.detach().double().clone().requires_grad_(True) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out.backward(d_out.double())
+    return q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "padding with fully masked rows", "non-square"])
+def test_attention_backward_matches_autograd_in_float64(case):
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    mask = None
+    if case == "non-square":
+        q, k, v, d_out = r(2, 3, 5, 8), r(2, 3, 7, 8), r(2, 3, 7, 4), r(2, 3, 5, 4)
+    else:
+        q, k, v, d_out = r(2, 3, 6, 8), r(2, 3, 6, 8), r(2, 3, 6, 5), r(2, 3, 6, 5)
+    if case == "causal":
+        mask = causal_mask(6)
+    if case == "padding with fully masked rows":
+        m = padding_mask([6, 3], 6)
+        mask = (m & m.transpose(-2, -1))[:, None]                     # (2, 1, 6, 6)
+    ours = attention_backward(q, k, v, d_out, mask)
+    reference = _autograd_backward(q, k, v, d_out, mask)
+    for name, a, b in zip(("dQ", "dK", "dV"), ours, reference):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
+    if mask is not None:   # a key no query may see gets no gradient
+        unseen = ~mask.expand(2, 3, 6, 6).any(dim=-2)
+        assert torch.all(ours[1][unseen] == 0) and torch.all(ours[2][unseen] == 0)

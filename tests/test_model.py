@@ -319,3 +319,32 @@ def test_one_cached_query_attends_to_every_key():
     torch.testing.assert_close(wrong, k[:, :, :1])                          # only the first key
     right = torch.nn.functional.scaled_dot_product_attention(q, k, k)
     torch.testing.assert_close(right, course_attention(q, k, k)[0])        # no mask: every key
+
+
+# ---- the backward pass of LayerNorm by hand (03.3) and the position options' defaults ---------------
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 6), (2, 2, 3, 4)])
+def test_layer_norm_backward_matches_autograd_in_float64(shape):
+    from course_lib.model import layer_norm_backward
+
+    g = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(*shape, generator=g, dtype=torch.float64) + 1).requires_grad_(True)
+    gamma = torch.randn(shape[-1], generator=g, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(shape[-1], generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    F.layer_norm(x, (shape[-1],), gamma, beta, 1e-5).backward(dy)
+    dx, dgamma, dbeta = layer_norm_backward(x.detach(), gamma.detach(), dy, 1e-5)
+    torch.testing.assert_close(dx, x.grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(dgamma, gamma.grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(dbeta, beta.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_default_gpt_keeps_learned_positions_and_its_count():
+    config = GPTConfig()
+    assert config.position == "learned"
+    model = GPT(config)
+    assert isinstance(model.pos_emb, nn.Embedding) and model.pos_emb.weight.shape == (64, 64)
+    with pytest.raises(ValueError, match="GPTConfig.position must be one of learned, sinusoidal, rope, none"):
+        GPTConfig(position="alibi")
+    with pytest.raises(ValueError, match="d_model / n_head must be even"):
+        GPTConfig(d_model=12, n_head=4, position="rope")
