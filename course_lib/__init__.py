@@ -22,6 +22,11 @@ peft_family    BitFit, adapters, prompt and prefix tuning, AdaLoRA, memory split
 quant          NF4 and int4/int8 block-wise quantisation, QLoRA layers (08_peft_family)
 ddp            data parallelism on several processes (10_scaling_out)
 bench          throughput, MFU and LoRA-vs-peft benchmarks (10_scaling_out)
+parallel       several processes through torchrun, with timeouts (11_model_parallelism)
+tensor_parallel  one block split Megatron-style: columns, rows, heads (11_model_parallelism)
+pipeline       the GPT in GPipe stages with micro-batches (11_model_parallelism)
+sharded        ZeRO stage 1 and FSDP2 against DDP, bytes per rank (11_model_parallelism)
+activation_memory  activations per layer (Korthikanti et al.), recomputation (11_model_parallelism)
 experiments    the recorded multi-seed runs behind the lessons' tables (05-08)
 plots, widgets figures and ipywidgets explorers used by several lessons
 =============  ===========================================================

@@ -10,6 +10,7 @@ tensor     course_lib.tensor_parallel      one transformer block split Megatron-
 pipeline   course_lib.pipeline             the tiny GPT in stages, GPipe with micro-batches
 sharded    course_lib.sharded              DDP, ZeRO stage 1 and FSDP2 on the same batches
 fault      (this module)                   a receive that is never matched, or a rank that dies
+all        (this module)                   tensor, pipeline and sharded in one launch (for the tests)
 =========  ==============================  =======================================================
 
 The same command runs on a laptop (gloo on CPUs), on one node with N GPUs (NCCL, chosen by
@@ -48,7 +49,7 @@ import torch.distributed as dist
 __all__ = ["PARTS", "ParallelJobFailed", "launch", "init", "spec_from", "describe_error", "main"]
 
 PARTS = {"tensor": "course_lib.tensor_parallel", "pipeline": "course_lib.pipeline",
-         "sharded": "course_lib.sharded", "fault": "course_lib.parallel"}
+         "sharded": "course_lib.sharded", "fault": "course_lib.parallel", "all": "course_lib.parallel"}
 FAULTS = ("unmatched-recv", "dead-rank")
 
 
@@ -126,6 +127,11 @@ def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) 
         start = time.perf_counter()
         if part == "fault":
             result = _fault_worker(options.get("mode", "unmatched-recv"), rank, world, device)
+        elif part == "all":  # options: {"tensor": {...}, "pipeline": {...}, "sharded": {...}}
+            result = {}
+            for name in ("tensor", "pipeline", "sharded"):
+                module = importlib.import_module(PARTS[name])
+                result[name] = module.worker(spec_from(module.Spec, options.get(name, {})), rank, world, device)
         else:
             module = importlib.import_module(PARTS[part])
             result = module.worker(spec_from(module.Spec, options), rank, world, device)
@@ -196,8 +202,10 @@ def _failure_sentence(part: str, nproc: int, out: Path, log: str) -> str:
     if not lines:
         tail = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["no output"]
         return f"the {nproc}-process job {part!r} failed before any rank started its work: {tail[0][:300]}"
-    lost = "lost its connection"
-    order = sorted(lines, key=lambda r: (lost in lines[r] or "waited" in lines[r], r))  # the cause first
+    def consequence(rank: int) -> int:  # the cause first: a death or an error, then a wait, then a lost link
+        return 2 if "lost its connection" in lines[rank] else 1 if " waited " in lines[rank] else 0
+
+    order = sorted(lines, key=lambda r: (consequence(r), r))
     return f"the {nproc}-process job {part!r} failed: " + "; ".join(lines[r] for r in order) + "."
 
 
@@ -216,6 +224,8 @@ def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any
     if not group_timeout_s > 0 or not timeout_s > 0:
         raise ValueError("group_timeout_s and timeout_s must be positive numbers of seconds.")
     options = asdict(options) if options is not None and not isinstance(options, dict) else dict(options or {})
+    if part == "fault" and options.get("mode", FAULTS[0]) not in FAULTS:
+        raise ValueError(f"unknown fault mode {options['mode']!r}: choose one of {FAULTS}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("rank*.json"), *out.glob("error_rank*.txt"), *out.glob("pid_rank*")]:

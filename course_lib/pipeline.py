@@ -281,6 +281,8 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
     tied_group = dist.new_group([0, p - 1]) if p > 1 else None   # the "embedding group"
     reference, ref_loss, ref_grads = _reference(spec, device)
     ref_params = dict(reference.named_parameters())
+    start_params = dict(_model(spec, device).named_parameters())
+    moved = max((ref_params[n] - q).abs().max().item() for n, q in start_params.items())
 
     # correctness: train_steps optimiser steps, the first one's gradients compared before and after the sum
     optimizer = torch.optim.AdamW(module.parameters(), lr=spec.lr, foreach=False)
@@ -327,7 +329,7 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
         loss_abs_diff=abs(loss0.item() - ref_loss),
         tied_grad_gap_before_sum=_max_over_ranks(grad_gap_before, device),
         grad_max_abs_diff=_max_over_ranks(grad_gap_after, device),
-        weights_max_abs_diff=_max_over_ranks(weight_gap, device),
+        weights_max_abs_diff=_max_over_ranks(weight_gap, device), weights_moved_by_training=moved,
         tied_copies_max_abs_diff=_max_over_ranks(tied_gap, device),
         timelines=timelines,
     )

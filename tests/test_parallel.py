@@ -1,0 +1,215 @@
+"""Model parallelism: the pieces in one process, then tensor, pipeline and sharded data parallelism on two
+real processes (gloo, through torchrun) compared with one process, and failures that end in seconds."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from course_lib import activation_memory as am
+from course_lib import parallel, pipeline, sharded, tensor_parallel as tp
+from course_lib.model import GPT, GPTConfig, saved_activation_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# one process
+# ---------------------------------------------------------------------------------------------
+
+def test_head_rows_take_each_head_from_q_k_and_v():
+    rows = tp.head_rows(d_model=8, n_head=4, rank=1, world=2)  # d_head 2, heads 2 and 3
+    assert rows.tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+    assert torch.equal(tp.head_rows(8, 4, 0, 1), torch.arange(24))
+    t = torch.arange(24.0)
+    assert torch.equal(torch.cat([tp.shard_qkv(t, 4, r, 2) for r in range(2)]).sort().values, t)
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 ranks"):
+        tp.head_rows(8, 4, 0, 3)
+    with pytest.raises(ValueError, match="rank must lie in 0..1"):
+        tp.head_rows(8, 4, 2, 2)
+
+
+def test_the_plain_split_of_the_fused_qkv_is_not_a_split_by_heads():
+    t = torch.arange(24.0)
+    assert torch.equal(tp.plain_chunk(t, 0, 2), torch.arange(12.0))  # all of W_q, half of W_k
+    assert not torch.equal(tp.plain_chunk(t, 0, 2), tp.shard_qkv(t, 4, 0, 2))
+
+
+def test_stages_run_one_after_the_other_are_the_whole_gpt():
+    config = GPTConfig(vocab_size=17, context=8, d_model=16, n_layer=4, n_head=2, bias=False)
+    torch.manual_seed(0)
+    model = GPT(config)
+    x, y = torch.randint(17, (3, 8)), torch.randint(17, (3, 8))
+    stages = [pipeline.Stage(model, s, 2) for s in range(2)]
+    assert torch.allclose(stages[1](stages[0](x), y), model(x, y)[1], atol=1e-6)
+    names = {pipeline.global_name(n, 1, 2, 4) for n, _ in stages[1].named_parameters()}
+    assert "blocks.2.attn.qkv.weight" in names and "tok_emb.weight" in names
+    single = pipeline.Stage(model, 0, 1)
+    assert single.lm_head.weight is single.tok_emb.weight  # one stage: the tie is kept
+    with pytest.raises(ValueError, match="cannot be split into 3 stages"):
+        pipeline.Stage(model, 0, 3)
+
+
+def test_gpipe_timeline_with_unequal_stages():
+    events = pipeline.gpipe_timeline([1.0, 3.0], [2.0, 6.0], 4)
+    assert max(e[3] for stage in events for e in stage) == 39.0  # worked out by hand in the lesson's check
+    assert pipeline.idle_fraction(events) == pytest.approx(1 - 4 * 12 / (2 * 39))
+    assert pipeline.bubble_fraction(2, 4) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="one time per stage"):
+        pipeline.gpipe_timeline([1.0], [1.0, 2.0], 2)
+
+
+@pytest.mark.parametrize("s, b, h, a", [(32, 2, 64, 4), (64, 1, 32, 2)])
+def test_korthikanti_count_against_the_measured_paper_layer(s, b, h, a):
+    config = GPTConfig(vocab_size=5, context=s, n_layer=1, n_head=a, d_model=h, dropout=0.1)
+    torch.manual_seed(0)
+    layer = am.paper_layer(config).to(torch.bfloat16).train()
+    x = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
+    measured = saved_activation_bytes(layer, x) - x.numel() * 2  # the function also counts the returned output
+    # the formula, plus what it leaves out: the (s x s) bool causal mask and LayerNorm's two statistics per token
+    assert measured == am.korthikanti_bytes(s, b, h, a) + s * s + 2 * 2 * 2 * s * b
+
+
+def test_korthikanti_table_2_rows():
+    s, b, h, a, t = 2048, 1, 12288, 96, 8
+    sbh = s * b * h
+    assert am.korthikanti_bytes(s, b, h, a) == sbh * (34 + 5 * a * s / h)
+    assert am.korthikanti_bytes(s, b, h, a, t=t) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert am.korthikanti_bytes(s, b, h, a, t=t, sequence_parallel=True) == pytest.approx(sbh * (34 / t + 5 * a * s / (h * t)))
+    assert am.korthikanti_bytes(s, b, h, a, t=t, sequence_parallel=True, recompute="selective") == pytest.approx(sbh * 34 / t)
+    assert am.korthikanti_bytes(s, b, h, a, recompute="full") == 2 * sbh
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        am.korthikanti_bytes(s, b, h, a, recompute="some")
+
+
+def test_recomputation_gives_the_same_gradients_and_keeps_only_block_inputs():
+    config = GPTConfig(vocab_size=11, context=16, d_model=32, n_layer=3, n_head=4, dropout=0.1)
+    torch.manual_seed(0)
+    plain, ours, theirs = GPT(config), GPT(config), GPT(config)
+    ours.load_state_dict(plain.state_dict())
+    theirs.load_state_dict(plain.state_dict())
+    am.checkpoint_blocks(ours)
+    for block in theirs.blocks:  # PyTorch's own checkpointing as the independent reference
+        block.forward = (lambda f: lambda x: torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False))(block.forward)
+    x = torch.randint(11, (2, 16))
+    grads = []
+    for model in (plain, ours, theirs):
+        torch.manual_seed(3)  # the same dropout masks in all three
+        model(x, x)[1].backward()
+        grads.append([p.grad for p in model.parameters()])
+    for g0, g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(g2, g0, rtol=0, atol=1e-6)
+    config0 = GPTConfig(vocab_size=11, context=16, d_model=32, n_layer=3, n_head=4)
+    full, kept = GPT(config0), am.checkpoint_blocks(GPT(config0))
+    saved = saved_activation_bytes(full, x, x) - saved_activation_bytes(kept, x, x)
+    # per block 20 B·T·d floats saved before (lesson 03; plus per-token statistics), 1 (its input) after
+    assert saved == pytest.approx(3 * (20 - 1) * 2 * 16 * 32 * 4, rel=0.02)
+
+
+def test_zero_formula_and_measured_bytes_of_plain_adam():
+    assert sharded.zero_bytes(1000, 4, 0)["total"] == 16000
+    assert sharded.zero_bytes(1000, 4, 1) == dict(params=4000, grads=4000, optimizer=2000, total=10000)
+    assert sharded.zero_bytes(1000, 4, 3)["total"] == 4000
+    mixed = sharded.zero_bytes(1000, 1, 0, {"params": 2, "grads": 2, "optimizer": 12})
+    assert mixed["total"] == 16000
+    model = torch.nn.Linear(10, 5)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 10)).sum().backward()
+    optimizer.step()
+    assert sharded.state_bytes(model, optimizer.state) == dict(params=220, grads=220, optimizer=440, total=880)
+
+
+def test_launcher_errors_in_one_sentence(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="unknown part 'tensors'"):
+        parallel.launch("tensors", tmp_path)
+    with pytest.raises(ValueError, match="nproc must be a positive integer"):
+        parallel.launch("tensor", tmp_path, nproc=0)
+    with pytest.raises(ValueError, match="unknown fault mode"):
+        parallel.launch("fault", tmp_path, options={"mode": "cosmic ray"})
+    with pytest.raises(ValueError, match="has no option 'width'"):
+        parallel.spec_from(tp.Spec, {"width": 3})
+    monkeypatch.delenv("RANK", raising=False)
+    assert parallel.main(["tensor", "--out", str(tmp_path)]) == 2
+    assert "runs under torchrun" in capsys.readouterr().err
+    assert "waited 3 s in recv" in parallel.describe_error(
+        RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete"), 1, 3)
+    assert "lost its connection" in parallel.describe_error(RuntimeError("Connection closed by peer [::1]"), 0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# two real processes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One torchrun launch runs all three parts (in float64, so that 'equal' means equal up to rounding)."""
+    options = {"tensor": dict(dtype="float64", repeats=1),
+               "pipeline": dict(dtype="float64", micro_batches=[1, 4], timed_steps=1),
+               "sharded": dict(dtype="float64")}
+    return parallel.launch("all", tmp_path_factory.mktemp("all"), nproc=2, options=options, timeout_s=600)
+
+
+def test_tensor_parallel_block_equals_the_whole_block(two_processes):
+    assert two_processes["world_size"] == 2 and two_processes["backend"] == "gloo"
+    r = two_processes["ranks"][0]["tensor"]
+    assert r["output_max_abs_diff"] < 1e-12 and r["input_grad_max_abs_diff"] < 1e-12
+    assert r["param_grad_max_abs_diff"] < 1e-12
+    assert r["plain_split_output_max_abs_diff"] > 1e-2              # the fused QKV cut by position is wrong
+    assert r["forward_comms"] == {"allreduce": 2} and r["backward_comms"] == {"allreduce": 2}
+    assert r["dtensor_mlp"]["max_abs_diff"] < 1e-12                  # PyTorch's own column/row plans agree
+    assert r["params_this_rank"] < 0.55 * r["params_full"]
+
+
+def test_pipeline_equals_one_process_and_sums_the_tied_gradients(two_processes):
+    r0, r1 = (rank["pipeline"] for rank in two_processes["ranks"])
+    assert r0["stage"] == 0 and r1["stage"] == 1
+    assert r0["loss_abs_diff"] < 1e-6
+    assert r0["tied_grad_gap_before_sum"] > 1e-4      # each stage alone has only part of E's gradient
+    assert r0["grad_max_abs_diff"] < 1e-7 and r0["weights_max_abs_diff"] < 1e-6
+    assert r0["tied_copies_max_abs_diff"] == 0.0     # both copies of E took the same steps
+    ranks = [{"timelines": rank["pipeline"]["timelines"]} for rank in two_processes["ranks"]]
+    for m in (1, 4):
+        (idle,) = pipeline.measured_idle_fraction(ranks, m)
+        assert 0 < idle < 1
+
+
+def test_zero1_and_fsdp_train_like_ddp_and_hold_their_share(two_processes):
+    for rank in two_processes["ranks"]:
+        r = rank["sharded"]
+        for kind in ("ddp", "zero1", "fsdp"):
+            assert r[kind]["max_abs_diff_vs_ddp"] < 1e-12
+            assert r[kind]["max_abs_diff_vs_one_process"] < 1e-12
+        assert r["ddp"]["bytes"] == {k: 2 * v for k, v in r["formula_bytes"]["ddp"].items()}  # float64: 8 bytes
+        assert r["fsdp"]["bytes"]["total"] == pytest.approx(2 * r["formula_bytes"]["fsdp"]["total"], rel=0.02)
+        assert r["zero1"]["bytes"]["params"] == r["ddp"]["bytes"]["params"]
+        assert r["zero1"]["bytes"]["optimizer"] < 0.75 * r["ddp"]["bytes"]["optimizer"]
+    zero1 = [rank["sharded"]["zero1"]["bytes"]["optimizer"] for rank in two_processes["ranks"]]
+    assert sum(zero1) == two_processes["ranks"][0]["sharded"]["ddp"]["bytes"]["optimizer"]  # partitioned, not copied
+
+
+def _no_worker_left(out):
+    for path in out.glob("pid_rank*"):
+        pid = int(path.read_text())
+        assert not parallel._alive(pid), f"worker {pid} is still running"
+
+
+@pytest.mark.parametrize("mode, sentence", [
+    ("unmatched-recv", "rank 1 waited 2 s in recv for a message or a collective that never came"),
+    ("dead-rank", "rank 1 died with exit code 3 without an error message; rank 0 lost its connection"),
+])
+def test_a_fault_fails_in_seconds_with_one_sentence_and_leaves_no_process(tmp_path, mode, sentence):
+    start = time.perf_counter()
+    with pytest.raises(parallel.ParallelJobFailed) as info:
+        parallel.launch("fault", tmp_path, options={"mode": mode}, group_timeout_s=2, timeout_s=120)
+    assert sentence in str(info.value) and "\n" not in str(info.value)
+    assert time.perf_counter() - start < 90  # seconds (mostly starting Python twice), not a hang
+    _no_worker_left(tmp_path)
+
+
+def test_a_job_past_its_time_limit_is_stopped_and_leaves_no_process(tmp_path):
+    with pytest.raises(parallel.ParallelJobFailed, match="did not finish within 3 s"):
+        parallel.launch("fault", tmp_path, options={"mode": "unmatched-recv"}, group_timeout_s=60, timeout_s=3)
+    time.sleep(0.5)
+    _no_worker_left(tmp_path)
