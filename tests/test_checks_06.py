@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
@@ -17,7 +18,7 @@ def refused(check, fn) -> str:
     return str(info.value)
 
 
-# ---- 06.1 check_mean_pooling -------------------------------------------------------------------
+# ---- 06.2 check_mean_pooling -------------------------------------------------------------------
 
 
 def pool_manual(hidden, mask):
@@ -50,6 +51,25 @@ def test_mean_pooling_accepts(fn, capsys):
     assert "✅ check_mean_pooling passed" in capsys.readouterr().out
 
 
+def pool_in_place(hidden, mask):
+    """Right on every case, but zeroes the padding of the caller's tensor."""
+    hidden.mul_(mask.unsqueeze(-1))
+    return hidden.sum(dim=1) / mask.sum(dim=1, keepdim=True)
+
+
+def pool_preallocated_float32(hidden, mask):
+    """A loop into a float32 buffer: right in float32, wrong dtype for float64 states."""
+    out = torch.zeros(hidden.shape[0], hidden.shape[2])
+    for b in range(hidden.shape[0]):
+        out[b] = hidden[b, mask[b].bool()].mean(dim=0)
+    return out
+
+
+def pool_mask_in_place(hidden, mask):
+    m = mask.unsqueeze_(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1)
+
+
 def _masked_sum(hidden, mask):
     return (hidden * mask.unsqueeze(-1).float()).sum(dim=1)
 
@@ -66,6 +86,9 @@ def _masked_sum(hidden, mask):
     (lambda h, m: _masked_sum(h, m).unsqueeze(1) / m.sum(1).view(-1, 1, 1), "keepdim=False"),
     (lambda h, m: pool_manual(h, m) + 0.01, "differs from the reference"),
     (lambda h, m: pool_manual(h, m).numpy(), "should be a torch.Tensor"),
+    (pool_in_place, "changed its input hidden in place"),
+    (pool_preallocated_float32, "convert the mask to hidden's dtype"),
+    (pool_mask_in_place, "changed its input attention_mask in place"),
 ])
 def test_mean_pooling_refuses(fn, sentence):
     assert sentence in refused(checks.check_mean_pooling, fn)
@@ -73,15 +96,15 @@ def test_mean_pooling_refuses(fn, sentence):
 
 def test_mean_pooling_stub_and_crash():
     def stub(h, m):
-        raise NotImplementedError("Exercise 06.1 is not done yet")
+        raise NotImplementedError("Exercise 06.2 is not done yet")
 
-    with pytest.raises(NotAttempted, match="Exercise 06.1 is not done yet"):
+    with pytest.raises(NotAttempted, match="Exercise 06.2 is not done yet"):
         checks.check_mean_pooling(stub)
     with pytest.raises(StudentCodeError, match="raised RuntimeError"):
         checks.check_mean_pooling(lambda h, m: h @ m)
 
 
-# ---- 06.2 check_precision_recall_f1 ------------------------------------------------------------
+# ---- 06.1 check_precision_recall_f1 ------------------------------------------------------------
 
 
 def metrics_counts(y_true, y_pred):
@@ -177,5 +200,131 @@ def test_metric_cases_tell_the_mistakes_apart():
         assert abs(right["precision"] - negative["precision"]) > 1e-3, case
 
 
-def test_hints_registered():
-    assert "06.1" in checks.HINTS and "06.2" in checks.HINTS
+# ---- 06.3 check_paired_bootstrap ----------------------------------------------------------------
+
+
+def bootstrap_vectorised(right_a, right_b, rng, resamples=2000):
+    a, b = np.asarray(right_a, float), np.asarray(right_b, float)
+    index = rng.integers(0, len(a), size=(resamples, len(a)))
+    gaps = a[index].mean(axis=1) - b[index].mean(axis=1)
+    low, high = np.percentile(gaps, [2.5, 97.5])
+    return a.mean() - b.mean(), low, high
+
+
+def bootstrap_loop(right_a, right_b, rng, resamples=2000):
+    """A Python loop with rng.choice: consumes the generator differently, same statistics."""
+    n, gaps = len(right_a), []
+    for _ in range(resamples):
+        i = rng.choice(n, size=n, replace=True)
+        gaps.append(right_a[i].mean() - right_b[i].mean())
+    return float(right_a.mean() - right_b.mean()), *np.quantile(gaps, [0.025, 0.975])
+
+
+def bootstrap_differences(right_a, right_b, rng, resamples=2000):
+    """Resample the per-example differences (the same thing, one array instead of two)."""
+    d = right_a.astype(np.int8) - right_b.astype(np.int8)
+    means = np.array([rng.choice(d, size=len(d)).mean() for _ in range(resamples)])
+    return d.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5)
+
+
+def bootstrap_library(right_a, right_b, rng, resamples=2000):
+    from course_lib.finetune import paired_bootstrap_gap
+    return paired_bootstrap_gap(right_a, right_b, rng=rng, resamples=resamples)
+
+
+@pytest.mark.parametrize("fn", [bootstrap_vectorised, bootstrap_loop, bootstrap_differences, bootstrap_library])
+def test_paired_bootstrap_accepts(fn, capsys):
+    checks.check_paired_bootstrap(fn)
+    assert "✅ check_paired_bootstrap passed" in capsys.readouterr().out
+
+
+def bootstrap_unpaired(right_a, right_b, rng, resamples=2000):
+    a, b, n = right_a.astype(float), right_b.astype(float), len(right_a)
+    gaps = a[rng.integers(0, n, (resamples, n))].mean(1) - b[rng.integers(0, n, (resamples, n))].mean(1)
+    return a.mean() - b.mean(), *np.percentile(gaps, [2.5, 97.5])
+
+
+def bootstrap_normal_unpaired(right_a, right_b, rng, resamples=2000):
+    pa, pb, n = right_a.mean(), right_b.mean(), len(right_a)
+    half = 1.96 * np.sqrt(pa * (1 - pa) / n + pb * (1 - pb) / n)
+    return pa - pb, pa - pb - half, pa - pb + half
+
+
+def bootstrap_90(right_a, right_b, rng, resamples=2000):
+    a, b = right_a.astype(float), right_b.astype(float)
+    index = rng.integers(0, len(a), size=(resamples, len(a)))
+    gaps = a[index].mean(1) - b[index].mean(1)
+    return a.mean() - b.mean(), *np.percentile(gaps, [5, 95])
+
+
+def bootstrap_fraction_percentiles(right_a, right_b, rng, resamples=2000):
+    a, b = right_a.astype(float), right_b.astype(float)
+    index = rng.integers(0, len(a), size=(resamples, len(a)))
+    gaps = a[index].mean(1) - b[index].mean(1)
+    return a.mean() - b.mean(), *np.percentile(gaps, [0.025, 0.975])
+
+
+def bootstrap_without_replacement(right_a, right_b, rng, resamples=2000):
+    a, b = right_a.astype(float), right_b.astype(float)
+    gaps = [a[i].mean() - b[i].mean() for i in (rng.permutation(len(a)) for _ in range(resamples))]
+    return a.mean() - b.mean(), *np.percentile(gaps, [2.5, 97.5])
+
+
+def bootstrap_reversed(right_a, right_b, rng, resamples=2000):
+    gap, low, high = bootstrap_vectorised(right_b, right_a, rng, resamples)
+    return gap, low, high
+
+
+def bootstrap_percent(right_a, right_b, rng, resamples=2000):
+    return tuple(100 * v for v in bootstrap_vectorised(right_a, right_b, rng, resamples))
+
+
+def bootstrap_gap_of_resample_mean(right_a, right_b, rng, resamples=2000):
+    """Reports the mean of the resampled gaps as the gap: close, but not the measured gap."""
+    a, b = right_a.astype(float), right_b.astype(float)
+    index = rng.integers(0, len(a), size=(resamples, len(a)))
+    gaps = a[index].mean(1) - b[index].mean(1)
+    return gaps.mean(), *np.percentile(gaps, [2.5, 97.5])
+
+
+def bootstrap_in_place(right_a, right_b, rng, resamples=2000):
+    right_a.sort()  # "tidies" the caller's array
+    return bootstrap_vectorised(right_a, right_b, rng, resamples)
+
+
+def bootstrap_low_high_only(right_a, right_b, rng, resamples=2000):
+    return bootstrap_vectorised(right_a, right_b, rng, resamples)[1:]
+
+
+@pytest.mark.parametrize("fn, sentence", [
+    (bootstrap_unpaired, "as wide as one for two independent samples"),
+    (bootstrap_normal_unpaired, "as wide as one for two independent samples"),
+    (bootstrap_90, "covers 90%, not 95%"),
+    (bootstrap_fraction_percentiles, "np.percentile takes percents"),
+    (bootstrap_without_replacement, "draw the indices with replacement"),
+    (bootstrap_reversed, "wrong sign"),
+    (bootstrap_percent, "in percentage points"),
+    (bootstrap_gap_of_resample_mean, "measured once on the real test set"),
+    (bootstrap_in_place, "changed right_a or right_b in place"),
+    (bootstrap_low_high_only, "should return three numbers"),
+])
+def test_paired_bootstrap_refuses(fn, sentence):
+    assert sentence in refused(checks.check_paired_bootstrap, fn)
+
+
+def test_paired_bootstrap_stub():
+    def stub(a, b, rng, resamples=2000):
+        raise NotImplementedError("Exercise 06.3 is not done yet")
+
+    with pytest.raises(NotAttempted, match="Exercise 06.3 is not done yet"):
+        checks.check_paired_bootstrap(stub)
+
+
+def test_hints_have_three_levels_and_match_their_exercise(capsys):
+    for exercise in ("06.1", "06.2", "06.3"):
+        assert len(checks.HINTS[exercise]) == 3, exercise
+    assert "true positives" in checks.HINTS["06.1"][0]      # 06.1 is the metrics exercise ...
+    assert "padding" in checks.HINTS["06.2"][0]             # ... 06.2 the pooling one
+    assert "same" in checks.HINTS["06.3"][0]
+    for exercise in ("06.1", "06.2", "06.3"):             # the idea never hands out the key line
+        assert checks.HINTS[exercise][2] not in checks.HINTS[exercise][0]

@@ -42,6 +42,10 @@ WRONG_FORWARD = {
     "you left out the pretrained part W0 x": lambda x, W0, A, B, alpha, r: alpha / r * x @ A.T @ B.T,
     "you returned only W0 x": lambda x, W0, A, B, alpha, r: x @ W0.T,
     "raised RuntimeError": lambda x, W0, A, B, alpha, r: W0 @ x + alpha / r * B @ A @ x,  # column-vector habit
+    "changed W0 in place": lambda x, W0, A, B, alpha, r: x @ W0.add_(alpha / r * B @ A).T,  # merges into the caller's W0
+    "keep the inputs' dtype": lambda x, W0, A, B, alpha, r: (x.float() @ W0.float().T
+                                                             + alpha / r * x.float() @ A.float().T @ B.float().T),
+    "raised RuntimeError on a (2, 3, in) batch": lambda x, W0, A, B, alpha, r: torch.mm(x, W0.T) + alpha / r * torch.mm(torch.mm(x, A.T), B.T),
 }
 
 
@@ -307,7 +311,65 @@ def inject_random_b(model, target_modules, r, alpha):
                 model.get_submodule(name).lora_B.normal_()
 
 
+class IgnoresBranch(nn.Module):
+    """A home-made LoRA layer whose forward forgets the branch: invisible while B = 0."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) * 0.1)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x)
+
+
+class DetachedBranch(nn.Module):
+    """Adds the branch from detached copies: right values, no gradient for A and B."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) * 0.1)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * x @ self.lora_A.detach().T @ self.lora_B.detach().T
+
+
+def _inject_with(make):
+    def inject(model, target_modules, r, alpha):
+        model.requires_grad_(False)
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules:
+                parent, _, last = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, last, make(m, r, alpha))
+    return inject
+
+
+def inject_attach_to_old_layer(model, target_modules, r, alpha):
+    """Hangs A and B on the frozen nn.Linear itself instead of wrapping it."""
+    model.requires_grad_(False)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules:
+            m.lora_A = nn.Parameter(torch.randn(r, m.in_features) * 0.1)
+            m.lora_B = nn.Parameter(torch.zeros(m.out_features, r))
+
+
+inject_ignores_branch = _inject_with(IgnoresBranch)
+inject_detached_branch = _inject_with(DetachedBranch)
+inject_alpha_over_r = _inject_with(lambda m, r, alpha: lora.LoRALinear(m, r, alpha / r))
+inject_alpha_one = _inject_with(lambda m, r, alpha: lora.LoRALinear(m, r, r))  # "alpha defaults to r"
+inject_rslora = _inject_with(lambda m, r, alpha: lora.LoRALinear(m, r, alpha * math.sqrt(r)))
+
+
 WRONG_INJECTION = {
+    inject_ignores_branch: "it ignores lora_A and lora_B",
+    inject_detached_branch: "no gradient reaches lora_A",
+    inject_attach_to_old_layer: "is still a plain nn.Linear with lora_A and lora_B attached to it",
+    inject_alpha_over_r: "you passed alpha / r as alpha",
+    inject_alpha_one: "you left out the scaling alpha/r",
+    inject_rslora: "alpha/sqrt(r) (that is rsLoRA)",
     inject_without_freezing: "pretrained parameters trainable",
     inject_substring: "you replaced 'layers.0.query_proj', which does not match",
     inject_known_layers_only: "you missed 'deep.inner.extra.query'",
@@ -317,13 +379,135 @@ WRONG_INJECTION = {
 }
 
 
-@pytest.mark.parametrize("fn", list(WRONG_INJECTION), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", list(WRONG_INJECTION), ids=lambda f: getattr(f, "__name__", "inject"))
 def test_apply_lora_refuses(fn):
-    with pytest.raises(CheckFailed, match=WRONG_INJECTION[fn]):
+    with pytest.raises(CheckFailed) as info:
         checks.check_apply_lora(fn)
+    assert WRONG_INJECTION[fn] in str(info.value)
 
 
-def test_hints_registered(capsys):
-    for k in ("07.1", "07.2", "07.3"):
-        checks.hint(k)
-    assert capsys.readouterr().out.count("for exercise 07.") == 3
+# ---- check_lora_grads (07.4) ----------------------------------------------------------------------
+
+
+def _rows(x, g):
+    return x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+
+
+def grads_matrix(x, A, B, alpha, r, g):
+    X, G = _rows(x, g)
+    s = alpha / r
+    return s * (G @ B).T @ X, s * G.T @ (X @ A.T)
+
+
+def grads_einsum(x, A, B, alpha, r, g):
+    s = alpha / r
+    u = torch.einsum("ri,...i->...r", A, x)
+    return s * torch.einsum("...o,or,...i->ri", g, B, x), s * torch.einsum("...o,...r->or", g, u)
+
+
+def grads_autograd(x, A, B, alpha, r, g):
+    A_, B_ = A.clone().requires_grad_(), B.clone().requires_grad_()
+    h = alpha / r * (x @ A_.T) @ B_.T
+    return torch.autograd.grad(h, (A_, B_), grad_outputs=g)
+
+
+@pytest.mark.parametrize("fn", [grads_matrix, grads_einsum, grads_autograd])
+def test_lora_grads_accepts(fn, capsys):
+    checks.check_lora_grads(fn)
+    assert "check_lora_grads passed" in capsys.readouterr().out
+
+
+def _scaled(k):
+    def fn(x, A, B, alpha, r, g):
+        dA, dB = grads_matrix(x, A, B, alpha, r, g)
+        factor = k(alpha, r) / (alpha / r)
+        return dA * factor, dB * factor
+    return fn
+
+
+def grads_mean(x, A, B, alpha, r, g):
+    dA, dB = grads_matrix(x, A, B, alpha, r, g)
+    n = x.numel() // x.shape[-1]
+    return dA / n, dB / n
+
+
+def grads_transposed_dA(x, A, B, alpha, r, g):
+    X, G = _rows(x, g)
+    return alpha / r * X.T @ (G @ B), grads_matrix(x, A, B, alpha, r, g)[1]
+
+
+def grads_swapped(x, A, B, alpha, r, g):
+    dA, dB = grads_matrix(x, A, B, alpha, r, g)
+    return dB, dA
+
+
+def grads_full_matrix(x, A, B, alpha, r, g):
+    X, G = _rows(x, g)
+    return grads_matrix(x, A, B, alpha, r, g)[0], alpha / r * G.T @ X  # dL/dW instead of dL/dB
+
+
+def grads_no_flatten(x, A, B, alpha, r, g):
+    s = alpha / r
+    return s * (g @ B).transpose(-2, -1) @ x, s * g.transpose(-2, -1) @ (x @ A.T)  # right only for 2-D x
+
+
+def grads_sign(x, A, B, alpha, r, g):
+    dA, dB = grads_matrix(x, A, B, alpha, r, g)
+    return -dA, -dB
+
+
+def grads_float32(x, A, B, alpha, r, g):
+    return tuple(t.float() for t in grads_matrix(x, A, B, alpha, r, g))
+
+
+def grads_in_place(x, A, B, alpha, r, g):
+    g.mul_(alpha / r)  # folds the scale into the caller's g
+    X, G = _rows(x, g)
+    return (G @ B).T @ X, G.T @ (X @ A.T)
+
+
+def grads_a_without_b(x, A, B, alpha, r, g):
+    """Forgets that dA passes through B: dA = s * (G 1)^T X with B replaced by ones."""
+    X, G = _rows(x, g)
+    s = alpha / r
+    return s * (G @ torch.ones_like(B)).T @ X, s * G.T @ (X @ A.T)
+
+
+WRONG_GRADS = {
+    "missing scale": (_scaled(lambda alpha, r: 1.0), "you left out the scaling alpha/r"),
+    "r over alpha": (_scaled(lambda alpha, r: r / alpha), "your scaling is r/alpha"),
+    "rsLoRA": (_scaled(lambda alpha, r: alpha / math.sqrt(r)), "alpha/sqrt(r)"),
+    "mean over rows": (grads_mean, "you averaged over the rows"),
+    "transposed dA": (grads_transposed_dA, "the transpose of A's"),
+    "swapped": (grads_swapped, "you returned (dB, dA)"),
+    "dW instead of dB": (grads_full_matrix, "that is the gradient of a full matrix W"),
+    "no flatten": (grads_no_flatten, "it still has the leading batch dimensions"),
+    "sign": (grads_sign, "wrong sign"),
+    "float32": (grads_float32, "keep their dtype"),
+    "in place": (grads_in_place, "changed g in place"),
+    "dA without B": (grads_a_without_b, "your dA is not zero"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG_GRADS))
+def test_lora_grads_refuses(name):
+    fn, sentence = WRONG_GRADS[name]
+    with pytest.raises(CheckFailed) as info:
+        checks.check_lora_grads(fn)
+    assert sentence in str(info.value)
+
+
+def test_lora_grads_stub():
+    def stub(x, A, B, alpha, r, g):
+        raise NotImplementedError("Exercise 07.4 is not done yet")
+
+    with pytest.raises(NotAttempted, match="Exercise 07.4 is not done yet"):
+        checks.check_lora_grads(stub)
+
+
+def test_hints_have_three_levels(capsys):
+    for k in ("07.1", "07.2", "07.3", "07.4"):
+        assert len(checks.HINTS[k]) == 3, k
+        assert checks.HINTS[k][2] not in checks.HINTS[k][0], "the idea does not hand out the key line"
+        checks.hint(k, level=3)
+    assert capsys.readouterr().out.count("the key line") == 4

@@ -9,6 +9,7 @@ import torch
 
 from course_lib.checks.framework import (
     NotAttempted, register_hint, fail, _name_of, not_attempted_message, call_student, close, compare, passed,
+    require_tensor,
 )
 
 
@@ -16,16 +17,35 @@ from course_lib.checks.framework import (
 # ---- 07_lora: the LoRA forward pass, a LoRALinear layer, injecting LoRA into a model
 # ----------------------------------------------------------------------------------------------
 
-register_hint("07.1", "h = x @ W0.T + (alpha / r) * (x @ A.T) @ B.T: A (r, in) maps x down to r numbers, "
-                      "B (out, r) maps them back up, and only that branch is scaled by alpha / r.")
-register_hint("07.2", "Keep `base` and freeze its parameters; lora_A = nn.Parameter (r, in) filled by "
-                      "nn.init.kaiming_uniform_(a=math.sqrt(5)), lora_B = nn.Parameter(torch.zeros(out, r)); "
-                      "forward = base(x) + (alpha/r) * x @ A.T @ B.T unless merged; merge() adds (alpha/r) * B @ A "
-                      "to base.weight once (remember it in self.merged), unmerge() subtracts it.")
-register_hint("07.3", "Freeze every parameter first; then for name, module in list(model.named_modules()): if it is "
-                      "an nn.Linear and name == t or name.endswith('.' + t) for a target t, replace it with "
-                      "setattr(model.get_submodule(parent_name), last_name, LoRALinear(module, r, alpha)), "
-                      "where parent_name, _, last_name = name.rpartition('.').")
+register_hint("07.1",
+              "h is the frozen layer's output plus a low-rank correction: A maps x down to r numbers, B maps "
+              "them back up, and only that correction is scaled by alpha / r.",
+              "Rows of x are the vectors, so every matrix appears transposed: x @ W0.T for the base, x @ A.T "
+              "then @ B.T for the branch; never form B @ A (and never change W0 in place).",
+              "return x @ W0.T + (alpha / r) * (x @ A.T) @ B.T")
+register_hint("07.2",
+              "The layer keeps the pretrained nn.Linear frozen and adds two small trainable matrices; B starts "
+              "at zero so that the layer starts exactly at the pretrained one.",
+              "In __init__: store base, freeze its parameters, make lora_A an nn.Parameter of shape (r, in) "
+              "filled by nn.init.kaiming_uniform_(a=math.sqrt(5)) and lora_B an nn.Parameter of zeros (out, r), "
+              "remember alpha / r and merged = False. forward adds the scaled branch unless merged; merge() adds "
+              "(alpha/r) B @ A to base.weight once, unmerge() subtracts it once.",
+              "return self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T")
+register_hint("07.3",
+              "Freeze the whole model first, then find each nn.Linear whose name matches a target and put a "
+              "LoRA layer wrapping it in its place: the LoRA layer must *replace* the old one inside its parent.",
+              "Loop over list(model.named_modules()) (a list, because you change the model while looping); a "
+              "name matches when name == t or name.endswith('.' + t); split 'a.b.query' into the parent 'a.b' "
+              "and 'query' with name.rpartition('.'), get the parent with model.get_submodule, and setattr.",
+              "setattr(model.get_submodule(parent_name), last_name, lora.LoRALinear(module, r, alpha))")
+register_hint("07.4",
+              "h depends on B through u = A x and on A through B^T g: write the chain rule for one row x_n with "
+              "upstream gradient g_n = dL/dh_n, then add up the rows.",
+              "With s = alpha / r, u_n = A x_n: dL/dB = s * sum_n g_n u_n^T and dL/dA = s * sum_n (B^T g_n) x_n^T. "
+              "Flatten the leading dimensions of x and g to rows first (reshape(-1, d)); sum over rows, do not "
+              "average (g already carries any 1/N of the loss).",
+              "X, G = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]); dB = s * G.T @ (X @ A.T); "
+              "dA = s * (G @ B).T @ X")
 
 
 def _lora_wrong_scalings(r: float, alpha: float) -> dict[str, float]:
@@ -51,9 +71,18 @@ def check_lora_forward(fn: Callable[..., torch.Tensor]) -> None:
     cases = {"a batch of 4 vectors (r=2, alpha=8)": (make((4,), 2), 8.0, 2),
              "a (2, 3, in) batch of sequences (r=4, alpha=2)": (make((2, 3), 4), 2.0, 4),
              "one vector of shape (in,) (r=3, alpha=6)": (make((), 3), 6.0, 3),
-             "B = 0, the starting point (r=2, alpha=16)": (make((4,), 2, zero_b=True), 16.0, 2)}
+             "B = 0, the starting point (r=2, alpha=16)": (make((4,), 2, zero_b=True), 16.0, 2),
+             "float64 inputs (r=2, alpha=4)": (tuple(t.double() for t in make((3,), 2)), 4.0, 2)}
     for case, ((x, w0, a, b), alpha, r) in cases.items():
-        result = call_student(fn, x.clone(), w0.clone(), a.clone(), b.clone(), alpha, r, case=case)
+        given = [t.clone() for t in (x, w0, a, b)]
+        result = call_student(fn, *given, alpha, r, case=case)
+        for label, before, after in zip(("x", "W0", "A", "B"), (x, w0, a, b), given):
+            if not torch.equal(before, after):
+                fail(f"your function changed {label} in place on {case} (e.g. W0 += ...): the pretrained "
+                     f"weight and the inputs must stay as they were; compute h from new tensors.")
+        if isinstance(result, torch.Tensor) and result.dtype != x.dtype:
+            fail(f"your h is {result.dtype} on {case} but the inputs are {x.dtype}: keep the inputs' dtype "
+                 f"(no .float() inside).")
         base = x @ w0.T
         branch = x @ a.T @ b.T
         wrong = {sentence: (lambda s=s: base + s * branch) for sentence, s in _lora_wrong_scalings(r, alpha).items()}
@@ -235,16 +264,30 @@ class _LoRAToyModel(torch.nn.Module):
         return self.head(self.deep.inner["extra"](h))
 
 
+def _lora_alternative_scalings(r: int, alpha: float) -> dict[str, float]:
+    return {**_lora_wrong_scalings(r, alpha),
+            "you passed alpha / r as alpha, so the layer scales by alpha / r**2; pass alpha itself "
+            "(LoRALinear divides by r)": alpha / r ** 2}
+
+
 def check_apply_lora(fn: Callable[..., Any]) -> None:
-    """``fn(model, target_modules, r, alpha)`` freezes ``model`` and wraps the matching nn.Linear layers in LoRA."""
+    """``fn(model, target_modules, r, alpha)`` freezes ``model`` and wraps the matching nn.Linear layers in LoRA.
+
+    Checked on a toy encoder: which layers were replaced (nested ones too, whole-name matches only),
+    that only A and B train, that the model starts at the pretrained one, and -- with A and B set to
+    seeded non-zero values -- that the adapted model computes what the reference LoRA computes with the
+    same A and B and that a gradient reaches every A and B.
+    """
     __tracebackhide__ = True
     import copy
+
+    from course_lib.lora import LoRALinear as ReferenceLoRA
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         ids = torch.randint(0, 11, (2, 5))
-        for targets, r, alpha in ((["query", "value"], 2, 4.0), (["dense"], 1, 2.0)):
-            case = f"target_modules={targets}, r={r}"
+        for targets, r, alpha in ((["query", "value"], 2, 6.0), (["dense"], 3, 1.5)):
+            case = f"target_modules={targets}, r={r}, alpha={alpha}"
             original = _LoRAToyModel().eval()
             model = copy.deepcopy(original)
             linear_names = [n for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -252,6 +295,7 @@ def check_apply_lora(fn: Callable[..., Any]) -> None:
             returned = call_student(fn, model, targets, r, alpha, case=case)
             if isinstance(returned, torch.nn.Module):
                 model = returned
+            model.eval()
             for name in linear_names:
                 try:
                     module = model.get_submodule(name)
@@ -261,6 +305,10 @@ def check_apply_lora(fn: Callable[..., Any]) -> None:
                     fail(f"after your apply_lora the model has no module {name!r} any more: replace a layer under "
                          f"the same name (setattr on its parent) and leave the others where they are.")
                 is_lora = hasattr(module, "lora_A") and hasattr(module, "lora_B")
+                if is_lora and type(module) is torch.nn.Linear:
+                    fail(f"{name!r} is still a plain nn.Linear with lora_A and lora_B attached to it ({case}): its "
+                         f"forward never uses them; put a LoRA layer that wraps it in its place (setattr on the "
+                         f"parent).")
                 if name in wanted and not is_lora:
                     if name.startswith("deep."):
                         fail(f"you missed {name!r} ({case}), which sits deeper in the model: walk all modules with "
@@ -286,5 +334,145 @@ def check_apply_lora(fn: Callable[..., Any]) -> None:
             with torch.no_grad():
                 compare(call_student(model, ids, case=case), original(ids), what="the adapted model's output",
                         case=f"{case} before training (B = 0, so it must equal the original model)")
+
+            # B = 0 hides the branch: give every A and B seeded non-zero values and compare with the
+            # reference LoRA holding the same A and B
+            generator = torch.Generator().manual_seed(100 + r)
+            reference = copy.deepcopy(original)
+            for name in wanted:
+                layer = model.get_submodule(name)
+                a_value = 0.5 * torch.randn(r, layer.lora_A.shape[-1], generator=generator)
+                b_value = 0.5 * torch.randn(layer.lora_B.shape[0], r, generator=generator)
+                if tuple(layer.lora_A.shape) != tuple(a_value.shape) or tuple(layer.lora_B.shape) != tuple(b_value.shape):
+                    fail(f"the LoRA layer at {name!r} has lora_A {tuple(layer.lora_A.shape)} and lora_B "
+                         f"{tuple(layer.lora_B.shape)}; they should be (r, in) and (out, r).")
+                with torch.no_grad():
+                    layer.lora_A.copy_(a_value)
+                    layer.lora_B.copy_(b_value)
+                parent, _, child = name.rpartition(".")
+                twin = ReferenceLoRA(reference.get_submodule(name), r, alpha)
+                with torch.no_grad():
+                    twin.lora_A.copy_(a_value)
+                    twin.lora_B.copy_(b_value)
+                setattr(reference.get_submodule(parent) if parent else reference, child, twin)
+            reference.eval()
+
+            def with_scaling(k: float) -> torch.Tensor:
+                twins = [m for m in reference.modules() if isinstance(m, ReferenceLoRA)]
+                for twin in twins:
+                    twin.scaling = k
+                with torch.no_grad():
+                    out = reference(ids)
+                for twin in twins:
+                    twin.scaling = alpha / r
+                return out
+
+            wrong = {"it ignores lora_A and lora_B: the layers that replace the targets must add the LoRA branch "
+                     "(use lora.LoRALinear(module, r, alpha))": lambda: original(ids)}
+            wrong.update({f"the LoRA layers scale wrongly: {sentence}": (lambda k=k: with_scaling(k))
+                          for sentence, k in _lora_alternative_scalings(r, alpha).items()})
+            with torch.no_grad():
+                expected = reference(ids)
+                compare(call_student(model, ids, case=case), expected, what="the adapted model's output",
+                        case=f"{case} with non-zero A and B", wrong_answers=wrong)
+            model.zero_grad(set_to_none=True)
+            out = call_student(model, ids, case=case)
+            if out.requires_grad:
+                out.square().sum().backward()
+            for name in wanted:
+                layer = model.get_submodule(name)
+                for matrix in ("lora_A", "lora_B"):
+                    grad = getattr(layer, matrix).grad
+                    if grad is None or torch.count_nonzero(grad) == 0:
+                        fail(f"no gradient reaches {matrix} of {name!r} ({case}, non-zero A and B): the LoRA branch "
+                             f"must be computed from the parameters themselves, not under torch.no_grad() or from "
+                             f"detached copies, or training will never move them.")
     passed("check_apply_lora", "the matching layers (nested ones too) and only those got LoRA, only lora_A and "
-                               "lora_B train, and the model starts at the pretrained one.")
+                               "lora_B train, the model starts at the pretrained one, and with non-zero A and B it "
+                               "computes the reference LoRA and passes gradients to every A and B.")
+
+
+# ---- 07.4: the backward pass of the LoRA branch ----------------------------------------------------
+
+
+def _lora_grad_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+                         g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/dA and dL/dB of h = W0 x + s B A x for upstream gradient g = dL/dh, by autograd (float64)."""
+    a_, b_ = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    h = s * (x @ a_.T) @ b_.T
+    (h * g).sum().backward()
+    return a_.grad, b_.grad
+
+
+def _lora_grad_cases() -> dict[str, tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(74)
+    d_in, d_out = 5, 3
+
+    def make(lead: tuple[int, ...], r: int, zero_b: bool = False):
+        x = torch.randn(*lead, d_in, generator=g, dtype=torch.float64)
+        a = torch.randn(r, d_in, generator=g, dtype=torch.float64)
+        b = torch.zeros(d_out, r, dtype=torch.float64) if zero_b else torch.randn(d_out, r, generator=g, dtype=torch.float64)
+        upstream = torch.randn(*lead, d_out, generator=g, dtype=torch.float64)
+        return x, a, b, upstream
+
+    return {"B = 0, the first step (r=2, alpha=16)": (*make((6,), 2, zero_b=True), 16.0, 2),
+            "a batch of 4 rows, A and B non-zero (d_in=5, d_out=3, r=2, alpha=6)": (*make((4,), 2), 6.0, 2),
+            "a (2, 3, d_in) batch of sequences (r=4, alpha=2)": (*make((2, 3), 4), 2.0, 4)}
+
+
+def check_lora_grads(fn: Callable[..., Any]) -> None:
+    """``fn(x, A, B, alpha, r, g)`` returns (dA, dB), the gradients of L through h = W0 x + (alpha/r) B A x
+    given g = dL/dh of the same shape as h; compared with autograd in float64."""
+    __tracebackhide__ = True
+    cases = _lora_grad_cases()
+    for case, (x, a, b, g, alpha, r) in cases.items():
+        s = alpha / r
+        given = [t.clone() for t in (x, a, b, g)]
+        result = call_student(fn, given[0], given[1], given[2], alpha, r, given[3], case=case)
+        for label, before, after in zip(("x", "A", "B", "g"), (x, a, b, g), given):
+            if not torch.equal(before, after):
+                fail(f"your function changed {label} in place on {case}: compute the gradients into new tensors.")
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            fail(f"your function should return two tensors (dA, dB) on {case}, but it returns "
+                 f"{type(result).__name__}.")
+        da, db = result
+        require_tensor(da, "your dA")
+        require_tensor(db, "your dB")
+        n_out, n_in = b.shape[0], a.shape[1]
+        if tuple(da.shape) == tuple(b.shape) and tuple(db.shape) == tuple(a.shape):
+            fail(f"you returned (dB, dA) on {case}: return dA (shape (r, d_in)) first, then dB (shape (d_out, r)).")
+        for what, value, shape, name, left, right in (("dA", da, a.shape, "A", "r", "d_in"),
+                                                      ("dB", db, b.shape, "B", "d_out", "r")):
+            if tuple(value.shape) == tuple(shape):
+                continue
+            if tuple(value.shape) == tuple(shape)[::-1]:
+                fail(f"your {what} has shape {tuple(value.shape)} on {case}, the transpose of {name}'s "
+                     f"({left}, {right}) = {tuple(shape)}: a gradient has the shape of its parameter; check "
+                     f"which factor is transposed.")
+            if tuple(value.shape) == (n_out, n_in):
+                fail(f"your {what} has shape ({n_out}, {n_in}) on {case}: that is the gradient of a full matrix "
+                     f"W (g x^T), not of the low-rank factor {name}; multiply by the other factor as the chain "
+                     f"rule says.")
+            if value.dim() > 2 and tuple(value.shape[-2:]) == tuple(shape):
+                fail(f"your {what} has shape {tuple(value.shape)} on {case}: it still has the leading batch "
+                     f"dimensions; flatten x and g to rows (reshape(-1, d)) and sum over all of them.")
+            fail(f"your {what} has shape {tuple(value.shape)} on {case}, but it should have {name}'s shape "
+                 f"{tuple(shape)}.")
+        if da.dtype != torch.float64 or db.dtype != torch.float64:
+            fail(f"your gradients are {da.dtype} and {db.dtype} on {case}, but the inputs are float64: keep their "
+                 f"dtype (the check compares with autograd in float64).")
+        ref_a, ref_b = _lora_grad_reference(x, a, b, s, g)
+        rows = x.numel() // x.shape[-1]
+        wrong_scalings = _lora_wrong_scalings(r, alpha)
+        for what, value, ref in (("dA", da, ref_a), ("dB", db, ref_b)):
+            wrong = {sentence: (lambda k=k, ref=ref: ref * (k / s)) for sentence, k in wrong_scalings.items()
+                     if abs(k - s) > 1e-12}
+            wrong["you averaged over the rows; the gradient of a sum is the sum of the rows' gradients (g already "
+                  "holds any 1/N of the loss)"] = lambda ref=ref: ref / rows
+            wrong["it has the wrong sign: the gradient is g pushed back through h, no minus"] = lambda ref=ref: -ref
+            if what == "dA" and torch.count_nonzero(b) == 0 and torch.count_nonzero(value) != 0:
+                fail(f"your dA is not zero on {case}: dA = s (G B)^T X carries the factor B, so while B = 0 the "
+                     f"first step moves B but not A.")
+            compare(value, ref, what=f"your {what}", case=case, wrong_answers=wrong, atol=1e-9, rtol=1e-7)
+    passed("check_lora_grads", f"dA and dB match autograd in float64 on {len(cases)} cases, including batches of "
+                               f"sequences and B = 0 (where dA is exactly zero).")
