@@ -43,6 +43,9 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "scaling": ("course_lib.scaling:experiment",
                 "IsoFLOP sweep of the tiny GPT on the synthetic language (Chinchilla Approach 2 and 3)",
                 "05_scaling_laws"),
+    "char_lm": ("course_lib.char_lm:experiment", "recipe search (learning rate, then batch × context at equal "
+                "tokens) of the character-level Shakespeare GPT, chosen on two tuning works; seeds",
+                "04_training_a_language_model"),
     "positions": ("course_lib.positions:experiment", "tiny GPT with learned, sinusoidal, RoPE and no position "
                   "encoding; seeds; held-out loss at and past the training context", "03_transformer_block"),
 }
