@@ -387,38 +387,42 @@ def run_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int, sizes: Seq
 def isoflop_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int,
                   plan: Mapping[float, Sequence[tuple[int, int]]], batch_size: int, context: int,
                   lr: float = 1e-2, device: Any = "cpu", eval_batches: int = 100,
-                  seeds: Sequence[int] = (0,), progress: bool = True) -> list[dict[str, Any]]:
+                  seeds: Sequence[int] | Mapping[float, Sequence[int]] = (0,), workers: int = 1,
+                  progress: bool = True) -> list[dict[str, Any]]:
     """Chinchilla's Approach 2 sweep: for each budget C in ``plan``, train each (d_model, n_layer) in ``plan[C]``
     for as many steps as make 6·N·D = C (Hoffmann et al. 2022, Sec. 3.2).
 
     N counts *all* parameters, embeddings included, as Hoffmann et al. do (Kaplan et al. 2020 leave the
     embeddings out); D = steps · batch_size · context, with the steps rounded to an integer, so a run's
     own C = 6·N·D is within half a step of the budget. Every run has its own warm-up and cosine
-    schedule ending at its last step. One record per run and seed: C_budget, d_model, n_layer, N,
-    N_non_embedding, steps, D, C, C_matmul (every matrix multiply counted, attention and the lm head
-    included: ``course_lib.model.flops_per_token`` · D), seed, val_loss, seconds.
+    schedule ending at its last step. ``seeds`` are the training seeds of every run, or a dict giving
+    them per budget. ``workers`` > 1 trains that many runs at once in separate processes (one thread
+    each); a run's numbers do not depend on where it ran. One record per run and seed: C_budget,
+    d_model, n_layer, N, N_non_embedding, steps, D, C, C_matmul (every matrix multiply counted,
+    attention and the lm head included: ``course_lib.model.flops_per_token`` · D), seed, val_loss, seconds.
     """
     from course_lib.model import param_count_formula
 
     if not plan:
         raise ValueError("plan is empty: give {budget C: [(d_model, n_layer), ...]}.")
     tokens_per_step = batch_size * context
-    runs = []
+    jobs = []
     for C, sizes in sorted(plan.items()):
         C = float(_positive_array(C, "budget C"))
         if len(sizes) < 3:
             raise ValueError(f"the budget C={C:.3g} has {len(sizes)} model sizes; a parabola needs at least 3 "
                              f"(Hoffmann et al. used about 9).")
+        budget_seeds = seeds.get(C, (0,)) if isinstance(seeds, Mapping) else seeds
         for d_model, n_layer in sizes:
             N = param_count_formula(_gpt_config(vocab_size, context, d_model, n_layer), non_embedding=False)
             steps = round(C / (6.0 * N * tokens_per_step))
             if steps < 1:
                 raise ValueError(f"the budget C={C:.3g} buys less than one step of the model with d_model="
                                  f"{d_model} (N={N:,}); use a larger budget or a smaller model.")
-            runs.append({"C_budget": C, "d_model": d_model, "n_layer": n_layer, "steps": steps})
-    records = _train_runs(runs, train_tokens, val_tokens, vocab_size=vocab_size, batch_size=batch_size,
-                          context=context, lr=lr, device=device, eval_batches=eval_batches, progress=progress,
-                          seeds=tuple(seeds))
+            jobs += [({"C_budget": C, "d_model": d_model, "n_layer": n_layer, "steps": steps}, s) for s in budget_seeds]
+    records = _train_jobs(jobs, train_tokens, val_tokens, workers=workers, progress=progress,
+                          settings=dict(vocab_size=vocab_size, batch_size=batch_size, context=context, lr=lr,
+                                        device=str(device), eval_batches=eval_batches))
     for r in records:
         r["N"] = r.pop("N_total")
         r["C"] = 6.0 * r["N"] * r["D"]
@@ -428,41 +432,91 @@ def isoflop_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int,
 def _train_runs(plan: list[dict[str, Any]], train_tokens: Any, val_tokens: Any, *, vocab_size: int,
                 batch_size: int, context: int, lr: float, device: Any, eval_batches: int, progress: bool,
                 seeds: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Train one GPT per entry of ``plan`` (and per seed); each record is the entry plus what was measured."""
+    """Train one GPT per entry of ``plan`` and seed; each record is the entry plus what was measured."""
+    return _train_jobs([(entry, seed) for entry in plan for seed in seeds], train_tokens, val_tokens, workers=1,
+                       progress=progress, settings=dict(vocab_size=vocab_size, batch_size=batch_size,
+                                                        context=context, lr=lr, device=str(device),
+                                                        eval_batches=eval_batches))
+
+
+def _train_jobs(jobs: list[tuple[dict[str, Any], int]], train_tokens: Any, val_tokens: Any, *, workers: int,
+                progress: bool, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the (entry, seed) jobs here or in ``workers`` processes; records come back in the jobs' order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="sweep", disable=not progress)
+    try:
+        if workers <= 1:
+            # Models this small are dominated by per-op overhead on a CPU: one thread is faster than several
+            # (and far faster on a busy machine, where threads wait for each other).
+            threads = torch.get_num_threads()
+            if torch.device(settings["device"]).type == "cpu":
+                torch.set_num_threads(1)
+            try:
+                records = []
+                for entry, seed in jobs:
+                    records.append(_train_one(entry, seed, train_tokens, val_tokens, **settings))
+                    bar.update(1)
+                return records
+            finally:
+                torch.set_num_threads(threads)
+        import concurrent.futures
+        import multiprocessing
+
+        # the longest runs first, so that no worker is left with a long run at the end
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0]["steps"] * jobs[i][0]["d_model"] ** 2)
+        records: list[dict[str, Any] | None] = [None] * len(jobs)
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                initargs=(train_tokens, val_tokens, settings)) as pool:
+            futures = {pool.submit(_worker_job, jobs[i]): i for i in order}
+            for future in concurrent.futures.as_completed(futures):
+                records[futures[future]] = future.result()
+                bar.update(1)
+        return records  # type: ignore[return-value]
+    finally:
+        bar.close()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(train_tokens: Any, val_tokens: Any, settings: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER.update(train_tokens=train_tokens, val_tokens=val_tokens, settings=settings)
+
+
+def _worker_job(job: tuple[dict[str, Any], int]) -> dict[str, Any]:
+    return _train_one(job[0], job[1], _WORKER["train_tokens"], _WORKER["val_tokens"], **_WORKER["settings"])
+
+
+def _train_one(entry: dict[str, Any], seed: int, train_tokens: Any, val_tokens: Any, *, vocab_size: int,
+               batch_size: int, context: int, lr: float, device: str, eval_batches: int) -> dict[str, Any]:
+    """Train one GPT of ``entry``'s size for ``entry["steps"]`` steps; the entry plus what was measured."""
     import time
 
     import torch
-    from tqdm.auto import tqdm
 
     from course_lib.model import GPT, count_params, flops_per_token
     from course_lib.train import TrainConfig, train
 
-    records = []
-    # Models this small are dominated by per-op overhead on a CPU: one thread is faster than several
-    # (and far faster on a busy machine, where threads wait for each other).
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        jobs = [(entry, seed) for entry in plan for seed in seeds]
-        for entry, seed in tqdm(jobs, desc="sweep", disable=not progress):
-            torch.manual_seed(seed)
-            config = _gpt_config(vocab_size, context, entry["d_model"], entry["n_layer"])
-            model = GPT(config)
-            start = time.perf_counter()
-            history = train(model, train_tokens, val_tokens,
-                            TrainConfig(steps=entry["steps"], batch_size=batch_size, lr=lr,
-                                        warmup_steps=min(20, entry["steps"] // 5), eval_every=0,
-                                        eval_batches=eval_batches, seed=seed, progress=False),
-                            device=device)
-            D = entry["steps"] * batch_size * context
-            records.append({**entry, "seed": seed, "N_total": count_params(model, non_embedding=False),
-                            "N_non_embedding": count_params(model, non_embedding=True), "D": D,
-                            "C_matmul": float(flops_per_token(config, training=True, seq_len=context) * D),
-                            "val_loss": history.val_loss[-1], "seconds": round(time.perf_counter() - start, 2)})
-    finally:
-        torch.set_num_threads(threads)
-    return records
+    torch.manual_seed(seed)
+    config = _gpt_config(vocab_size, context, entry["d_model"], entry["n_layer"])
+    model = GPT(config)
+    start = time.perf_counter()
+    history = train(model, train_tokens, val_tokens,
+                    TrainConfig(steps=entry["steps"], batch_size=batch_size, lr=lr,
+                                warmup_steps=min(20, entry["steps"] // 5), eval_every=0,
+                                eval_batches=eval_batches, seed=seed, progress=False),
+                    device=device)
+    D = entry["steps"] * batch_size * context
+    return {**entry, "seed": seed, "N_total": count_params(model, non_embedding=False),
+            "N_non_embedding": count_params(model, non_embedding=True), "D": D,
+            "C_matmul": float(flops_per_token(config, training=True, seq_len=context) * D),
+            "val_loss": history.val_loss[-1], "seconds": round(time.perf_counter() - start, 2)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,7 +727,7 @@ def _scaling_record() -> dict[str, Any]:
 SWEEP_SETUP: dict[str, Any] = {
     "language": {"vocab_size": 32, "bigram_successors": 4, "trigram_successors": 2, "seed": 0},
     "context": 16, "batch_size": 64, "lr": 1e-2, "n_train": 8_500_000, "n_val": 200_000, "data_seed": 0,
-    "eval_batches": 100,
+    "eval_batches": 100, "workers": 2,
 }
 
 #: Budget C (FLOPs, C = 6·N·D with N all parameters) -> the (d_model, n_layer) trained on it. One layer
@@ -713,9 +767,8 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     common = dict(vocab_size=lang.vocab_size, batch_size=setup["batch_size"], context=setup["context"],
                   lr=setup["lr"], device=profile.device, eval_batches=setup["eval_batches"])
     budgets = sorted(plan)
-    runs = isoflop_sweep(train_tokens, val_tokens, plan={budgets[0]: plan[budgets[0]]},
-                         seeds=tuple(range(max(1, seeds))), **common)
-    runs += isoflop_sweep(train_tokens, val_tokens, plan={C: plan[C] for C in budgets[1:]}, **common)
+    runs = isoflop_sweep(train_tokens, val_tokens, plan=plan, seeds={budgets[0]: tuple(range(max(1, seeds)))},
+                         workers=setup["workers"], **common)
 
     first = [r for r in runs if r["C_budget"] == budgets[0]]
     per_size: dict[int, list[float]] = {}

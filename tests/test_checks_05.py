@@ -19,7 +19,126 @@ def refused(check, fn) -> str:
     return str(info.value)
 
 
-# ---- 05.1 check_power_law_fit --------------------------------------------------------------------
+# ---- 05.1 check_isoflop_vertex: a parabola in ln N through one IsoFLOP line, and its vertex -------
+
+
+def vertex_polyfit(N, L):
+    c2, c1, c0 = np.polyfit(np.log(N), L, 2)
+    if c2 <= 0:
+        raise ValueError("no minimum")
+    x = -c1 / (2 * c2)
+    return float(np.exp(x)), float(c0 - c1**2 / (4 * c2))
+
+
+def vertex_log10(N, L):                        # log10 throughout is fine if it is undone with 10**
+    c2, c1, c0 = np.polyfit(np.log10(N), L, 2)
+    if c2 <= 0:
+        raise ValueError("no minimum")
+    return 10.0 ** (-c1 / (2 * c2)), c0 - c1**2 / (4 * c2)
+
+
+def vertex_torch_lstsq(N, L):
+    x = torch.log(torch.as_tensor(N, dtype=torch.float64))
+    X = torch.stack([x**2, x, torch.ones_like(x)], dim=1)
+    c2, c1, c0 = torch.linalg.lstsq(X, torch.as_tensor(L, dtype=torch.float64)[:, None]).solution[:, 0]
+    if c2 <= 0:
+        raise ValueError("the runs bracket no minimum")
+    return torch.exp(-c1 / (2 * c2)), c0 - c1**2 / (4 * c2)
+
+
+def vertex_library(N, L):
+    from course_lib import scaling
+
+    found = scaling.isoflop_minimum(N, L)
+    return found["N_opt"], found["L_opt"]
+
+
+@pytest.mark.parametrize("fn", [vertex_polyfit, vertex_log10, vertex_torch_lstsq, vertex_library])
+def test_isoflop_vertex_accepts_correct_answers(fn, capsys):
+    checks.check_isoflop_vertex(fn)
+    assert "check_isoflop_vertex passed" in capsys.readouterr().out
+
+
+def vertex_best_run(N, L):                     # right when the vertex is one of the runs, wrong between runs
+    i = int(np.argmin(L))
+    return N[i], L[i]
+
+
+def vertex_against_N(N, L):
+    c2, c1, c0 = np.polyfit(N, L, 2)
+    return -c1 / (2 * c2), c0 - c1**2 / (4 * c2)
+
+
+def vertex_sign_flipped(N, L):
+    c2, c1, c0 = np.polyfit(np.log(N), L, 2)
+    return np.exp(c1 / (2 * c2)), c0 - c1**2 / (4 * c2)
+
+
+def vertex_returns_log(N, L):
+    c2, c1, c0 = np.polyfit(np.log(N), L, 2)
+    return -c1 / (2 * c2), c0 - c1**2 / (4 * c2)
+
+
+def vertex_log10_then_exp(N, L):
+    c2, c1, c0 = np.polyfit(np.log10(N), L, 2)
+    return np.exp(-c1 / (2 * c2)), c0 - c1**2 / (4 * c2)
+
+
+def vertex_reversed_coefficients(N, L):
+    c0, c1, c2 = np.polyfit(np.log(N), L, 2)   # polyfit gives the highest power first
+    return np.exp(-c1 / (2 * c2)), c0 - c1**2 / (4 * c2)
+
+
+def vertex_min_loss(N, L):
+    N_opt, _ = vertex_polyfit(N, L)
+    return N_opt, L.min()
+
+
+def vertex_sorts_in_place(N, L):               # right numbers, but the caller's arrays are reordered
+    order = np.argsort(N)
+    N.sort()
+    L[:] = L[order]
+    return vertex_polyfit(N, L)
+
+
+def vertex_no_concavity_check(N, L):           # right on every U-shaped line, returns a maximum otherwise
+    c2, c1, c0 = np.polyfit(np.log(N), L, 2)
+    return np.exp(-c1 / (2 * c2)), c0 - c1**2 / (4 * c2)
+
+
+def vertex_asserts(N, L):                      # refuses the downward curve, but with the wrong exception
+    c2, c1, c0 = np.polyfit(np.log(N), L, 2)
+    assert c2 > 0, "no minimum"
+    return np.exp(-c1 / (2 * c2)), c0 - c1**2 / (4 * c2)
+
+
+@pytest.mark.parametrize("fn, sentence", [
+    (vertex_best_run, "you returned the best measured run"),
+    (vertex_against_N, "you fitted the parabola against N itself"),
+    (vertex_sign_flipped, "your sign is flipped"),
+    (vertex_returns_log, "you returned x = ln N_opt"),
+    (vertex_log10_then_exp, "you fitted against log10 N but undid it with exp"),
+    (vertex_reversed_coefficients, "you read the coefficients in reverse"),
+    (vertex_min_loss, "your L_opt is the lowest measured loss"),
+    (vertex_sorts_in_place, "your function changed the array N"),
+    (vertex_no_concavity_check, "which is the parabola's maximum"),
+    (vertex_asserts, "your function raised AssertionError; raise ValueError"),
+])
+def test_isoflop_vertex_names_each_mistake(fn, sentence):
+    message = refused(checks.check_isoflop_vertex, fn)
+    assert sentence in message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_isoflop_vertex_reports_shape_errors_stubs_and_crashes():
+    assert "a pair (N_opt, L_opt)" in refused(checks.check_isoflop_vertex, lambda N, L: 3.0)
+    with pytest.raises(NotAttempted):
+        checks.check_isoflop_vertex(lambda N, L: (_ for _ in ()).throw(NotImplementedError("Exercise 05.1 is not done yet")))
+    with pytest.raises(StudentCodeError, match="ZeroDivisionError"):
+        checks.check_isoflop_vertex(lambda N, L: 1 / 0)
+
+
+# ---- 05.2 check_power_law_fit --------------------------------------------------------------------
 
 
 def fit_polyfit(N, L):
@@ -91,7 +210,15 @@ def fit_endpoints_only(N, L):                 # two-point "fit": right on exact 
     return L[0] * N[0] ** alpha, alpha
 
 
+def fit_logs_in_place(N, L):                  # right numbers, but overwrites the caller's arrays with logs
+    np.log(N, out=N)
+    np.log(L, out=L)
+    slope, intercept = np.polyfit(N, L, 1)
+    return np.exp(intercept), -slope
+
+
 @pytest.mark.parametrize("fn, sentence", [
+    (fit_logs_in_place, "your function changed the array N"),
     (fit_linear_space, "you fitted in linear space"),
     (fit_linear_space_own_start, "you fitted in linear space"),
     (fit_sign_flipped, "the sign is flipped"),
@@ -109,12 +236,12 @@ def test_power_law_fit_reports_shape_errors_stubs_and_crashes():
     assert "a pair (A, alpha)" in refused(checks.check_power_law_fit, lambda N, L: {"A": 1, "alpha": 2})
     assert "tensor of shape" in refused(checks.check_power_law_fit, lambda N, L: (torch.ones(2), 0.3))
     with pytest.raises(NotAttempted):
-        checks.check_power_law_fit(lambda N, L: (_ for _ in ()).throw(NotImplementedError("Exercise 05.1 is not done yet")))
+        checks.check_power_law_fit(lambda N, L: (_ for _ in ()).throw(NotImplementedError("Exercise 05.2 is not done yet")))
     with pytest.raises(StudentCodeError, match="ZeroDivisionError"):
         checks.check_power_law_fit(lambda N, L: 1 / 0)
 
 
-# ---- 05.2 check_compute_optimal ------------------------------------------------------------------
+# ---- 05.3 check_compute_optimal ------------------------------------------------------------------
 
 
 def optimal_closed_form(C, p):
@@ -189,7 +316,19 @@ def optimal_budget_broken(C, p):
     return N, 2 * D
 
 
+def optimal_pops_params(C, p):                # right numbers, but empties the caller's dict
+    A, B, alpha, beta = p.pop("A"), p.pop("B"), p.pop("alpha"), p.pop("beta")
+    return optimal_closed_form(C, {"A": A, "B": B, "alpha": alpha, "beta": beta})
+
+
+def optimal_rounds_exponents(C, p):           # "0.34 and 0.28 are close enough": the 32B-vs-40B lesson
+    q = {**p, "alpha": round(p["alpha"], 2), "beta": round(p["beta"], 2)}
+    return optimal_closed_form(C, q)
+
+
 @pytest.mark.parametrize("fn, sentence", [
+    (optimal_pops_params, "changed the params dict"),
+    (optimal_rounds_exponents, "the loss is lowest at N_opt="),
     (optimal_forgot_six, "you forgot the 6 in C = 6·N·D"),
     (optimal_swapped_exponents, "the exponents are swapped"),
     (optimal_swapped_and_no_six, "you swapped the exponents and forgot the 6"),
@@ -206,11 +345,25 @@ def test_compute_optimal_names_each_mistake(fn, sentence):
 def test_compute_optimal_reports_bad_returns():
     assert "a pair (N_opt, D_opt)" in refused(checks.check_compute_optimal, lambda C, p: 3.0)
     with pytest.raises(NotAttempted):
-        checks.check_compute_optimal(lambda C, p: (_ for _ in ()).throw(NotImplementedError("Exercise 05.2 is not done yet")))
+        checks.check_compute_optimal(lambda C, p: (_ for _ in ()).throw(NotImplementedError("Exercise 05.3 is not done yet")))
 
 
-def test_hints_are_registered(capsys):
-    checks.hint("05.1")
-    checks.hint("05.2")
+def test_compute_optimal_says_which_constants_give_32B():
+    import io
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(io.StringIO()) as out:
+        checks.check_compute_optimal(optimal_closed_form)
+    assert "~32B parameters that Chinchilla's printed (rounded) constants give" in out.getvalue()
+    assert "the unrounded ones give the paper's ~40B" in out.getvalue()
+
+
+@pytest.mark.parametrize("exercise", ["05.1", "05.2", "05.3", "05.4"])
+def test_hints_come_in_three_levels_and_the_first_gives_no_code(exercise, capsys):
+    for level in (1, 2, 3):
+        checks.hint(exercise, level=level)
     out = capsys.readouterr().out
-    assert "np.polyfit(np.log(N), np.log(L), 1)" in out and "6 * N_opt * D_opt == C" in out
+    assert all(f"Hint {k}/3 for exercise {exercise}" in out for k in (1, 2, 3))
+    idea, approach, key_line = checks.HINTS[exercise]
+    assert "np." not in idea and "return" not in idea and "scaling." not in idea
+    assert key_line not in idea and key_line not in approach

@@ -30,25 +30,28 @@ from course_lib.checks.setup import (  # noqa: F401
     check_mse,
 )
 from course_lib.checks.attention import (  # noqa: F401
-    check_softmax, check_causal_mask, check_attention,
+    check_softmax, check_causal_mask, check_attention, check_attention_backward,
 )
 from course_lib.checks.cross_entropy import (  # noqa: F401
     check_cross_entropy_grad, check_log_softmax, check_numerical_grad,
 )
 from course_lib.checks.transformer_block import (  # noqa: F401
-    check_layer_norm, check_param_count,
+    check_layer_norm, check_param_count, check_layer_norm_backward, check_rope,
 )
 from course_lib.checks.training import (  # noqa: F401
-    check_lr_schedule, check_top_k,
+    check_lr_schedule, check_top_k, check_merge_step, check_kv_cache_step,
 )
 from course_lib.checks.scaling_laws import (  # noqa: F401
-    check_power_law_fit, check_compute_optimal,
+    check_isoflop_vertex, check_power_law_fit, check_compute_optimal, check_scaling_prediction,
 )
 from course_lib.checks.finetuning import (  # noqa: F401
     check_mean_pooling, METRIC_KEYS, check_precision_recall_f1, check_paired_bootstrap,
 )
 from course_lib.checks.lora import (  # noqa: F401
     check_lora_forward, check_lora_linear, check_apply_lora, check_lora_grads,
+)
+from course_lib.checks.peft_family import (  # noqa: F401
+    check_quantize_nf4, check_prompt_forward, check_subspace_similarity,
 )
 from course_lib.checks.lora_causal_lm import (  # noqa: F401
     check_render_chat, check_prompt_masking, check_lora_param_count,

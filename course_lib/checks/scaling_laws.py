@@ -8,20 +8,46 @@ from typing import Any
 import torch
 
 from course_lib.checks.framework import (
-    register_hint, fail, call_student, close, diagnose, passed,
+    NotAttempted, register_hint, fail, call_student, close, diagnose, not_attempted_message, passed,
 )
 
 
 # ----------------------------------------------------------------------------------------------
-# ---- 05_scaling_laws: a power law fitted in log space; the compute-optimal allocation
+# ---- 05_scaling_laws: an IsoFLOP vertex, a power law fitted in log space, the compute-optimal
+# ---- allocation, and the scaling lab (a prediction at 10x the budget, graded against the record)
 # ----------------------------------------------------------------------------------------------
 
-register_hint("05.1", "Take natural logs of both: ln L = ln A − α·ln N is a straight line. Fit it with "
-                      "slope, intercept = np.polyfit(np.log(N), np.log(L), 1); then alpha = −slope and "
-                      "A = np.exp(intercept).")
-register_hint("05.2", "Set G = (alpha*A / (beta*B)) ** (1 / (alpha + beta)); then N_opt = G * (C/6) ** (beta / "
-                      "(alpha + beta)) and D_opt = (C/6) ** (alpha / (alpha + beta)) / G. Check: 6 * N_opt * D_opt == C.")
-
+register_hint("05.1",
+              "Along one IsoFLOP line the loss is U-shaped in ln N, so fit a parabola L ≈ c2·x² + c1·x + c0 with "
+              "x = ln N and take its lowest point, not the lowest measured run.",
+              "np.polyfit(x, L, 2) returns (c2, c1, c0), highest power first. The vertex of a parabola is at "
+              "x* = −c1 / (2·c2), and its value there is c0 − c1² / (4·c2). If c2 <= 0 the parabola has no "
+              "minimum: raise ValueError. Go back from x* to N with exp. Work on copies; never sort the inputs in place.",
+              "c2, c1, c0 = np.polyfit(np.log(N), L, 2); x = -c1 / (2 * c2); "
+              "return float(np.exp(x)), float(c0 - c1**2 / (4 * c2))")
+register_hint("05.2",
+              "Take logarithms of both sides of L = A·N^(−α): ln L = ln A − α·ln N is a straight line in "
+              "(ln N, ln L), so an ordinary least-squares line does the fit.",
+              "Fit a degree-1 polynomial to (ln N, ln L). Its slope is −α (mind the sign: L falls as N grows) and its "
+              "intercept is ln A; undo the logarithm with the same base you used to take it.",
+              "slope, intercept = np.polyfit(np.log(N), np.log(L), 1); return float(np.exp(intercept)), float(-slope)")
+register_hint("05.3",
+              "Substitute D = C/(6N) into L(N, D), set the derivative with respect to N to zero, and solve "
+              "for N: the optimum is a power of C/6 times a constant G.",
+              "The derivation in the notebook gives N_opt = G·(C/6)^(β/(α+β)) with G = (αA/(βB))^(1/(α+β)), and "
+              "D_opt follows from the budget: D_opt = C / (6·N_opt). Check that 6·N_opt·D_opt equals C.",
+              "G = (alpha * A / (beta * B)) ** (1 / (alpha + beta)); N_opt = G * (C / 6) ** (beta / (alpha + beta)); "
+              "return N_opt, C / (6 * N_opt)")
+register_hint("05.4",
+              "Do with the runs you can afford what sections 2-4 did with the whole sweep: find the best size at "
+              "each budget on offer, see how it moves with C, and extrapolate both the size and the loss to "
+              "service.target_budget.",
+              "service.menu() lists the runs; the allowance buys five per budget on offer, enough for one "
+              "parabola each (scaling.isoflop_minimum). Fit N_opt ∝ C^a through the vertices "
+              "(scaling.fit_exponent) and, for the loss, a power law in C of what is left above the floor: "
+              "L_opt(C) − service.floor ∝ C^(−γ) (scaling.fit_power_law with floor=False).",
+              "fit = scaling.fit_exponent(C_on_offer, N_opt_on_offer); "
+              "N_pred = fit['k'] * service.target_budget ** fit['a']  (and the same for L_opt − service.floor)")
 
 def _two_numbers(result: Any, what: str, names: str, case: str) -> torch.Tensor:
     """The student's pair of numbers as a float64 tensor of shape (2,), or one sentence saying why not."""
@@ -44,8 +70,105 @@ def _two_numbers(result: Any, what: str, names: str, case: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def _unchanged(N_in: Any, N: Any, L_in: Any, L: Any, n_name: str, l_name: str, case: str) -> None:
+    """Fail if the student's function changed its input arrays in place (sorted them, overwrote them)."""
+    __tracebackhide__ = True
+    import numpy as np
+
+    for name, given, original in ((n_name, N_in, N), (l_name, L_in, L)):
+        if not np.array_equal(np.asarray(given), np.asarray(original)):
+            fail(f"your function changed the array {name} it was given on {case} (sorted or overwrote it in "
+                 f"place); work on a copy, e.g. np.log({name}) or np.sort({name}), never {name}.sort().")
+
+
+def check_isoflop_vertex(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
+    """Exercise 05.1: ``fn(N, L)`` fits a parabola to L against ln N and returns its vertex (N_opt, L_opt).
+
+    N and L are 1-D numpy float64 arrays in any order (one entry per run on one IsoFLOP line). If the
+    parabola opens downward (no minimum) ``fn`` raises ``ValueError``. The reference is
+    ``course_lib.scaling.isoflop_minimum``.
+    """
+    __tracebackhide__ = True
+    import math
+
+    import numpy as np
+
+    from course_lib import scaling
+
+    rng = np.random.default_rng(11)
+    N1 = np.geomspace(1e3, 6.4e4, 7)                       # the vertex sits exactly on the 4th run
+    N2 = np.geomspace(2e3, 5e4, 6)                         # the vertex lies between two runs
+    N3 = np.geomspace(1e6, 1e12, 9)                        # seven decades: a fit against N itself fails
+    N4 = rng.permutation(np.geomspace(1e4, 1e6, 8))        # the runs arrive in no particular order
+
+    def bowl(N, x0, c2, L0):
+        return L0 + c2 * (np.log(N) - x0) ** 2
+
+    cases = {
+        "an exact parabola whose vertex is one of the runs": (N1, bowl(N1, math.log(8e3), 0.05, 1.5)),
+        "an exact parabola whose vertex lies between runs": (N2, bowl(N2, math.log(1.3e4), 0.08, 1.4)),
+        "noisy losses over seven decades of N (1e6 to 1e12)":
+            (N3, bowl(N3, math.log(3e8), 0.01, 2.0) + rng.normal(0, 0.004, 9)),
+        "runs given in shuffled order": (N4, bowl(N4, math.log(1e5), 0.03, 1.3) + rng.normal(0, 0.002, 8)),
+    }
+    for case, (N, L) in cases.items():
+        N_in, L_in = N.copy(), L.copy()
+        result = call_student(fn, N_in, L_in, case=case)
+        _unchanged(N_in, N, L_in, L, "N", "L", case)
+        actual = _two_numbers(result, "your isoflop_vertex", "(N_opt, L_opt)", case)
+        ref = scaling.isoflop_minimum(N, L)
+        expected = torch.tensor([ref["N_opt"], ref["L_opt"]], dtype=torch.float64)
+        c2, c1, c0 = np.polyfit(np.log(N), L, 2)
+        d2, d1, d0 = np.polyfit(np.log10(N), L, 2)
+
+        def pair(n: Any, l: Any) -> Callable[[], torch.Tensor]:
+            return lambda: torch.tensor([float(n), float(l)], dtype=torch.float64)
+
+        def linear_N() -> torch.Tensor:
+            e2, e1, e0 = np.polyfit(N, L, 2)
+            return torch.tensor([-e1 / (2 * e2), e0 - e1**2 / (4 * e2)], dtype=torch.float64)
+
+        wrong = {
+            "you returned the best measured run; fit a parabola in ln N and return its vertex, which can lie "
+            "between the runs": pair(N[np.argmin(L)], L.min()),
+            "you fitted the parabola against N itself; the IsoFLOP curve is a parabola in x = ln N": linear_N,
+            "the vertex of c2·x² + c1·x + c0 is at x = −c1/(2·c2); your sign is flipped":
+                pair(math.exp(c1 / (2 * c2)), c0 - c1**2 / (4 * c2)),
+            "you returned x = ln N_opt; return N_opt = exp(x)": pair(-c1 / (2 * c2), c0 - c1**2 / (4 * c2)),
+            "you fitted against log10 N but undid it with exp; use 10**x for log10 (or np.log throughout)":
+                pair(math.exp(-d1 / (2 * d2)), d0 - d1**2 / (4 * d2)),
+            "np.polyfit returns the highest power first (c2, c1, c0); you read the coefficients in reverse":
+                pair(math.exp(-c1 / (2 * c0)), c2 - c1**2 / (4 * c0)),
+            "your L_opt is the lowest measured loss; return the parabola's value at its vertex, "
+            "c0 − c1²/(4·c2)": pair(ref["N_opt"], L.min()),
+        }
+        if close(actual, expected, atol=1e-9, rtol=1e-6):
+            continue
+        reason = diagnose(actual, wrong, atol=1e-9, rtol=1e-6)
+        if reason:
+            fail(f"your vertex is wrong on {case}: {reason}.")
+        fail(f"on {case} you return N_opt={actual[0].item():.4g}, L_opt={actual[1].item():.4g}; the parabola in "
+             f"ln N through these runs has its vertex at N_opt={ref['N_opt']:.4g}, L_opt={ref['L_opt']:.4g}.")
+    N = np.geomspace(1e3, 1e5, 6)
+    L = 2.0 - 0.05 * (np.log(N) - math.log(1e4)) ** 2       # curves downward: a maximum, no minimum
+    try:
+        result = fn(N.copy(), L.copy())
+    except ValueError:
+        pass
+    except NotImplementedError as stub:
+        raise NotAttempted(not_attempted_message(str(stub))) from None
+    except Exception as error:  # noqa: BLE001 -- any other exception is the wrong kind of refusal
+        fail(f"on losses that curve downward your function raised {type(error).__name__}; raise ValueError "
+             f"(the runs bracket no minimum) instead.")
+    else:
+        fail("on losses that curve downward (c2 < 0) your function returned a vertex, which is the parabola's "
+             "maximum; check the sign of c2 and raise ValueError when the runs bracket no minimum.")
+    passed("check_isoflop_vertex", f"your parabola vertex matches the reference on {len(cases)} IsoFLOP lines "
+                                   f"(between runs, over seven decades, shuffled) and refuses a downward curve.")
+
+
 def check_power_law_fit(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
-    """Exercise 05.1: ``fn(N, L)`` fits L = A · N^(−alpha) by least squares in log space; returns (A, alpha).
+    """Exercise 05.2: ``fn(N, L)`` fits L = A · N^(−alpha) by least squares in log space; returns (A, alpha).
 
     N and L are 1-D numpy float64 arrays. The reference is the straight-line fit of ln L against ln N.
     """
@@ -66,7 +189,9 @@ def check_power_law_fit(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
     }
     exact_ok = False
     for case, (N, L) in cases.items():
-        result = call_student(fn, N.copy(), L.copy(), case=case)
+        N_in, L_in = N.copy(), L.copy()
+        result = call_student(fn, N_in, L_in, case=case)
+        _unchanged(N_in, N, L_in, L, "N", "L", case)
         actual = _two_numbers(result, "your fit", "(A, alpha)", case)
         slope, intercept = np.polyfit(np.log(N), np.log(L), 1)
         A, alpha = math.exp(intercept), -slope
@@ -109,7 +234,7 @@ def check_power_law_fit(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
 
 
 def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float, float]]) -> None:
-    """Exercise 05.2: ``fn(C, params)`` returns (N_opt, D_opt) minimising E + A/N^alpha + B/D^beta under C = 6ND.
+    """Exercise 05.3: ``fn(C, params)`` returns (N_opt, D_opt) minimising E + A/N^alpha + B/D^beta under C = 6ND.
 
     ``params`` is a dict with keys E, A, B, alpha, beta (like ``scaling.CHINCHILLA_APPROACH3``).
     """
@@ -117,13 +242,18 @@ def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float
     from course_lib import scaling
 
     cases = {
-        "Chinchilla's Approach 3 law at the Gopher budget (C=5.76e23)": (5.76e23, scaling.CHINCHILLA_APPROACH3),
+        "Chinchilla's printed (rounded) Approach 3 law at the Gopher budget (C=5.76e23)":
+            (5.76e23, scaling.CHINCHILLA_APPROACH3),
         "the replication's law at C=1e21": (1e21, scaling.BESIROGLU_2024),
         "a lopsided law (alpha=0.6, beta=0.2) at C=1e19":
             (1e19, {"E": 1.0, "A": 50.0, "B": 3000.0, "alpha": 0.6, "beta": 0.2}),
     }
     for case, (C, params) in cases.items():
-        result = call_student(fn, C, dict(params), case=case)
+        given = dict(params)
+        result = call_student(fn, C, given, case=case)
+        if given != dict(params):
+            fail(f"your compute_optimal changed the params dict it was given on {case}; read the constants "
+                 f"without writing to (or popping from) the caller's dict.")
         actual = _two_numbers(result, "your compute_optimal", "(N_opt, D_opt)", case)
         N_opt, D_opt = scaling.compute_optimal(C, params)
         expected = torch.tensor([N_opt, D_opt], dtype=torch.float64)
@@ -157,5 +287,86 @@ def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float
             fail(f"on {case} your N_opt·D_opt·6 is {6 * n * d:.4g}, but it must equal the budget C={C:.4g}.")
         fail(f"on {case} you return N_opt={n:.4g}, D_opt={d:.4g}; the loss is lowest at N_opt={N_opt:.4g}, "
              f"D_opt={D_opt:.4g}.")
-    passed("check_compute_optimal", f"your closed form matches the reference on {len(cases)} laws, Chinchilla's "
-                                    f"~32B-parameter answer at the Gopher budget among them.")
+    passed("check_compute_optimal", f"your closed form matches the reference on {len(cases)} laws, among them "
+                                    f"the ~32B parameters that Chinchilla's printed (rounded) constants give at the "
+                                    f"Gopher budget (the unrounded ones give the paper's ~40B).")
+
+
+#: How close a lab prediction must come to the recorded truth: N_opt within this factor, the loss within
+#: this many nats. Set from the recorded sweep (notebook 05, section 9): the bootstrap spread of the
+#: truth itself and the error of an honest two-budget extrapolation both fit inside; the mistakes in
+#: tests/test_checks_05.py (no extrapolation, N ∝ C, the floor as the answer, ...) do not.
+LAB_N_FACTOR = 1.5
+LAB_LOSS_NATS = 0.02
+
+
+def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
+    """Exercise 05.4 (the scaling lab): ``fn(service)`` buys runs from a fresh
+    ``scaling.TrainingService.from_record()`` and returns ``{"N_opt": ..., "loss": ...}`` at
+    ``service.target_budget``. Graded against the recorded runs at that budget (``scaling.lab_truth``).
+    """
+    __tracebackhide__ = True
+    import math
+
+    from course_lib import scaling
+
+    try:
+        service, truth = scaling.TrainingService.from_record(), scaling.lab_truth()
+    except FileNotFoundError as error:
+        fail(str(error))
+    overspent: list[str] = []
+
+    def plan(service: Any) -> Any:
+        try:
+            return fn(service)
+        except scaling.FlopBudgetExceeded as error:
+            overspent.append(str(error))
+            return None
+
+    plan.__name__ = getattr(fn, "__name__", "your function")
+    result = call_student(plan, service, case="the recorded sweep")
+    if overspent:
+        fail(f"your plan asked for more runs than the FLOP budget buys ({overspent[0]}); pick at most five runs "
+             f"per budget on offer.")
+    if not isinstance(result, Mapping) or not {"N_opt", "loss"} <= set(result):
+        fail(f"return a dict {{'N_opt': ..., 'loss': ...}} with your prediction at C={service.target_budget:.0e}, "
+             f"not {type(result).__name__}{' with keys ' + str(sorted(result)) if isinstance(result, Mapping) else ''}.")
+    try:
+        N_pred, L_pred = float(result["N_opt"]), float(result["loss"])
+    except (TypeError, ValueError):
+        fail("N_opt and loss should be plain numbers (floats).")
+    if not (math.isfinite(N_pred) and math.isfinite(L_pred)) or N_pred <= 0:
+        fail(f"your prediction is N_opt={N_pred}, loss={L_pred}; both must be finite and N_opt positive.")
+    if not service.bought:
+        fail("you never bought a run from the service; the prediction must come from runs (service.train(N, C)).")
+    biggest = max(service.offered_budgets)
+    on_offer = [r for r in scaling.mean_over_seeds(service._runs.values()) if r["C_budget"] == biggest]
+    there = scaling.isoflop_minimum([r["N"] for r in on_offer], [r["val_loss"] for r in on_offer])
+    ratio = N_pred / truth["N_opt"]
+    if abs(math.log(ratio)) > math.log(LAB_N_FACTOR):
+        near = lambda x, y, f=1.15: abs(math.log(x / y)) <= math.log(f)  # noqa: E731
+        if near(N_pred, there["N_opt"]):
+            fail(f"your N_opt is the optimum of the largest budget on offer (C={biggest:.0e}); the question is "
+                 f"about C={service.target_budget:.0e}, ten times more compute, so extrapolate N_opt ∝ C^a.")
+        if near(N_pred, there["N_opt"] * service.target_budget / biggest):
+            fail("you scaled N_opt in proportion to C (a = 1, all extra compute into parameters); fit the exponent "
+                 "a of N_opt ∝ C^a from the budgets on offer: the tokens must grow too.")
+        if near(N_pred, service.target_budget / (6 * truth["N_opt"]), 2.0):
+            fail("your N_opt looks like a number of tokens D = C/(6N), not of parameters.")
+        fail(f"your N_opt is too {'large' if ratio > 1 else 'small'}: more than a factor {LAB_N_FACTOR} from the "
+             f"recorded sweep's optimum at C={service.target_budget:.0e}.")
+    if abs(L_pred - truth["loss"]) > LAB_LOSS_NATS:
+        if L_pred < service.floor:
+            fail(f"your loss {L_pred:.3f} is below the floor {service.floor:.3f}, which no model can beat on "
+                 f"average; extrapolate what is left above the floor, L − floor ∝ C^(−γ).")
+        if abs(L_pred - service.floor) <= 0.005:
+            fail("you predicted the floor itself; a finite budget stays above it (extrapolate L − floor ∝ C^(−γ)).")
+        if abs(L_pred - there["L_opt"]) <= 0.01:
+            fail(f"your loss is what the largest budget on offer (C={biggest:.0e}) reaches; ten times more "
+                 f"compute lowers it, so extrapolate the loss too.")
+        fail(f"your loss is too {'high' if L_pred > truth['loss'] else 'low'}: more than {LAB_LOSS_NATS} nats "
+             f"from the recorded sweep's best loss at C={service.target_budget:.0e}.")
+    passed("check_scaling_prediction",
+           f"from {len(service.bought)} runs ({service.spent:.2g} of {service.flop_budget:.2g} FLOPs) you predicted "
+           f"N_opt = {N_pred:,.0f} and loss {L_pred:.3f} at C = {service.target_budget:.0e}; the recorded sweep "
+           f"there has its optimum at N = {truth['N_opt']:,.0f}, loss {truth['loss']:.3f}.")
