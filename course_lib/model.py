@@ -127,6 +127,8 @@ def layer_norm_backward(x: torch.Tensor, gamma: torch.Tensor, dy: torch.Tensor, 
     x_hat = (x - mean) / sigma
     g = dy * gamma
     dx = (g - g.mean(dim=-1, keepdim=True) - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)) / sigma
+    if x.dim() == 1:                       # one vector: nothing to sum over (sum(dim=()) would sum all)
+        return dx, dy * x_hat, dy.clone()
     lead = tuple(range(x.dim() - 1))
     return dx, (dy * x_hat).sum(dim=lead), dy.sum(dim=lead)
 

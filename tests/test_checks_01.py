@@ -71,6 +71,32 @@ def _no_keepdim(z, dim=-1):
     return e / e.sum(dim=dim)
 
 
+def _shift_by(shift):
+    """A softmax that subtracts something other than the row maximum: right on small logits only."""
+    def softmax(z, dim=-1):
+        e = (z - shift(z, dim)).exp()
+        return e / e.sum(dim=dim, keepdim=True)
+    return softmax
+
+
+def _in_place(z, dim=-1):
+    z -= z.amax(dim=dim, keepdim=True)
+    z.exp_()
+    return z / z.sum(dim=dim, keepdim=True)
+
+
+def _default_dim_zero(z, dim=0):
+    return softmax_manual(z, dim)
+
+
+def _float32_inside(z, dim=-1):
+    return softmax_manual(z.float(), dim)
+
+
+def _rebuilt_with_torch_tensor(z, dim=-1):
+    return torch.tensor(softmax_manual(z, dim).tolist())
+
+
 @pytest.mark.parametrize("fn,words", [
     (lambda z, dim=-1: torch.softmax(z, dim=0), "you normalised over axis 0"),
     (lambda z, dim=-1: torch.softmax(z, dim=-1), "you normalised over the last axis although dim=0 was asked"),
@@ -84,9 +110,23 @@ def _no_keepdim(z, dim=-1):
     (_no_keepdim, "keepdim"),
     (lambda z, dim=-1: torch.sigmoid(z), "does not sum to 1"),
     (lambda z, dim=-1: torch.softmax(z, dim=dim).numpy(), "should be a torch.Tensor"),
+    # right on small logits, wrong on rows spanning 2000 such as [1000, 0, -1000] (the leak of issue 12)
+    (_shift_by(lambda z, dim: z.amin(dim=dim, keepdim=True)), "the minimum, the mean or one element of the row do not"),
+    (_shift_by(lambda z, dim: z.mean(dim=dim, keepdim=True)), "the minimum, the mean or one element of the row do not"),
+    (_shift_by(lambda z, dim: z.narrow(dim, 0, 1)), "the minimum, the mean or one element of the row do not"),
+    (_shift_by(lambda z, dim: z.narrow(dim, z.shape[dim] - 1, 1)), "the minimum, the mean or one element of the row do not"),
+    (_in_place, "changed its input z in place"),
+    (_default_dim_zero, "your default for dim normalises over axis 0"),
+    (_float32_inside, "has dtype torch.float32 on float64 logits"),
+    (_rebuilt_with_torch_tensor, "has dtype torch.float32 on float64 logits"),
 ])
 def test_check_softmax_refuses(fn, words):
     assert words in refused(checks.check_softmax, fn)
+
+
+def test_check_softmax_catalogue_is_large_enough():
+    # issue 12: at least five wrong answers per check, several of them right on easy inputs
+    assert len(test_check_softmax_refuses.pytestmark[0].args[1]) >= 5
 
 
 def test_check_softmax_stub_and_crash():
@@ -202,6 +242,10 @@ def make_wrong(*, scale=lambda q, v: math.sqrt(q.shape[-1]), softmax_dim=-1, fil
     (lambda q, k, v, mask=None: attention_manual(q, k, v, mask)[1], "should return a pair (out, weights)"),
     (lambda q, k, v, mask=None: (attention_manual(q, k, v, mask)[0], None), "should be a torch.Tensor"),
     (lambda q, k, v, mask=None: (q, attention_manual(q, k, v, mask)[1]), "your out"),
+    (lambda q, k, v, mask=None: attention_manual(q.mul_(1.0 / math.sqrt(q.shape[-1])) * math.sqrt(q.shape[-1]),
+                                                 k, v, mask), "changed its input q in place"),
+    (lambda q, k, v, mask=None: attention_manual(q.float(), k.float(), v.float(), mask),
+     "has dtype torch.float32 on float64 inputs"),
 ])
 def test_check_attention_refuses(fn, words):
     assert words in refused(checks.check_attention, fn)
@@ -220,6 +264,137 @@ def test_check_attention_refuses_code_that_only_works_without_batch_axes():
     assert "dim=0" in refused(checks.check_attention, softmax_dim0_batched)
 
 
-def test_hints_registered():
-    for exercise in ("01.1", "01.2", "01.3"):
-        assert exercise in checks.HINTS
+# ------------------------------------------------------------------------------ attention backward
+
+def backward_manual(q, k, v, d_out, mask=None):
+    d_k = q.shape[-1]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    A = torch.softmax(scores, dim=-1)
+    dA = d_out @ v.transpose(-2, -1)
+    dS = A * (dA - (dA * A).sum(-1, keepdim=True))
+    return dS @ k / math.sqrt(d_k), dS.transpose(-2, -1) @ q / math.sqrt(d_k), A.transpose(-2, -1) @ d_out
+
+
+def backward_by_autograd(q, k, v, d_out, mask=None):
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.autograd.grad(out, (q, k, v), d_out)
+
+
+def backward_jacobian_explicit(q, k, v, d_out, mask=None):
+    # the softmax Jacobian diag(a) - a aᵀ built as a matrix for every row, then applied
+    _, A = scaled_dot_product_attention(q, k, v, mask)
+    dA = d_out @ v.mT
+    J = torch.diag_embed(A) - A[..., :, None] * A[..., None, :]
+    dS = (J @ dA[..., :, None])[..., 0]
+    s = q.shape[-1] ** -0.5
+    return dS @ k * s, dS.mT @ q * s, A.mT @ d_out
+
+
+def backward_library(q, k, v, d_out, mask=None):
+    from course_lib.attention import attention_backward
+    return attention_backward(q, k, v, d_out, mask)
+
+
+@pytest.mark.parametrize("fn", [backward_manual, backward_by_autograd, backward_jacobian_explicit, backward_library])
+def test_check_attention_backward_accepts(fn, capsys):
+    checks.check_attention_backward(fn)
+    assert "check_attention_backward passed" in capsys.readouterr().out
+
+
+def make_backward_wrong(*, dv_no_transpose=False, dk_no_transpose=False, dq_transposed=False, no_diag=False,
+                        no_outer=False, no_softmax=False, rowsum_dim=-1, no_scale=False, scale_by_d=False,
+                        mean_over_batch=False, ignore_mask=False, sum_batch=False, float32=False):
+    """attention_backward with one deliberate slip switched on."""
+
+    def attention_backward(q, k, v, d_out, mask=None):
+        if float32:
+            q, k, v, d_out = q.float(), k.float(), v.float(), d_out.float()
+        d_k = q.shape[-1]
+        scale = 1.0 if no_scale else (1 / d_k if scale_by_d else 1 / math.sqrt(d_k))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)
+        if mask is not None and not ignore_mask:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        A = torch.softmax(scores, dim=-1)
+        dA = d_out @ v.transpose(-2, -1)
+        if no_softmax:
+            dS = dA
+        elif no_diag:
+            dS = -A * (dA * A).sum(rowsum_dim, keepdim=True)
+        elif no_outer:
+            dS = A * dA
+        else:
+            dS = A * (dA - (dA * A).sum(rowsum_dim, keepdim=True))
+        dq = (dS.transpose(-2, -1) if dq_transposed else dS) @ k * scale
+        dk = (dS if dk_no_transpose else dS.transpose(-2, -1)) @ q * scale
+        dv = (A if dv_no_transpose else A.transpose(-2, -1)) @ d_out
+        if mean_over_batch and q.dim() > 2:
+            dq, dk, dv = dq / q.shape[0], dk / q.shape[0], dv / q.shape[0]
+        if sum_batch and q.dim() > 2:
+            dk = dk.sum(0)
+        return dq, dk, dv
+
+    return attention_backward
+
+
+BACKWARD_WRONG = {
+    "dV = A dO (missing transpose)": (make_backward_wrong(dv_no_transpose=True), "a transpose is missing or extra"),
+    "dK = dS Q (missing transpose)": (make_backward_wrong(dk_no_transpose=True), "a transpose is missing or extra"),
+    "dQ = dSᵀ K (extra transpose)": (make_backward_wrong(dq_transposed=True), "a transpose is missing or extra"),
+    "no diagonal term": (make_backward_wrong(no_diag=True), "dropped the diagonal term of the softmax Jacobian"),
+    "no outer term": (make_backward_wrong(no_outer=True), "dropped the - a aᵀ part"),
+    "no softmax backward": (make_backward_wrong(no_softmax=True), "straight through the softmax"),
+    "rowsum over queries": (make_backward_wrong(rowsum_dim=-2), "your rowsum runs over the queries"),
+    "no 1/√d_k": (make_backward_wrong(no_scale=True), "missing the factor 1/√d_k"),
+    "1/d_k": (make_backward_wrong(scale_by_d=True), "scaled by 1/d_k"),
+    "mean over the batch": (make_backward_wrong(mean_over_batch=True), "divided by the batch size"),
+    "mask ignored": (make_backward_wrong(ignore_mask=True), "without the mask"),
+    "dK summed over the batch": (make_backward_wrong(sum_batch=True), "you summed over the batch axis"),
+    "float32 inside": (make_backward_wrong(float32=True), "dtype torch.float32"),
+    "returns two": (lambda q, k, v, d_out, mask=None: backward_manual(q, k, v, d_out, mask)[:2],
+                    "should return three tensors"),
+    "mutates d_out": (lambda q, k, v, d_out, mask=None: backward_manual(q, k, v, d_out.mul_(1.0), mask)
+                      if False else backward_manual(q, k, v, d_out.div_(2).mul_(2).add_(0.5), mask),
+                      "changed its input d_out in place"),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_WRONG))
+def test_check_attention_backward_refuses(name):
+    fn, words = BACKWARD_WRONG[name]
+    message = refused(checks.check_attention_backward, fn)
+    assert words in message, message
+    assert "\n" not in message
+
+
+def test_check_attention_backward_names_transposes_on_square_inputs():
+    # on a square case the shapes agree, and the sentence names the transpose
+    def square_only(fn):
+        def wrapper(q, k, v, d_out, mask=None):
+            if q.shape[-2] == k.shape[-2] and q.shape[-1] == v.shape[-1]:
+                return fn(q, k, v, d_out, mask)
+            return backward_manual(q, k, v, d_out, mask)
+        return wrapper
+
+    assert "Aᵀ dO" in refused(checks.check_attention_backward, square_only(make_backward_wrong(dv_no_transpose=True)))
+    assert "dk is missing a transpose" in refused(checks.check_attention_backward,
+                                                  square_only(make_backward_wrong(dk_no_transpose=True)))
+    assert "dq is missing a transpose" in refused(checks.check_attention_backward,
+                                                  square_only(make_backward_wrong(dq_transposed=True)))
+
+
+def test_check_attention_backward_stub():
+    def stub(q, k, v, d_out, mask=None):
+        raise NotImplementedError("Exercise 01.4 is not done yet")
+
+    with pytest.raises(NotAttempted, match="Exercise 01.4 is not done yet"):
+        checks.check_attention_backward(stub)
+
+
+def test_hints_registered(capsys):
+    for exercise in ("01.1", "01.2", "01.3", "01.4"):
+        assert len(checks.HINTS[exercise]) == 3
+        checks.hint(exercise, level=3)
+    assert capsys.readouterr().out.count("the key line") == 4

@@ -80,7 +80,27 @@ CE_WRONG = {
     "returns the loss": (lambda z, y: F.cross_entropy(z, y), "returns one number on a (4, 3) batch (it equals the loss)"),
     "unstable softmax": (lambda z, y: (torch.exp(z) / torch.exp(z).sum(1, keepdim=True) - _oh(y, z.shape[1], z)) / len(z),
                          "contains nan or inf on logits around ±1000"),
+    # right on small logits and on rows whose maximum comes first, wrong elsewhere
+    "shift by the first logit": (lambda z, y: (_shifted_softmax(z, z[:, :1]) - _oh(y, z.shape[1], z)) / len(z),
+                                 "contains nan or inf on rows whose largest logit is not first"),
+    "shift by the row mean": (lambda z, y: (_shifted_softmax(z, z.mean(1, keepdim=True)) - _oh(y, z.shape[1], z)) / len(z),
+                              "subtract each row's own maximum"),
+    "in place": (lambda z, y: _in_place_grad(z, y), "changed its input logits in place"),
+    "float32 inside": (lambda z, y: grad_builtins(z.float(), y), "has dtype torch.float32 on float64 logits"),
 }
+
+
+def _shifted_softmax(z, c):
+    e = torch.exp(z - c)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def _in_place_grad(z, y):
+    z -= z.amax(dim=1, keepdim=True)
+    z.exp_()
+    z /= z.sum(dim=1, keepdim=True)
+    z[torch.arange(len(y)), y] -= 1
+    return z / len(y)
 
 
 @pytest.mark.parametrize("name", list(CE_WRONG))
@@ -146,6 +166,13 @@ LSM_WRONG = {
     "max not added back": (lambda z: z - torch.log(torch.exp(z - _m(z)).sum(-1, keepdim=True)),
                            "forgot to add the maximum back"),
     "log of sum of z": (lambda z: z - torch.log(z.sum(-1, keepdim=True)), "log(sum(z))"),
+    # right on small logits and on rows whose maximum comes first, wrong elsewhere
+    "shift by the first logit": (lambda z: (z - z[..., :1]) - torch.log(torch.exp(z - z[..., :1]).sum(-1, keepdim=True)),
+                                 "rows whose largest logit is not first"),
+    "shift by the global maximum": (lambda z: (z - z.max()) - torch.log(torch.exp(z - z.max()).sum(-1, keepdim=True)),
+                                    "two rows 2000 apart"),
+    "in place": (lambda z: lsm_manual(z.sub_(0.0).mul_(1.0).add_(1.0)), "changed its input z in place"),
+    "float32 inside": (lambda z: lsm_builtin(z.float()), "has dtype torch.float32"),
 }
 
 
@@ -299,7 +326,12 @@ def test_numerical_grad_stub():
         checks.check_numerical_grad(stub)
 
 
+def test_catalogues_hold_at_least_five_wrong_answers_each():
+    assert min(len(CE_WRONG), len(LSM_WRONG), len(NG_WRONG)) >= 5
+
+
 def test_hints_registered(capsys):
     for exercise in ("02.1", "02.2", "02.3"):
-        checks.hint(exercise)
-    assert capsys.readouterr().out.count("for exercise 02.") == 3
+        assert len(checks.HINTS[exercise]) == 3
+        checks.hint(exercise, level=3)
+    assert capsys.readouterr().out.count("the key line") == 3

@@ -65,6 +65,11 @@ def test_layer_norm_accepts(fn, capsys):
     (lambda x, g, b, eps=1e-5: g * x / torch.sqrt(x.var(-1, keepdim=True, correction=0) + eps) + b,
      "subtract the mean"),
     (lambda x, g, b, eps=1e-5: ln_right(x, g, b, eps).mean(-1), "keep the input's shape"),
+    # right on the usual inputs, wrong on harder ones
+    (lambda x, g, b, eps=1e-3: ln_right(x, g, b, eps), "your default eps is 0.001"),
+    (lambda x, g, b, eps=1e-5: ln_right(x.float(), g.float(), b.float(), eps), "has dtype torch.float32"),
+    (lambda x, g, b, eps=1e-5: g * x.sub_(x.mean(-1, keepdim=True)).div_(
+        torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps)) + b, "changed its input x in place"),
 ])
 def test_layer_norm_refuses(fn, phrase):
     refused(checks.check_layer_norm, fn, phrase)
@@ -138,7 +143,220 @@ def test_param_count_refuses(fn, phrase):
     refused(checks.check_param_count, fn, phrase)
 
 
+# ---------------------------------------------------------------------------------------------- 03.3
+
+def lnb_right(x, gamma, dy, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    sigma = torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
+    x_hat = (x - mean) / sigma
+    g = dy * gamma
+    dx = (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma
+    return dx, (dy * x_hat).reshape(-1, x.shape[-1]).sum(0), dy.reshape(-1, x.shape[-1]).sum(0)
+
+
+def lnb_autograd(x, gamma, dy, eps=1e-5):
+    x = x.clone().requires_grad_(True)
+    gamma = gamma.clone().requires_grad_(True)
+    beta = torch.zeros_like(gamma, requires_grad=True)
+    F.layer_norm(x, (x.shape[-1],), gamma, beta, eps).backward(dy)
+    return x.grad, gamma.grad, beta.grad
+
+
+def lnb_jacobian(x, gamma, dy, eps=1e-5):
+    # the d x d Jacobian of one vector's normalisation, written out: (I - 1/d - x̂ x̂ᵀ/d) / σ
+    d = x.shape[-1]
+    mean = x.mean(-1, keepdim=True)
+    sigma = torch.sqrt(x.var(-1, keepdim=True, correction=0) + eps)
+    x_hat = (x - mean) / sigma
+    eye = torch.eye(d, dtype=x.dtype)
+    J = (eye - 1.0 / d - x_hat[..., :, None] * x_hat[..., None, :] / d) / sigma[..., None]
+    dx = (J @ (dy * gamma)[..., :, None])[..., 0]
+    return dx, (dy * x_hat).reshape(-1, d).sum(0), dy.reshape(-1, d).sum(0)
+
+
+def lnb_library(x, gamma, dy, eps=1e-5):
+    from course_lib.model import layer_norm_backward
+    return layer_norm_backward(x, gamma, dy, eps)
+
+
+@pytest.mark.parametrize("fn", [lnb_right, lnb_autograd, lnb_jacobian, lnb_library])
+def test_layer_norm_backward_accepts(fn, capsys):
+    accepted(checks.check_layer_norm_backward, fn, capsys)
+
+
+def make_lnb_wrong(*, no_mu=False, no_sigma=False, no_gamma=False, no_eps=False, unbiased=False, mean_batch=False,
+                   first_axis_only=False, x_for_xhat=False, default_eps=1e-5, float32=False, in_place=False,
+                   beta_mean=False):
+    def layer_norm_backward(x, gamma, dy, eps=default_eps):
+        if float32:
+            x, gamma, dy = x.float(), gamma.float(), dy.float()
+        d = x.shape[-1]
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, keepdim=True, correction=1 if unbiased else 0)
+        sigma = torch.sqrt(var + (0.0 if no_eps else eps))
+        x_hat = (x - mean) / sigma
+        g = dy if no_gamma else dy * gamma
+        dx = g.clone()
+        if not no_mu:
+            dx = dx - g.mean(-1, keepdim=True)
+        if not no_sigma:
+            dx = dx - x_hat * (g * x_hat).mean(-1, keepdim=True)
+        dx = dx / sigma
+        rows_g, rows_b = (dy * (x if x_for_xhat else x_hat)).reshape(-1, d), dy.reshape(-1, d)
+        if first_axis_only and x.dim() > 2:
+            dgamma, dbeta = (dy * x_hat).sum(0), dy.sum(0)
+        elif mean_batch:
+            dgamma, dbeta = rows_g.mean(0), rows_b.mean(0)
+        else:
+            dgamma, dbeta = rows_g.sum(0), (rows_b.mean(0) if beta_mean else rows_b.sum(0))
+        if in_place:
+            dy.zero_()
+        return dx, dgamma, dbeta
+    return layer_norm_backward
+
+
+LNB_WRONG = {
+    "no path through the mean": (make_lnb_wrong(no_mu=True), "left out the path through the mean"),
+    "no path through sigma": (make_lnb_wrong(no_sigma=True), "left out the path through σ"),
+    "neither path": (make_lnb_wrong(no_mu=True, no_sigma=True), "left out both paths"),
+    "gamma forgotten": (make_lnb_wrong(no_gamma=True), "you forgot gamma"),
+    "eps dropped": (make_lnb_wrong(no_eps=True), "dropped eps"),
+    "unbiased variance": (make_lnb_wrong(unbiased=True), "unbiased variance"),
+    "mean over the batch": (make_lnb_wrong(mean_batch=True), "the *sum* over the batch and positions"),
+    "dbeta mean only": (make_lnb_wrong(beta_mean=True), "you averaged dy over the rows"),
+    "sum over the first axis only": (make_lnb_wrong(first_axis_only=True), "sum over *every* leading axis"),
+    "x instead of x̂": (make_lnb_wrong(x_for_xhat=True), "you used x where x̂ belongs"),
+    "default eps 1e-3": (make_lnb_wrong(default_eps=1e-3), "your dx differs from the reference on a (3, 4) batch, called without eps"),
+    "float32 inside": (make_lnb_wrong(float32=True), "has dtype torch.float32"),
+    "changes dy in place": (make_lnb_wrong(in_place=True), "changed its input dy in place"),
+    "returns two": (lambda x, gamma, dy, eps=1e-5: lnb_right(x, gamma, dy, eps)[:2], "should return three tensors"),
+}
+
+
+@pytest.mark.parametrize("name", list(LNB_WRONG))
+def test_layer_norm_backward_refuses(name):
+    fn, phrase = LNB_WRONG[name]
+    refused(checks.check_layer_norm_backward, fn, phrase)
+
+
+def test_layer_norm_backward_stub():
+    def stub(x, gamma, dy, eps=1e-5):
+        raise NotImplementedError("Exercise 03.3 is not done yet")
+
+    with pytest.raises(NotAttempted, match="Exercise 03.3 is not done yet"):
+        checks.check_layer_norm_backward(stub)
+
+
+# ---------------------------------------------------------------------------------------------- 03.4
+
+def rope_right(x):
+    T, d = x.shape[-2], x.shape[-1]
+    theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1).flatten(-2)
+
+
+def rope_complex(x):
+    T, d = x.shape[-2], x.shape[-1]
+    theta = 10000.0 ** (-torch.arange(0, d, 2) / d)                       # float32 angles are precise enough
+    rotation = torch.polar(torch.ones(T, d // 2), torch.arange(T)[:, None] * theta)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    return torch.view_as_real(pairs * rotation).reshape(x.shape).to(x.dtype)
+
+
+def rope_library(x):
+    from course_lib.positions import apply_rope
+    return apply_rope(x)
+
+
+@pytest.mark.parametrize("fn", [rope_right, rope_complex, rope_library])
+def test_rope_accepts(fn, capsys):
+    accepted(checks.check_rope, fn, capsys)
+
+
+def make_rope_wrong(*, halves=False, exponent=2.0, sign=1.0, start=0, first_axis=False, same_angle=False,
+                    cos_twice=False, float32=False, in_place=False):
+    def rope(x):
+        if float32:
+            x = x.float()
+        T = x.shape[0] if first_axis else x.shape[-2]
+        d = x.shape[-1]
+        theta = 10000.0 ** (-exponent * torch.arange(d // 2, dtype=torch.float64) / d)
+        if same_angle:
+            theta = torch.ones_like(theta)
+        angles = (torch.arange(T, dtype=torch.float64) + start)[:, None] * theta
+        cos, sin = angles.cos().to(x.dtype), sign * angles.sin().to(x.dtype)
+        if first_axis and x.dim() > 2:
+            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        if halves:
+            x1, x2 = x[..., : d // 2], x[..., d // 2:]
+            return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        x_even, x_odd = x[..., 0::2], x[..., 1::2]
+        second = x_even * cos + x_odd * cos if cos_twice else x_even * sin + x_odd * cos
+        out = torch.stack((x_even * cos - x_odd * sin, second), dim=-1).flatten(-2)
+        if in_place:
+            x.copy_(out)
+            return x
+        return out
+    return rope
+
+
+ROPE_WRONG = {
+    "half-split pairs": (make_rope_wrong(halves=True), "paired dimension i with i + d/2"),
+    "missing factor 2 in the exponent": (make_rope_wrong(exponent=1.0), "10000^(-i/d)"),
+    "frequencies inverted": (make_rope_wrong(exponent=-2.0), "your frequencies grow with i"),
+    "rotation the other way": (make_rope_wrong(sign=-1.0), "you rotate by -m·θ_i"),
+    "positions from 1": (make_rope_wrong(start=1), "your positions start at 1"),
+    "positions from the first axis": (make_rope_wrong(first_axis=True), "positions from the first axis"),
+    "one angle for every pair": (make_rope_wrong(same_angle=True), "your rope differs from the reference"),
+    "cos where sin belongs": (make_rope_wrong(cos_twice=True), "changes the length of the vectors"),
+    "float32 inside": (make_rope_wrong(float32=True), "has dtype torch.float32"),
+    "rotates x in place": (make_rope_wrong(in_place=True), "changed its input x in place"),
+    "identity": (lambda x: x.clone(), "you returned x unrotated"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_WRONG))
+def test_rope_refuses(name):
+    fn, phrase = ROPE_WRONG[name]
+    refused(checks.check_rope, fn, phrase)
+
+
+def test_rope_offset_property_is_checked_on_its_own():
+    # rotating queries by a position-independent angle passes no case, but a function that is right on the
+    # cases and breaks the offset property must still fail: it sees position m as m**2 beyond row 7
+    def right_then_quadratic(x):
+        out = rope_right(x)
+        if x.shape[-2] == 9 and x.shape[-1] == 16:
+            m = torch.arange(9, dtype=torch.float64) ** 2
+            theta = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+            angles = m[:, None] * theta
+            xe, xo = x[..., 0::2], x[..., 1::2]
+            out = torch.stack((xe * angles.cos() - xo * angles.sin(), xe * angles.sin() + xo * angles.cos()),
+                              dim=-1).flatten(-2)
+        return out
+
+    refused(checks.check_rope, right_then_quadratic, "depend only on the offset n - m")
+
+
+def test_rope_stub():
+    def stub(x):
+        raise NotImplementedError("Exercise 03.4 is not done yet")
+
+    with pytest.raises(NotAttempted, match="Exercise 03.4 is not done yet"):
+        checks.check_rope(stub)
+
+
+def test_catalogues_hold_at_least_five_wrong_answers_each():
+    assert len(test_layer_norm_refuses.pytestmark[0].args[1]) >= 5
+    assert len(test_param_count_refuses.pytestmark[0].args[1]) >= 5
+    assert len(LNB_WRONG) >= 5 and len(ROPE_WRONG) >= 5
+
+
 def test_hints_exist(capsys):
-    for exercise in ("03.1", "03.2"):
-        checks.hint(exercise)
-    assert capsys.readouterr().out.count("for exercise") == 2
+    for exercise in ("03.1", "03.2", "03.3", "03.4"):
+        assert len(checks.HINTS[exercise]) == 3
+        checks.hint(exercise, level=3)
+    assert capsys.readouterr().out.count("the key line") == 4

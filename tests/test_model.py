@@ -323,7 +323,7 @@ def test_one_cached_query_attends_to_every_key():
 
 # ---- the backward pass of LayerNorm by hand (03.3) and the position options' defaults ---------------
 
-@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 6), (2, 2, 3, 4)])
+@pytest.mark.parametrize("shape", [(6,), (5, 8), (2, 3, 6), (2, 2, 3, 4)])
 def test_layer_norm_backward_matches_autograd_in_float64(shape):
     from course_lib.model import layer_norm_backward
 

@@ -16,13 +16,44 @@ from course_lib.checks.framework import (
 # ---- 02_cross_entropy: the cross-entropy gradient, a stable log-softmax, central differences
 # ----------------------------------------------------------------------------------------------
 
-register_hint("02.1", "p = torch.softmax(logits, dim=1); subtract 1 at each row's target class "
-                      "(p - F.one_hot(targets, C)), then divide by N = logits.shape[0], the number of rows.")
-register_hint("02.2", "m = z.max(dim=-1, keepdim=True).values; return (z - m) - torch.log(torch.exp(z - m)"
-                      ".sum(dim=-1, keepdim=True)). Every exp is then at most exp(0) = 1.")
-register_hint("02.3", "Work on g = torch.zeros_like(x) and xc = x.clone(); for each index i of xc.view(-1): "
-                      "set it to old + eps, evaluate f, set it to old - eps, evaluate f, put old back; "
-                      "g.view(-1)[i] = (f_plus - f_minus) / (2 * eps).")
+register_hint(
+    "02.1",
+    "The loss is a mean over the N rows, and each row's loss depends only on that row's logits; so "
+    "row i of the gradient is (1/N) times the gradient of one example's loss, which section 3 derived.",
+    "Compute p = softmax over each row (stable: torch.softmax or subtract the row maximum), build the one-hot "
+    "rows of the targets in p's dtype, subtract, and divide by N = logits.shape[0] (the rows, not the classes). "
+    "Leave the logits unchanged: no in-place -= or exp_().",
+    "return (torch.softmax(logits, dim=1) - F.one_hot(targets, logits.shape[1]).to(logits.dtype)) / logits.shape[0]")
+register_hint(
+    "02.2",
+    "log softmax(z) = z - log(sum(exp(z))). The log-sum-exp is the part that overflows; it can be shifted by "
+    "any constant m: log(sum(exp(z))) = m + log(sum(exp(z - m))).",
+    "Take m = each row's own maximum over the last axis (keepdim=True); then every exponent is <= 0 and the "
+    "sum is >= 1, so neither exp nor log misbehaves. Return (z - m) - log(sum(exp(z - m))), not the log of a "
+    "softmax (that gives -inf where the softmax underflows to 0).",
+    "m = z.amax(dim=-1, keepdim=True); return (z - m) - torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))")
+register_hint(
+    "02.3",
+    "Nudge one entry of x at a time, up and down by eps, and see how much f changes: "
+    "(f(x + eps e_i) - f(x - eps e_i)) / (2 eps) for every index i.",
+    "Start from g = torch.zeros_like(x) (same shape and dtype) and a copy xc = x.clone(); loop over the entries "
+    "of xc.view(-1): remember the old value, set old + eps and evaluate f, set old - eps and evaluate f, put "
+    "the old value back, store the difference quotient in g.view(-1)[i].",
+    "g.view(-1)[i] = (f_plus - f_minus) / (2 * eps)")
+
+
+def _unchanged02(given: torch.Tensor, original: torch.Tensor, what: str, name: str, case: str) -> None:
+    __tracebackhide__ = True
+    if not torch.equal(given, original):
+        fail(f"your {what} changed its input {name} in place on {case} (an in-place op such as -=, /= or "
+             f"exp_()); compute into a new tensor so the caller's {name} stays as it was.")
+
+
+def _dtype02(result: torch.Tensor, dtype: torch.dtype, what: str, case: str) -> None:
+    __tracebackhide__ = True
+    if result.dtype != dtype:
+        fail(f"{what} has dtype {result.dtype} on {case}, but the logits are {dtype}; keep their dtype (no "
+             f".float(), and no torch.tensor(...) rebuilt from the numbers).")
 
 
 def _ce02_onehot(targets: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
@@ -39,13 +70,18 @@ def check_cross_entropy_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
         "a square (3, 3) batch": (torch.randn(3, 3, generator=generator) * 2, torch.tensor([1, 2, 2])),
         "logits around ±1000": (torch.tensor([[1000.0, 0.0, -1000.0, 500.0], [1000.0, 1000.0, 999.0, -1000.0],
                                              [-1000.0, -1001.0, -1002.0, -1003.0]]), torch.tensor([1, 2, 0])),
+        "rows whose largest logit is not first: [[-1000, 0, 1000, 500], [0, -1000, 500, 1000]]":
+            (torch.tensor([[-1000.0, 0.0, 1000.0, 500.0], [0.0, -1000.0, 500.0, 1000.0]]), torch.tensor([2, 0])),
         "a single example with C=2": (torch.tensor([[0.5, -1.5]]), torch.tensor([1])),
         "float64 logits (5, 7)": (torch.randn(5, 7, generator=generator, dtype=torch.float64) * 5,
                                   torch.tensor([6, 0, 3, 3, 1])),
     }
     for case, (z, y) in cases.items():
         n, c = z.shape
-        result = call_student(fn, z.clone(), y.clone(), case=case)
+        z_given, y_given = z.clone(), y.clone()
+        result = call_student(fn, z_given, y_given, case=case)
+        _unchanged02(z_given, z, "gradient function", "logits", case)
+        _unchanged02(y_given, y, "gradient function", "targets", case)
         result = require_tensor(result, "your gradient")
         p = torch.softmax(z.double(), dim=1)
         onehot = _ce02_onehot(y, c, p)
@@ -57,7 +93,10 @@ def check_cross_entropy_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
                  f"of the loss with respect to the logits, a tensor of shape {tuple(z.shape)} like the logits.")
         if result.shape == expected.shape and not torch.isfinite(result).all() and z.abs().max() >= 500:
             fail(f"your gradient contains nan or inf on {case}: exp(1000) overflows to inf; subtract each "
-                 f"row's maximum before exp (softmax(z) = softmax(z - max z)) or use torch.softmax.")
+                 f"row's own maximum before exp (softmax(z) = softmax(z - max z); not the first element or "
+                 f"the mean of the row) or use torch.softmax.")
+        if result.shape == expected.shape:
+            _dtype02(result, z.dtype, "your gradient", case)
         compare(result, expected, what="your gradient", case=case, wrong_answers={
             "you forgot to divide by N; the loss is the mean over the N rows, so the gradient is "
             "(softmax(z) - onehot(y)) / N": lambda: p - onehot,
@@ -97,19 +136,28 @@ def check_log_softmax(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         "a (2, 3, 4) batch": torch.randn(2, 3, 4, generator=generator) * 3,
         "logits around ±1000": torch.tensor([[1000.0, 0.0, -1000.0], [1000.0, 1000.0, 999.0]], dtype=torch.float64),
         "logits 1000 apart": torch.tensor([[0.0, -1000.0], [5.0, -995.0]], dtype=torch.float64),
+        "rows whose largest logit is not first: [[-1000, 0, 1000], [0, 1000, -1000]]":
+            torch.tensor([[-1000.0, 0.0, 1000.0], [0.0, 1000.0, -1000.0]], dtype=torch.float64),
+        "two rows 2000 apart: [[1000, 999, 998], [-1000, -1001, -1002]]":
+            torch.tensor([[1000.0, 999.0, 998.0], [-1000.0, -1001.0, -1002.0]], dtype=torch.float64),
         "float64 logits (4, 6)": torch.randn(4, 6, generator=generator, dtype=torch.float64) * 10,
     }
     for case, z in cases.items():
-        result = call_student(fn, z.clone(), case=case)
+        z_given = z.clone()
+        result = call_student(fn, z_given, case=case)
+        _unchanged02(z_given, z, "log_softmax", "z", case)
         result = require_tensor(result, "your log_softmax")
         expected = torch.log_softmax(z.double(), dim=-1)
+        if result.shape == expected.shape:
+            _dtype02(result, z.dtype, "your log_softmax", case)
         if result.shape == expected.shape and not torch.isfinite(result).all() and z.abs().max() >= 500:
             if torch.isnan(result).any():
                 fail(f"your log_softmax gives nan on {case}: exp(1000) overflows to inf (and inf/inf is nan); "
                      f"subtract each row's maximum from z before taking exp.")
-            fail(f"your log_softmax gives -inf on {case}, where the answer is a finite number like -1000: "
-                 f"softmax underflows to exactly 0 there and log(0) = -inf, so do not take the log of a "
-                 f"softmax; compute z - logsumexp(z) instead.")
+            fail(f"your log_softmax gives -inf on {case}, where the answer is a finite number like -1000: a "
+                 f"softmax or a sum of exponentials underflowed to exactly 0 and log(0) = -inf; subtract each "
+                 f"row's own maximum m (keepdim=True) and compute (z - m) - log(sum(exp(z - m))), never the log "
+                 f"of a softmax.")
         m = z.double().amax(dim=-1, keepdim=True)
         compare(result, expected, what="your log_softmax", case=case, wrong_answers={
             "you normalised over the first axis (dim=0); log-softmax goes over the last axis (dim=-1)":
