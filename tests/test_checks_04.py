@@ -175,6 +175,17 @@ def only_values(logits, k):
     return torch.topk(logits, k, dim=-1).values
 
 
+def topk_in_place(logits, k):                # right values, but the caller's logits are overwritten
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    logits[logits < kth] = float("-inf")
+    return logits
+
+
+def topk_float32(logits, k):                 # scatter into a float32 buffer: float64 logits come back as float32
+    values, index = torch.topk(logits, k, dim=-1)
+    return torch.full(logits.shape, float("-inf")).scatter(-1, index, values.float())
+
+
 @pytest.mark.parametrize("fn, phrase", [
     (_keep(lambda k: k - 1), "keeps k - 1"),
     (_keep(lambda k: k + 1), "keeps k + 1"),
@@ -188,12 +199,293 @@ def only_values(logits, k):
     (only_values, "should keep the shape"),
     (lambda logits, k: logits, "drops nothing"),
     (lambda logits, k: topk_right(logits, k) * 2, "changes their values"),
+    (topk_in_place, "changes its input logits in place"),
+    (topk_float32, "keep the input's dtype"),
 ])
 def test_top_k_refuses(fn, phrase):
     refused(checks.check_top_k, fn, phrase)
 
 
-def test_hints_exist(capsys):
-    for exercise in ("04.1", "04.2"):
-        checks.hint(exercise)
-    assert capsys.readouterr().out.count("for exercise") == 2
+
+# ---------------------------------------------------------------------------------------------- 04.3
+
+from collections import Counter  # noqa: E402
+
+
+def _count(chunks):
+    return Counter(p for chunk in chunks for p in zip(chunk, chunk[1:]))
+
+
+def _merge_left_to_right(chunk, pair, new_id):
+    out, i = [], 0
+    while i < len(chunk):
+        if i + 1 < len(chunk) and (chunk[i], chunk[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(chunk[i])
+            i += 1
+    return out
+
+
+def merge_step_right(chunks, new_id):
+    counts = _count(chunks)
+    pair = max(counts, key=counts.get)
+    return pair, [_merge_left_to_right(c, pair, new_id) for c in chunks]
+
+
+def merge_step_most_common(chunks, new_id):           # Counter.most_common, a tuple of lists
+    counts = Counter()
+    for chunk in chunks:
+        counts.update(zip(chunk, chunk[1:]))
+    (pair, _), = counts.most_common(1)
+    return tuple(pair), [_merge_left_to_right(list(c), pair, new_id) for c in chunks]
+
+
+def merge_step_last_tie(chunks, new_id):              # a different (legal) tie-break: the largest pair
+    counts = _count(chunks)
+    pair = max(counts, key=lambda p: (counts[p], p))
+    return list(pair), [_merge_left_to_right(c, pair, new_id) for c in chunks]
+
+
+def merge_step_library(chunks, new_id):
+    from course_lib.bpe import merge_pair
+
+    counts = _count(chunks)
+    pair = min(counts, key=lambda p: (-counts[p], p))
+    return pair, [merge_pair(c, pair, new_id) for c in chunks]
+
+
+@pytest.mark.parametrize("fn", [merge_step_right, merge_step_most_common, merge_step_last_tie, merge_step_library])
+def test_merge_step_accepts(fn, capsys):
+    accepted(checks.check_merge_step, fn, capsys)
+
+
+def merge_across_pretokens(chunks, new_id):           # counts over the joined stream
+    stream = [i for c in chunks for i in c]
+    counts = Counter(zip(stream, stream[1:]))
+    pair = max(counts, key=counts.get)
+    return pair, [_merge_left_to_right(c, pair, new_id) for c in chunks]
+
+
+def merge_no_skip(chunks, new_id):                    # overlapping merges: [7, 7, 7] -> [new, new]
+    counts = _count(chunks)
+    pair = max(counts, key=counts.get)
+    out = []
+    for c in chunks:
+        merged = [new_id if (a, b) == pair else a for a, b in zip(c, c[1:])]
+        if c and (len(c) < 2 or (c[-2], c[-1]) != pair):
+            merged.append(c[-1])
+        out.append(merged)
+    return pair, out
+
+
+def merge_first_only(chunks, new_id):
+    counts = _count(chunks)
+    pair = max(counts, key=counts.get)
+    out = []
+    for c in chunks:
+        for i in range(len(c) - 1):
+            if (c[i], c[i + 1]) == pair:
+                c = c[:i] + [new_id] + c[i + 2:]
+                break
+        out.append(list(c))
+    return pair, out
+
+
+def merge_drop_last(chunks, new_id):                  # the loop stops one short and never adds the tail
+    counts = _count(chunks)
+    pair = max(counts, key=counts.get)
+    out = []
+    for c in chunks:
+        merged, i = [], 0
+        while i < len(c) - 1:
+            if (c[i], c[i + 1]) == pair:
+                merged.append(new_id)
+                i += 2
+            else:
+                merged.append(c[i])
+                i += 1
+        out.append(merged if len(c) > 1 else list(c))
+    return pair, out
+
+
+def merge_in_place(chunks, new_id):                   # rewrites the caller's lists
+    counts = _count(chunks)
+    pair = max(counts, key=counts.get)
+    for c in chunks:
+        c[:] = _merge_left_to_right(c, pair, new_id)
+    return pair, chunks
+
+
+def merge_least_frequent(chunks, new_id):
+    counts = _count(chunks)
+    pair = min(counts, key=counts.get)
+    return pair, [_merge_left_to_right(c, pair, new_id) for c in chunks]
+
+
+def merge_wrong_id(chunks, new_id):                   # invents its own id instead of the one given
+    counts = _count(chunks)
+    pair = max(counts, key=counts.get)
+    fresh = max(i for c in chunks for i in c) + 1
+    return pair, [_merge_left_to_right(c, pair, fresh) for c in chunks]
+
+
+def merge_flat(chunks, new_id):
+    pair, merged = merge_step_right(chunks, new_id)
+    return pair, [i for c in merged for i in c]
+
+
+def merge_swapped(chunks, new_id):
+    pair, merged = merge_step_right(chunks, new_id)
+    return merged, pair
+
+
+def merge_tuple_pairs_only(chunks, new_id):           # returns only the pair
+    return merge_step_right(chunks, new_id)[0]
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (merge_across_pretokens, "counted across pre-tokens"),
+    (merge_no_skip, "jump past both symbols"),
+    (merge_first_only, "only the first occurrence"),
+    (merge_drop_last, "drops the last symbol"),
+    (merge_in_place, "changes the input pre-tokens in place"),
+    (merge_least_frequent, "least frequent"),
+    (merge_wrong_id, "use the new_id it is given"),
+    (merge_flat, "one flat list"),
+    (merge_swapped, "return the pair first"),
+    (merge_tuple_pairs_only, "should return a tuple (pair, new_chunks)"),
+])
+def test_merge_step_refuses(fn, phrase):
+    refused(checks.check_merge_step, fn, phrase)
+
+
+# ---------------------------------------------------------------------------------------------- 04.4
+
+def cache_step_right(q, k, v, k_cache, v_cache):
+    k_cache = torch.cat([k_cache, k], dim=-2)
+    v_cache = torch.cat([v_cache, v], dim=-2)
+    return F.scaled_dot_product_attention(q, k_cache, v_cache), k_cache, v_cache
+
+
+def cache_step_by_hand(q, k, v, k_cache, v_cache):
+    K, V = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
+    weights = torch.softmax(q @ K.mT / math.sqrt(q.shape[-1]), dim=-1)
+    return weights @ V, K, V
+
+
+def cache_step_course_attention(q, k, v, k_cache, v_cache):
+    from course_lib.attention import scaled_dot_product_attention
+
+    K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return scaled_dot_product_attention(q, K, V)[0], K, V
+
+
+def cache_step_library(q, k, v, k_cache, v_cache):
+    from course_lib.model import KVCache
+
+    cache = KVCache(1)
+    if k_cache.shape[-2]:
+        cache.update(0, k_cache, v_cache)
+    K, V = cache.update(0, k, v)
+    return F.scaled_dot_product_attention(q, K, V), K, V
+
+
+@pytest.mark.parametrize("fn", [cache_step_right, cache_step_by_hand, cache_step_course_attention, cache_step_library])
+def test_kv_cache_step_accepts(fn, capsys):
+    accepted(checks.check_kv_cache_step, fn, capsys)
+
+
+def cache_is_causal(q, k, v, k_cache, v_cache):       # the trap: right for the first token only
+    K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return F.scaled_dot_product_attention(q, K, V, is_causal=True), K, V
+
+
+def cache_attend_before_append(q, k, v, k_cache, v_cache):
+    y = torch.softmax(q @ k_cache.mT / math.sqrt(q.shape[-1]), -1) @ v_cache
+    return y, torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+
+
+def cache_prepend(q, k, v, k_cache, v_cache):         # the output is the same, the cache order is not
+    K, V = torch.cat([k, k_cache], -2), torch.cat([v, v_cache], -2)
+    return F.scaled_dot_product_attention(q, K, V), K, V
+
+
+def cache_wrong_axis(q, k, v, k_cache, v_cache):
+    K, V = torch.cat([k_cache, k], 1), torch.cat([v_cache, v], 1)
+    return F.scaled_dot_product_attention(q, K, V), K, V
+
+
+def cache_not_returned(q, k, v, k_cache, v_cache):
+    K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return F.scaled_dot_product_attention(q, K, V), k_cache, v_cache
+
+
+def cache_no_scale(q, k, v, k_cache, v_cache):
+    K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return torch.softmax(q @ K.mT, -1) @ V, K, V
+
+
+def cache_softmax_over_queries(q, k, v, k_cache, v_cache):
+    K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return torch.softmax(q @ K.mT / math.sqrt(q.shape[-1]), -2) @ V, K, V
+
+
+def cache_keys_in_both(q, k, v, k_cache, v_cache):
+    K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, k], -2)
+    return F.scaled_dot_product_attention(q, K, V), K, V
+
+
+def cache_scales_q_in_place(q, k, v, k_cache, v_cache):
+    q /= math.sqrt(q.shape[-1])
+    K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return torch.softmax(q @ K.mT, -1) @ V, K, V
+
+
+def cache_float32(q, k, v, k_cache, v_cache):         # right in float32, loses the float64 inputs' dtype
+    y, K, V = cache_step_right(q, k, v, k_cache, v_cache)
+    return y.float(), K, V
+
+
+def cache_first_head_only(q, k, v, k_cache, v_cache):  # right with one head, wrong with several
+    K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    w = torch.softmax(q[:, :1] @ K[:, :1].mT / math.sqrt(q.shape[-1]), -1)
+    return (w @ V[:, :1]).expand_as(q).clone(), K, V
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (cache_is_causal, "attends only to the first key"),
+    (cache_attend_before_append, "append the new key and value before attending"),
+    (cache_prepend, "at the front of the cache"),
+    (cache_wrong_axis, "append along the time axis"),
+    (cache_not_returned, "still holds 0 tokens"),
+    (cache_no_scale, "not divided by √d_head"),
+    (cache_softmax_over_queries, "wrong axis"),
+    (cache_keys_in_both, "v_cache holds the keys"),
+    (cache_scales_q_in_place, "changes its input q in place"),
+    (cache_float32, "keep the inputs' dtype"),
+    (cache_first_head_only, "y differs from the reference on batch 2, 3 heads"),
+])
+def test_kv_cache_step_refuses(fn, phrase):
+    refused(checks.check_kv_cache_step, fn, phrase)
+
+
+# ---------------------------------------------------------------------------------------------- stubs, hints
+
+@pytest.mark.parametrize("check, exercise", [(checks.check_lr_schedule, "04.1"), (checks.check_top_k, "04.2"),
+                                             (checks.check_merge_step, "04.3"),
+                                             (checks.check_kv_cache_step, "04.4")])
+def test_a_stub_is_reported_as_not_attempted(check, exercise):
+    def stub(*args, **kwargs):
+        raise NotImplementedError(checks.stub_message(exercise))
+
+    with pytest.raises(NotAttempted, match=rf"^Exercise {exercise} is not done yet"):
+        check(stub)
+
+
+def test_hints_exist_in_three_levels(capsys):
+    for exercise in ("04.1", "04.2", "04.3", "04.4"):
+        for level in (1, 2, 3):
+            checks.hint(exercise, level=level)
+    assert capsys.readouterr().out.count("for exercise 04.") == 12
