@@ -295,8 +295,10 @@ def _opener(settings: dict[str, str]) -> urllib.request.OpenerDirector:
     handlers: list[urllib.request.BaseHandler] = []
     if settings.get("proxy"):
         handlers.append(urllib.request.ProxyHandler({"http": settings["proxy"], "https": settings["proxy"]}))
-    cafile = settings.get("cert") or None
-    handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
+    cert = settings.get("cert") or None
+    context = (ssl.create_default_context(capath=cert) if cert and Path(cert).is_dir()
+               else ssl.create_default_context(cafile=cert))
+    handlers.append(urllib.request.HTTPSHandler(context=context))
     return urllib.request.build_opener(*handlers)
 
 
