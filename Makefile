@@ -10,7 +10,7 @@ NB          ?=
 PROFILE     ?= cpu
 JOBS        ?= 2
 
-.PHONY: lab test test-browser setup kernel assets nbval nbval-solution nbval-student student execute execute-all clean-cache
+.PHONY: lab test test-browser test-latest setup kernel assets nbval nbval-solution nbval-student student execute execute-all clean-cache
 
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
@@ -59,6 +59,9 @@ nbval-student:
 
 test-browser: setup  ## JupyterLab in headless Chromium (needs scripts/install_browser.sh)
 	COURSE_PROFILE=ci $(PY) -m pytest -q -rs tests/browser -p no:cacheprovider
+
+test-latest:  ## canary: unit tests against the newest releases of the pinned packages (torch stays pinned), in .venv-latest
+	JOBS=$(JOBS) bash scripts/test_latest.sh $(PYTHON_BOOT)
 
 execute: $(STAMP)  ## re-execute one notebook in place: make execute NB=notebooks/01_attention.ipynb [PROFILE=cpu]
 	@test -n "$(NB)" || { echo "usage: make execute NB=notebooks/NN_name.ipynb [PROFILE=cpu]"; exit 2; }
