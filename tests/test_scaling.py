@@ -256,3 +256,173 @@ def test_run_sweep_trains_and_records_each_run():
     assert records[2]["N"] > records[0]["N"]
     assert all(math.isfinite(r["val_loss"]) for r in records)
     assert isinstance(train_tokens, torch.Tensor)
+
+
+# ---------------------------------------------------------------- IsoFLOP sweeps of trained runs (Approach 2)
+
+REFERENCE_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"   # beside the repository
+
+
+def _runs_from_law(law, plan, noise=0.0, seed=0):
+    """Records shaped like isoflop_sweep's, with losses from a known law (plus log-normal noise)."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for C, sizes in plan.items():
+        for N in sizes:
+            D = C / (6 * N)
+            loss = scaling.chinchilla_loss(N, D, law) * math.exp(rng.normal(0, noise)) if noise else \
+                scaling.chinchilla_loss(N, D, law)
+            runs.append({"C_budget": C, "d_model": int(N), "n_layer": 1, "N": N, "D": D, "val_loss": loss, "seed": 0})
+    return runs
+
+
+def test_isoflop_sweep_spends_each_budget_and_counts_every_parameter():
+    from course_lib.model import GPT, GPTConfig, count_params, flops_per_token
+    from course_lib.synthetic import make_language
+
+    lang = make_language(8, bigram_successors=3, trigram_successors=2)
+    train_tokens, val_tokens = lang.train_val(5000, 2000)
+    plan = {2e7: [(8, 1), (12, 1), (16, 1)]}
+    runs = scaling.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan=plan, batch_size=4, context=8,
+                                 eval_batches=2, seeds={2e7: (0, 1)}, progress=False)
+    assert [(r["d_model"], r["seed"]) for r in runs] == [(8, 0), (8, 1), (12, 0), (12, 1), (16, 0), (16, 1)]
+    for r in runs:
+        model = GPT(GPTConfig(vocab_size=8, context=8, n_layer=1, n_head=1, d_model=r["d_model"]))
+        assert r["N"] == count_params(model, non_embedding=False) > r["N_non_embedding"]      # embeddings counted
+        assert r["D"] == r["steps"] * 4 * 8 and r["C"] == 6.0 * r["N"] * r["D"]
+        assert abs(r["C"] - 2e7) <= 0.5 * 6 * r["N"] * 4 * 8                  # within half a step of the budget
+        assert r["C_matmul"] == flops_per_token(model.config, training=True, seq_len=8) * r["D"]
+    assert runs[0]["steps"] > runs[2]["steps"] > runs[4]["steps"]             # bigger models, fewer tokens
+    with pytest.raises(ValueError, match="at least 3"):
+        scaling.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan={2e7: [(8, 1)]}, batch_size=4, context=8)
+    with pytest.raises(ValueError, match="less than one step"):
+        scaling.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan={1e3: [(8, 1), (12, 1), (16, 1)]},
+                              batch_size=4, context=8)
+
+
+def test_isoflop_sweep_gives_the_same_numbers_in_worker_processes():
+    from course_lib.synthetic import make_language
+
+    lang = make_language(8, bigram_successors=3, trigram_successors=2)
+    train_tokens, val_tokens = lang.train_val(5000, 2000)
+    kwargs = dict(vocab_size=8, plan={1e7: [(8, 1), (12, 1), (16, 1)]}, batch_size=4, context=8, eval_batches=2,
+                  progress=False)
+    here = scaling.isoflop_sweep(train_tokens, val_tokens, workers=1, **kwargs)
+    there = scaling.isoflop_sweep(train_tokens, val_tokens, workers=2, **kwargs)
+    assert [r["val_loss"] for r in here] == [r["val_loss"] for r in there]
+
+
+def test_isoflop_minima_of_a_known_law_follow_its_closed_form():
+    law = {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}
+    budgets = [1e10, 1e11, 1e12, 1e13]
+    plan = {C: scaling.compute_optimal(C, law)[0] * np.geomspace(1 / 4, 4, 7) for C in budgets}
+    minima = scaling.isoflop_minima(_runs_from_law(law, plan))
+    for m, C in zip(minima, budgets):
+        assert m["C"] == C and m["n_runs"] == 7 and m["extrapolated"] == 0.0
+        assert m["N_opt"] == pytest.approx(scaling.compute_optimal(C, law)[0], rel=0.05)
+        assert m["rms_residual"] < 0.01 * m["L_opt"]              # a parabola in ln N is close, not exact
+    fit = scaling.fit_exponent(budgets, [m["N_opt"] for m in minima])
+    assert fit["a"] == pytest.approx(scaling.optimal_exponents(law)["a"], abs=0.01)
+    draws = scaling.bootstrap_isoflop_exponent(_runs_from_law(law, plan, noise=0.002), n_resamples=200)
+    lo, hi = scaling.interval(draws)
+    assert lo < scaling.optimal_exponents(law)["a"] < hi and hi - lo < 0.2
+
+
+def test_seeds_are_averaged_before_the_parabola():
+    runs = [{"C_budget": 1.0, "d_model": d, "n_layer": 1, "N": N, "val_loss": L, "seed": s}
+            for (d, N, L0) in [(8, 1e3, 2.0), (16, 4e3, 1.8), (32, 1.6e4, 1.9)] for s, L in [(0, L0 - 0.01), (1, L0 + 0.01)]]
+    merged = scaling.mean_over_seeds(runs)
+    assert [r["val_loss"] for r in merged] == pytest.approx([2.0, 1.8, 1.9]) and {r["n_seeds"] for r in merged} == {2}
+
+
+def test_bootstrap_chinchilla_brackets_the_truth_and_shrinks_without_noise():
+    law = {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}
+    plan = {C: scaling.compute_optimal(C, law)[0] * np.geomspace(1 / 4, 4, 7) for C in (1e10, 1e11, 1e12, 1e13)}
+    runs = _runs_from_law(law, plan, noise=0.003, seed=1)
+    N, D, L = (np.array([r[k] for r in runs]) for k in ("N", "D", "val_loss"))
+    fit = scaling.fit_chinchilla(N, D, L, grid=SMALL_GRID)
+    draws = scaling.bootstrap_chinchilla(N, D, L, fit, n_resamples=100, seed=0)
+    assert set(draws) == {"E", "A", "B", "alpha", "beta", "a"} and draws["E"].shape == (100,)
+    lo, hi = scaling.interval(draws["E"])
+    assert hi - lo < 0.2 and lo - (hi - lo) / 2 <= 1.3 <= hi + (hi - lo) / 2   # a 95% interval may just miss
+    assert lo <= fit["E"] <= hi
+    np.testing.assert_allclose(draws["a"], draws["beta"] / (draws["alpha"] + draws["beta"]))
+    exact = _runs_from_law(law, plan)
+    N, D, L = (np.array([r[k] for r in exact]) for k in ("N", "D", "val_loss"))
+    still = scaling.bootstrap_chinchilla(N, D, L, law, n_resamples=20, seed=0)
+    assert np.ptp(still["E"]) < 1e-3                       # resampling exact data finds the same law
+    assert scaling.interval([1.0, 2.0, 3.0, 4.0, 5.0], level=0.5) == (2.0, 4.0)
+
+
+@pytest.mark.skipif(not (REFERENCE_DATA / "chinchilla_svg_extracted.csv").exists(),
+                    reason=f"reference data is absent ({REFERENCE_DATA} is not shipped with the course)")
+def test_bootstrap_over_the_digitised_chinchilla_runs_covers_the_replication():
+    """Besiroglu et al. 2024 bootstrap over runs; their Table 1 point estimates must lie in our intervals,
+    and the law's own compute-optimal exponent must agree with Approaches 1 and 2 (a = 0.50, 0.49)."""
+    import csv
+
+    with (REFERENCE_DATA / "chinchilla_svg_extracted.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    N = np.array([float(r["Model Size"]) for r in rows])
+    C = np.array([float(r["Training FLOP"]) for r in rows])
+    L = np.array([float(r["loss"]) for r in rows])
+    keep = np.argsort(L)[:-5]
+    N, D, L = N[keep], C[keep] / (6 * N[keep]), L[keep]
+    draws = scaling.bootstrap_chinchilla(N, D, L, scaling.BESIROGLU_2024, n_resamples=60, seed=0)
+    for key in ("E", "alpha", "beta"):
+        lo, hi = scaling.interval(draws[key])
+        assert lo < scaling.BESIROGLU_2024[key] < hi, (key, lo, hi)
+    lo, hi = scaling.interval(draws["a"])
+    assert 0.45 < lo < 0.513 < hi < 0.58
+    assert scaling.optimal_exponents(scaling.BESIROGLU_2024)["a"] == pytest.approx(0.513, abs=0.001)
+
+
+# ---------------------------------------------------------------- the scaling lab's training service
+
+
+def _service(**overrides):
+    law = {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}
+    plan = {C: np.round(scaling.compute_optimal(C, law)[0] * np.geomspace(1 / 4, 4, 7)) for C in (1e10, 3e10, 3e11)}
+    kwargs = dict(offered_budgets=[1e10, 3e10], flop_budget=2e11, target_budget=3e11, floor=1.3)
+    return scaling.TrainingService(_runs_from_law(law, plan), **{**kwargs, **overrides}), law
+
+
+def test_training_service_charges_each_run_once_and_refuses_to_overspend():
+    service, law = _service()
+    menu = service.menu()
+    assert len(menu) == 14 and {m["C"] for m in menu} == {1e10, 3e10}          # the target budget is not for sale
+    first = menu[0]
+    loss = service.train(first["N"], first["C"])
+    assert loss == pytest.approx(scaling.chinchilla_loss(first["N"], first["D"], law))
+    assert service.spent == 1e10 and service.remaining == pytest.approx(1.9e11)
+    service.train(first["N"], first["C"])                                       # asking again is free
+    assert service.spent == 1e10 and len(service.bought) == 1
+    for m in [m for m in menu if m["C"] == 3e10][:6]:
+        service.train(m["N"], m["C"])
+    with pytest.raises(scaling.FlopBudgetExceeded, match="only 1e\\+10 of your 2e\\+11 are left"):
+        service.train(menu[-1]["N"], 3e10)
+    with pytest.raises(ValueError, match="no runs are on offer at C=3e\\+11"):
+        service.train(menu[0]["N"], 3e11)
+    with pytest.raises(ValueError, match="the sizes there are"):
+        service.train(12345, 1e10)
+    assert "question: N_opt and loss at C = 3e+11" in repr(service)
+
+
+def test_lab_truth_is_the_vertex_of_the_target_budget():
+    record = {"results": {"lab": {"target_budget": 3e11, "offered_budgets": [1e10, 3e10], "flop_budget": 2e11,
+                                  "floor": 1.3}, "runs": _service()[0]._runs and _runs_from_law(
+        {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4},
+        {3e11: np.geomspace(1e4, 1e6, 7)})}}
+    truth = scaling.lab_truth(record)
+    runs = record["results"]["runs"]
+    vertex = scaling.isoflop_minimum([r["N"] for r in runs], [r["val_loss"] for r in runs])
+    assert truth == {"C": 3e11, "N_opt": vertex["N_opt"], "loss": vertex["L_opt"]}
+
+
+def test_the_experiment_runs_in_its_quick_form(tmp_path):
+    from course_lib import experiments
+
+    result, path = experiments.run("scaling", "ci", seeds=2, quick=True, out=tmp_path / "scaling.json")
+    assert path.exists() and len(result["runs"]) == 3 * 2 + 6
+    assert result["lab"]["target_budget"] == 10 * max(result["lab"]["offered_budgets"])
+    assert result["setup"]["window_floor"] < result["setup"]["bigram_entropy"]
