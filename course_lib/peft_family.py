@@ -535,8 +535,7 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     sizes = settings(profile, quick)
     tokenizer, encoder = load_classifier_parts(profile)
     data = task_data(sizes)
-    methods = {k: v for k, v in METHODS.items()} if not quick else {k: METHODS[k][:1] for k in
-                                                                   ("full fine-tuning", "AdaLoRA", "QLoRA")}
+    methods = {k: (v[:1] if quick else v) for k, v in METHODS.items()}  # --quick: one learning rate each
     table: dict[str, Any] = {}
     correct: dict[str, np.ndarray] = {}
     for method, lrs in tqdm(methods.items(), desc="methods"):
