@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import regex
 
-__all__ = ["GPT2_PATTERN", "BPETokenizer", "merge_pair"]
+__all__ = ["GPT2_PATTERN", "BPETokenizer", "merge_pair", "byte_symbols", "hf_vocab_bytes"]
 
 # GPT-2's pre-tokeniser (Radford et al. 2019; the pattern of its released encoder, which
 # ``tokenizers``' ByteLevel pre-tokenizer also uses): common English contractions; an optional
@@ -56,6 +56,33 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
         else:
             out.append(ids[i])
             i += 1
+    return out
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte, which ``tokenizers`` uses to spell byte-level tokens.
+
+    Bytes that are printable characters (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for themselves; the
+    other 68 (controls, the space, …) get the characters 256, 257, … in byte order, so a space is ``Ġ``.
+    """
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return symbols
+
+
+def hf_vocab_bytes(tokenizer) -> list[bytes]:
+    """The vocabulary of a byte-level ``tokenizers.Tokenizer`` as bytes, indexed by token id."""
+    to_byte = {c: b for b, c in byte_symbols().items()}
+    vocab = tokenizer.get_vocab()
+    out = [b""] * len(vocab)
+    for token, i in vocab.items():
+        out[i] = bytes(to_byte[c] for c in token)
     return out
 
 

@@ -167,3 +167,11 @@ def test_bad_input_gets_one_clear_sentence(tok):
         tok.truncated(500)
     assert tok.decode([0xC3]) == "\ufffd"                                # the first half of "é"
     assert BPETokenizer.train("ab", 1000).vocab_size == 257               # stops when nothing is left to merge
+
+
+def test_byte_symbols_spell_tokens_as_tokenizers_does(tok):
+    from course_lib.bpe import byte_symbols, hf_vocab_bytes
+
+    assert byte_symbols() == bytes_to_unicode() and byte_symbols()[ord(" ")] == "Ġ"
+    hf = as_hf_tokenizer(tok)
+    assert hf_vocab_bytes(hf) == tok.vocab
