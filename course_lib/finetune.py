@@ -645,7 +645,7 @@ LORA_SIZES: dict[str, dict[str, Any]] = {
                lrs={"linear probe": (1e-2,), "BitFit": (3e-3,), "LoRA": (3e-3,), "full fine-tuning": (1e-4,)}),
     "cpu": dict(n_train=1500, n_val=500, n_test=None, batch_size=16, max_length=64, epochs=1, steps=None,
                 ranks=(1, 4, 8, 16), search_rank=8, alpha_over_r=2,
-                lrs={"linear probe": (3e-3, 1e-2, 3e-2), "BitFit": (1e-3, 3e-3, 1e-2),
+                lrs={"linear probe": (3e-3, 1e-2, 3e-2, 1e-1), "BitFit": (1e-3, 3e-3, 1e-2),
                      "LoRA": (3e-4, 1e-3, 3e-3, 1e-2), "full fine-tuning": (3e-5, 1e-4, 3e-4)}),
     "gpu": dict(n_train=None, n_val=None, n_test=None, batch_size=32, max_length=64, epochs=3, steps=None,
                 ranks=(1, 2, 4, 8, 16, 64), search_rank=8, alpha_over_r=2,
@@ -672,21 +672,25 @@ def lora_sizes(profile: Any, quick: bool = False) -> dict[str, Any]:
     return _sizes(LORA_SIZES, profile, quick)
 
 
+# Part of every cached run's key: bump it whenever a change alters what a run computes (data, model,
+# training loop, evaluation), so that no number made by older code is reused.
+RUN_CODE_VERSION = 2
+# Sizes that only say *which* runs an experiment makes (a grid, the ranks), not what one run computes.
+_NOT_IN_RUN_KEY = ("lrs", "ranks", "search_rank", "seeds")
+
+
 class _RunCache:
     """Finished runs of a long experiment, one JSON line each, so an interrupted record resumes.
 
-    A run is found again only under the same key: the experiment's sizes, the run's settings and a
-    hash of this module's and lora.py's source, so a code change never reuses an old number.
+    A run is found again only under the same key: the sizes that shape a run, the run's own settings
+    and :data:`RUN_CODE_VERSION`. Each run also keeps the git commit it was computed at.
     """
 
     def __init__(self, name: str, profile_name: str, sizes: Mapping[str, Any], enabled: bool = True) -> None:
-        import hashlib
-        from pathlib import Path
-
         from course_lib.assets import cache_dir
 
-        source = b"".join((Path(__file__).parent / f).read_bytes() for f in ("finetune.py", "lora.py"))
-        self.base = dict(sizes=json_ready(sizes), code=hashlib.sha256(source).hexdigest()[:16])
+        shaping = {k: v for k, v in sizes.items() if k not in _NOT_IN_RUN_KEY}
+        self.base = dict(sizes=json_ready(shaping), code=RUN_CODE_VERSION)
         self.path = cache_dir() / "experiments" / f"{name}_{profile_name}.jsonl" if enabled else None
         self.done: dict[str, Any] = {}
         if self.path is not None and self.path.is_file():
@@ -699,7 +703,9 @@ class _RunCache:
         key = json.dumps({**self.base, **json_ready(settings)}, sort_keys=True)
         if key in self.done:
             return self.done[key]
-        value = json_ready(compute())
+        from course_lib.profiles import code_version
+
+        value = json_ready({**compute(), "commit": code_version()})
         self.done[key] = value
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -907,6 +913,7 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
                 for lr, r in search.items()],
         runs=[{k: v for k, v in r.items() if k != "test_predictions"} | {"seed": s} for s, r in enumerate(runs)],
         table=table, gaps=pairwise_gaps({m: right[m] for m in methods}),
+        run_commits=sorted({r.get("commit", "not recorded") for r in [*search.values(), *runs]}),
         transfer={m: {d: float(np.mean(v)) for d, v in by.items()} for m, by in transfer.items()},
         transfer_majority={d: float(max(y.mean(), 1 - y.mean())) for d, y in y_ood.items()},
         right={m: [_bits(r) for r in right[m]] for m in methods},
@@ -1038,5 +1045,7 @@ def lora_experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dic
                            test_accuracy=float((_unbits(r["test_predictions"]) == y_test).mean()))
                       for lr, r in by_lr.items()] for fam, by_lr in search.items()},
         table=table, vader_accuracy=float(vader_right.mean()), gaps=gaps,
+        run_commits=sorted({r.get("commit", "not recorded") for rows in results.values() for r in rows}
+                           | {r.get("commit", "not recorded") for by_lr in search.values() for r in by_lr.values()}),
         right={m: [_bits(r) for r in rows] for m, rows in right.items()},
     ))
