@@ -324,7 +324,7 @@ def train_lora(model: Any, examples: Sequence, tokenizer: Any, config: RunConfig
                seed: int, n_frozen: int, progress: Callable | None = None) -> dict[str, Any]:
     """Train the LoRA parameters of ``model`` for ``config.steps`` steps; returns losses and throughput."""
     from course_lib.finetune import warmup_linear_decay
-    from course_lib.train import peak_flops
+    from course_lib.train import mfu
 
     batches = Batches(examples, tokenizer.pad_token_id, device, micro_batch=config.micro_batch,
                       accumulate=config.accumulate, seed=seed)
@@ -347,9 +347,11 @@ def train_lora(model: Any, examples: Sequence, tokenizer: Any, config: RunConfig
             progress(1)
     sync(device)
     seconds = time.perf_counter() - start
-    peak = peak_flops(device)
+    utilisation = mfu(tokens / seconds, lora_flops_per_token(n_frozen), device,
+                      amp="bf16" if device.type == "cuda" else "none")
     return dict(losses=losses, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
-                mfu=lora_flops_per_token(n_frozen) * tokens / seconds / peak if peak else None,
+                mfu=utilisation.value, mfu_note=str(utilisation),
+                deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
                 peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
 
 
@@ -375,6 +377,7 @@ def compare_with_peft(base: Any, examples: Sequence, tokenizer: Any, config: Run
     import copy
 
     from course_lib import lora
+    from course_lib.profiles import timing_section
 
     same = Batches(examples, tokenizer.pad_token_id, device, micro_batch=config.micro_batch,
                    accumulate=config.accumulate).step(0)
@@ -386,19 +389,22 @@ def compare_with_peft(base: Any, examples: Sequence, tokenizer: Any, config: Run
                   for name, m in models.items()}  # lr 0: timing only, the weights do not move
     times: dict[str, list[float]] = {name: [] for name in models}
     peaks: dict[str, float | None] = {}
-    for name, model in models.items():
-        training_step(model, optimizers[name], same)  # warm-up: allocation, kernel choice
-    for _ in range(config.timing_repeats):
+    with timing_section():  # the fast kernels, not the reproducible ones; the flag is recorded below
+        deterministic = torch.are_deterministic_algorithms_enabled()
         for name, model in models.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            start = time.perf_counter()
-            training_step(model, optimizers[name], same)
-            sync(device)
-            times[name].append(1e3 * (time.perf_counter() - start))
-            peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            training_step(model, optimizers[name], same)  # warm-up: allocation, kernel choice
+        for _ in range(config.timing_repeats):
+            for name, model in models.items():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync(device)
+                start = time.perf_counter()
+                training_step(model, optimizers[name], same)
+                sync(device)
+                times[name].append(1e3 * (time.perf_counter() - start))
+                peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tokens = sum(count_tokens(b) for b in same)
     return {name: dict(ms_median=statistics.median(t), ms_min=min(t), ms_max=max(t), repeats=len(t),
-                       tokens_per_s=tokens / (statistics.median(t) / 1e3), peak_gib=peaks[name])
+                       tokens_per_s=tokens / (statistics.median(t) / 1e3), peak_gib=peaks[name],
+                       deterministic_algorithms=deterministic)
             for name, t in times.items()}
