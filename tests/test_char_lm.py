@@ -1,0 +1,44 @@
+"""course_lib.char_lm: the exact held-out loss predicts every character once; recipes are well formed."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from course_lib.char_lm import RECIPES, TUNING_WORKS, heldout_loss, recipe
+from course_lib.data import VALIDATION_WORKS
+from course_lib.model import GPT, GPTConfig
+from course_lib.profiles import get_profile
+
+
+@pytest.mark.parametrize("length", [2, 17, 64, 65, 200])
+def test_heldout_loss_predicts_every_character_once(length):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, context=16, n_layer=1, n_head=2, d_model=16))
+    tokens = torch.randint(0, 20, (length,))
+    losses = []                                            # by hand: window after window of 16 inputs
+    for start in range(0, length - 1, 16):
+        x = tokens[start:min(start + 16, length - 1)]
+        y = tokens[start + 1:start + 1 + len(x)]
+        logits, _ = model(x[None])
+        losses.append(F.cross_entropy(logits[0], y, reduction="none"))
+    expected = torch.cat(losses)
+    assert len(expected) == length - 1
+    assert math.isclose(heldout_loss(model, tokens, context=16, batch_size=3), expected.mean().item(), rel_tol=1e-5)
+    assert model.training                                  # the mode is restored
+
+
+def test_heldout_loss_refuses_a_batch():
+    model = GPT(GPTConfig(vocab_size=20, context=16, n_layer=1, n_head=2, d_model=16))
+    with pytest.raises(ValueError, match="1-D stream"):
+        heldout_loss(model, torch.zeros(2, 10, dtype=torch.long), context=16)
+
+
+def test_recipes_fit_each_profile_and_tuning_works_are_not_held_out():
+    assert set(RECIPES) == {"ci", "cpu", "gpu"}
+    for name in RECIPES:
+        plan = recipe(get_profile("ci") if name == "ci" else get_profile("cpu")) if name != "gpu" else RECIPES["gpu"]
+        assert 0 < plan["warmup_steps"] < plan["steps"] and plan["lr"] > 0
+    assert not set(TUNING_WORKS) & set(VALIDATION_WORKS)
+    assert recipe(get_profile("ci")) is not RECIPES["ci"]   # a copy: changing it leaves the table alone
