@@ -133,7 +133,8 @@ def shakespeare_split(validation_works=VALIDATION_WORKS) -> tuple[str, str]:
 def train_bpe(text: str, vocab_size: int):
     """A byte-level BPE tokenizer (``tokenizers``) trained on ``text``: 256 byte symbols plus merges.
 
-    Notebook 04 builds it step by step; notebook 05 reuses it for the Shakespeare sweep.
+    Notebook 04 builds the same algorithm from scratch (``course_lib.bpe``) and compares the two;
+    notebook 05 uses this one for the Shakespeare sweep.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
