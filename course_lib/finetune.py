@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -679,39 +680,128 @@ RUN_CODE_VERSION = 2
 _NOT_IN_RUN_KEY = ("lrs", "ranks", "search_rank", "seeds")
 
 
+WORKER_ENV = "COURSE_EXPERIMENT_WORKER"
+
+
+def is_worker() -> bool:
+    """Whether this process is an extra worker of a recorded experiment (``COURSE_EXPERIMENT_WORKER=1``).
+
+    Run the same ``python -m course_lib.experiments NAME`` command once plainly and once or more with
+    this variable set: the processes share the runs through the run cache (each claims a run before it
+    starts it), the workers exit when no run is left, and only the plain process writes the record.
+    """
+    return os.environ.get(WORKER_ENV, "") not in ("", "0")
+
+
 class _RunCache:
-    """Finished runs of a long experiment, one JSON line each, so an interrupted record resumes.
+    """Finished runs of a long experiment, one JSON line each: an interrupted record resumes, and several
+    processes can share the runs (see :func:`is_worker`).
 
     A run is found again only under the same key: the sizes that shape a run, the run's own settings
-    and :data:`RUN_CODE_VERSION`. Each run also keeps the git commit it was computed at.
+    and :data:`RUN_CODE_VERSION`. Each run also keeps the git commit it was computed at. A process
+    claims a run with a lock file holding its pid before it starts it; a lock whose process is gone
+    is taken over.
     """
 
-    def __init__(self, name: str, profile_name: str, sizes: Mapping[str, Any], enabled: bool = True) -> None:
+    def __init__(self, name: str, profile_name: str, sizes: Mapping[str, Any], enabled: bool = True,
+                 root: Any = None) -> None:
+        from pathlib import Path
+
         from course_lib.assets import cache_dir
 
         shaping = {k: v for k, v in sizes.items() if k not in _NOT_IN_RUN_KEY}
         self.base = dict(sizes=json_ready(shaping), code=RUN_CODE_VERSION)
-        self.path = cache_dir() / "experiments" / f"{name}_{profile_name}.jsonl" if enabled else None
+        folder = Path(root) if root is not None else cache_dir() / "experiments"
+        self.path = folder / f"{name}_{profile_name}.jsonl" if enabled else None
+        self.locks = folder / f"{name}_{profile_name}.locks" if enabled else None
         self.done: dict[str, Any] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    self.done[entry["key"]] = entry["value"]
+        self._read = 0
+        self.reload()
 
-    def get(self, settings: Mapping[str, Any], compute) -> Any:
-        key = json.dumps({**self.base, **json_ready(settings)}, sort_keys=True)
-        if key in self.done:
-            return self.done[key]
+    def key(self, settings: Mapping[str, Any]) -> str:
+        return json.dumps({**self.base, **json_ready(settings)}, sort_keys=True)
+
+    def reload(self) -> None:
+        """Read the runs other processes finished since the last look."""
+        if self.path is None or not self.path.is_file():
+            return
+        with self.path.open() as f:
+            f.seek(self._read)
+            text = f.read()
+        complete = text[:text.rfind("\n") + 1]  # a line still being written waits for the next look
+        self._read += len(complete.encode())
+        for line in complete.splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                self.done[entry["key"]] = entry["value"]
+
+    def _lock(self, key: str):
+        import hashlib
+
+        return self.locks / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock")
+
+    def _claim(self, key: str) -> bool:
+        if self.locks is None:
+            return True
+        self.locks.mkdir(parents=True, exist_ok=True)
+        lock = self._lock(key)
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text() or 0)
+                    os.kill(pid, 0)
+                    return False  # its process is alive and computing it
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    lock.unlink(missing_ok=True)  # its process died: take it over
+                    continue
+                except PermissionError:
+                    return False
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def _compute(self, key: str, compute) -> Any:
         from course_lib.profiles import code_version
 
-        value = json_ready({**compute(), "commit": code_version()})
-        self.done[key] = value
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps({"key": key, "value": value}) + "\n")
+        try:
+            value = json_ready({**compute(), "commit": code_version()})
+            self.done[key] = value
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"key": key, "value": value}) + "\n")
+        finally:
+            if self.locks is not None:
+                self._lock(key).unlink(missing_ok=True)
         return value
+
+    def get_many(self, items: Sequence[tuple[Mapping[str, Any], Any]], poll_seconds: float = 15.0) -> list[Any]:
+        """The values of all ``(settings, compute)`` runs: first every unclaimed one is computed here,
+        then the ones other processes are computing are waited for."""
+        keys = [self.key(settings) for settings, _ in items]
+        waiting = {}
+        for key, (_, compute) in zip(keys, items):
+            self.reload()
+            if key in self.done:
+                continue
+            if self._claim(key):
+                self._compute(key, compute)
+            else:
+                waiting[key] = compute
+        while waiting:
+            time.sleep(poll_seconds)
+            self.reload()
+            for key in [k for k in waiting if k not in self.done]:
+                if self._claim(key):  # its process died
+                    self._compute(key, waiting[key])
+            waiting = {k: c for k, c in waiting.items() if k not in self.done}
+        return [self.done[key] for key in keys]
+
+    def get(self, settings: Mapping[str, Any], compute) -> Any:
+        return self.get_many([(settings, compute)])[0]
 
 
 def json_ready(value: Any) -> Any:
@@ -821,7 +911,7 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     and the fine-tuning learning rate are chosen on the validation split; the learning rate by a search
     over ``lrs`` on seed 0, after which the other seeds run at the chosen rate (seed 0's run at that
     rate is reused). Every pair of methods gets a paired bootstrap interval over test examples and
-    seeds (:func:`pairwise_gaps`).
+    seeds (:func:`pairwise_gaps`). Extra processes can share the fine-tuning runs (:func:`is_worker`).
     """
     from course_lib.data import load_sentiment
     from course_lib.profiles import code_version
@@ -829,7 +919,7 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     sizes = finetuning_sizes(profile, quick)
     name, profile_name = "finetuning", "quick" if quick else profile.name
     code_at_start = code_version()
-    cache = _RunCache(name, profile_name, {**sizes, "seeds": seeds}, enabled=not quick)
+    cache = _RunCache(name, profile_name, sizes, enabled=not quick)
     movies = load_sentiment("movies")
     val, test = take(movies["validation"], sizes["n_val"]), take(movies["test"], sizes["n_test"])
     ood = {d: take(load_sentiment(d)["test"], sizes["n_ood"]) for d in ("tweets", "amazon")}
@@ -837,6 +927,30 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     y_ood = {d: np.array(data["label"]) for d, data in ood.items()}
     tokenizer, encoder = load_encoder(profile)
     max_length = sizes["max_length"]
+
+    def finetune_run(lr: float, seed: int) -> dict[str, Any]:
+        pool = take(movies["train"], sizes["n_label"], seed=seed)
+        model, run = finetune_once(encoder, tokenizer, pool, val, lr=lr, seed=seed, sizes=sizes)
+        out = dict(val_accuracy=run.best_val_accuracy, best_step=run.best_step, steps=run.steps,
+                   stopped_early=run.stopped_early, seconds=run.seconds,
+                   examples_per_second=run.train_examples_per_second, history=run.history,
+                   test_predictions=_bits(evaluate(model, tokenizer, test, max_length=max_length)["predictions"]),
+                   ood_accuracy={d: evaluate(model, tokenizer, data, max_length=max_length)["accuracy"]
+                                 for d, data in ood.items()})
+        _log(name, f"fine-tuning lr={lr:g} seed {seed}: validation {out['val_accuracy']:.3f} "
+                   f"(best step {run.best_step} of {run.steps}) in {run.seconds:.0f} s")
+        return out
+
+    # the fine-tuning runs first, so that worker processes can share them
+    searched = cache.get_many([(dict(method="full", lr=lr, seed=0), lambda lr=lr: finetune_run(lr, 0))
+                               for lr in sizes["lrs"]])
+    search = dict(zip(sizes["lrs"], searched))
+    chosen_lr = max(sizes["lrs"], key=lambda lr: search[lr]["val_accuracy"])  # the first of equal ones
+    runs = [search[chosen_lr]] + cache.get_many([(dict(method="full", lr=chosen_lr, seed=s),
+                                                  lambda s=s: finetune_run(chosen_lr, s)) for s in range(1, seeds)])
+    if is_worker():
+        _log(name, "worker: no fine-tuning run left, exiting (the main process writes the record)")
+        raise SystemExit(0)
 
     def embeddings(texts):
         return embed(encoder, tokenizer, list(texts), max_length=max_length).numpy()
@@ -873,25 +987,6 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
             transfer["linear probe (frozen MiniLM)"][d].append(float((probe.predict(e_ood[d]) == y_ood[d]).mean()))
         _log(name, f"seed {seed}: baselines done (bag of words C={chosen_c['bag of words + LR'][-1]}, "
                    f"probe C={c})")
-
-    def finetune_run(lr: float, seed: int) -> dict[str, Any]:
-        pool = take(movies["train"], sizes["n_label"], seed=seed)
-        model, run = finetune_once(encoder, tokenizer, pool, val, lr=lr, seed=seed, sizes=sizes)
-        out = dict(val_accuracy=run.best_val_accuracy, best_step=run.best_step, steps=run.steps,
-                   stopped_early=run.stopped_early, seconds=run.seconds,
-                   examples_per_second=run.train_examples_per_second, history=run.history,
-                   test_predictions=_bits(evaluate(model, tokenizer, test, max_length=max_length)["predictions"]),
-                   ood_accuracy={d: evaluate(model, tokenizer, data, max_length=max_length)["accuracy"]
-                                 for d, data in ood.items()})
-        _log(name, f"fine-tuning lr={lr:g} seed {seed}: validation {out['val_accuracy']:.3f} "
-                   f"(best step {run.best_step} of {run.steps}) in {run.seconds:.0f} s")
-        return out
-
-    search = {lr: cache.get(dict(method="full", lr=lr, seed=0), lambda lr=lr: finetune_run(lr, 0))
-              for lr in sizes["lrs"]}
-    chosen_lr = max(sizes["lrs"], key=lambda lr: search[lr]["val_accuracy"])  # the first of equal ones
-    runs = [search[chosen_lr]] + [cache.get(dict(method="full", lr=chosen_lr, seed=s),
-                                            lambda s=s: finetune_run(chosen_lr, s)) for s in range(1, seeds)]
     for run in runs:
         predictions["fine-tuned MiniLM"].append(_unbits(run["test_predictions"]).astype(int))
         for d in ood:
@@ -1004,28 +1099,27 @@ def lora_experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dic
                    + f"test {float((_unbits(out['test_predictions']) == y_test).mean()):.3f}, {out['seconds']:.0f} s")
         return out
 
-    def run(method: str, lr: float, seed: int, with_val: bool = False) -> dict[str, Any]:
-        return cache.get(dict(method=method, lr=lr, seed=seed, with_val=with_val),
-                         lambda: one_run(method, lr, seed, with_val))
+    def item(method: str, lr: float, seed: int, with_val: bool = False) -> tuple[dict[str, Any], Any]:
+        return (dict(method=method, lr=lr, seed=seed, with_val=with_val),
+                lambda: one_run(method, lr, seed, with_val))
 
     search_method = {"linear probe": "linear probe", "BitFit": "BitFit", "LoRA": f"LoRA r={sizes['search_rank']}",
                      "full fine-tuning": "full fine-tuning"}
-    search, chosen_lr = {}, {}
-    for fam, method in search_method.items():
-        search[fam] = {lr: run(method, lr, 0, with_val=True) for lr in sizes["lrs"][fam]}
-        chosen_lr[fam] = max(sizes["lrs"][fam], key=lambda lr: search[fam][lr]["val_accuracy"])
+    grid = [(fam, lr) for fam in search_method for lr in sizes["lrs"][fam]]
+    searched = cache.get_many([item(search_method[fam], lr, 0, with_val=True) for fam, lr in grid])
+    search: dict[str, dict[float, Any]] = {fam: {} for fam in search_method}
+    for (fam, lr), value in zip(grid, searched):
+        search[fam][lr] = value
+    chosen_lr = {fam: max(sizes["lrs"][fam], key=lambda lr: search[fam][lr]["val_accuracy"]) for fam in search}
 
     methods = ["linear probe", "BitFit", *[f"LoRA r={r}" for r in sizes["ranks"]], "full fine-tuning"]
-    results: dict[str, list[dict[str, Any]]] = {}
-    for method in methods:
-        lr = chosen_lr[family(method)]
-        rows = []
-        for seed in range(seeds):
-            if seed == 0 and method == search_method[family(method)]:
-                rows.append(search[family(method)][lr])
-            else:
-                rows.append(run(method, lr, seed))
-        results[method] = rows
+    planned = [(m, s) for m in methods for s in range(seeds) if not (s == 0 and m == search_method[family(m)])]
+    done = dict(zip(planned, cache.get_many([item(m, chosen_lr[family(m)], s) for m, s in planned])))
+    if is_worker():
+        _log(name, "worker: no run left, exiting (the main process writes the record)")
+        raise SystemExit(0)
+    results = {m: [search[family(m)][chosen_lr[family(m)]] if (m, s) not in done else done[(m, s)]
+                   for s in range(seeds)] for m in methods}
 
     vader_right = (_vader(test["text"]) >= 0).astype(int) == y_test
     right = {m: [_unbits(r["test_predictions"]) == y_test for r in rows] for m, rows in results.items()}

@@ -3,6 +3,9 @@ warm-up schedule, a per-sentence loop for pooling; training on a tiny random BER
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +257,82 @@ def test_paired_bootstrap_gap_is_the_resampled_difference_of_accuracies():
         paired_bootstrap_gap(right_a, right_b[:10])
     with pytest.raises(ValueError, match="coverage between 0 and 1"):
         paired_bootstrap_gap(right_a, right_b, level=95)
+
+
+# ---- several seeds, recorded experiments ------------------------------------------------------------
+
+
+def test_seed_bootstrap_resamples_seeds_and_examples_together():
+    rng = np.random.default_rng(3)
+    a, b = rng.random((3, 80)) < 0.8, rng.random((3, 80)) < 0.7
+    gap, low, high = ft.paired_bootstrap_gap_seeds(a, b, rng=np.random.default_rng(0), resamples=300)
+    # the definition written out with the same draws: examples first, then seeds
+    draws = np.random.default_rng(0)
+    columns, rows = draws.integers(0, 80, size=(300, 80)), draws.integers(0, 3, size=(300, 3))
+    d = a.astype(float) - b
+    gaps = [np.mean([d[s][columns[k]].mean() for s in rows[k]]) for k in range(300)]
+    assert gap == pytest.approx(d.mean())
+    assert (low, high) == pytest.approx(tuple(np.percentile(gaps, [2.5, 97.5])), abs=1e-12)
+    # one seed is the plain paired bootstrap
+    assert ft.paired_bootstrap_gap_seeds(a[:1], b[:1], resamples=300) == pytest.approx(
+        ft.paired_bootstrap_gap(a[0], b[0], resamples=300))
+    # seeds that disagree widen the interval compared with seeds that repeat one run
+    spread = ft.paired_bootstrap_gap_seeds(np.stack([a[0], ~a[0], a[0]]), np.stack([b[0]] * 3), resamples=300)
+    same = ft.paired_bootstrap_gap_seeds(np.stack([a[0]] * 3), np.stack([b[0]] * 3), resamples=300)
+    assert spread[2] - spread[1] > same[2] - same[1]
+    with pytest.raises(ValueError, match="equally shaped"):
+        ft.paired_bootstrap_gap_seeds(a, b[:2])
+
+
+def test_pairwise_gaps_and_their_sentences():
+    right = {"A": [[1, 1, 1, 0]] * 3, "B": [[0, 1, 0, 0]] * 3}
+    gaps = ft.pairwise_gaps(right, resamples=200)
+    assert list(gaps) == ["A − B"] and gaps["A − B"]["gap"] == pytest.approx(50.0)
+    assert gaps["A − B"]["per_seed"] == pytest.approx([50.0] * 3)
+    back = ft.gap_between(gaps, "B", "A")
+    assert back["gap"] == -50.0 and back["low"] == -gaps["A − B"]["high"]
+    assert "B is ahead" in ft.describe_gap(dict(gap=-3, low=-5, high=-1), "A", "B")
+    assert "includes 0" in ft.describe_gap(dict(gap=1, low=-1, high=3), "A", "B")
+    with pytest.raises(KeyError, match="no gap between"):
+        ft.gap_between(gaps, "A", "C")
+
+
+def test_take_is_a_fixed_shuffle_and_sizes_exist_for_every_profile():
+    import datasets
+
+    data = datasets.Dataset.from_dict({"text": [str(i) for i in range(50)], "label": [i % 2 for i in range(50)]})
+    assert ft.take(data, None) is data and ft.take(data, 80) is data
+    small, large = ft.take(data, 10, seed=1), ft.take(data, 20, seed=1)
+    assert small["text"] == large["text"][:10] and small["text"] != ft.take(data, 10, seed=2)["text"]
+    for name in ("ci", "cpu", "gpu"):
+        assert ft.finetuning_sizes(name)["lrs"] and ft.lora_sizes(name)["search_rank"] in ft.lora_sizes(name)["ranks"]
+    with pytest.raises(ValueError, match="no sizes for profile"):
+        ft.lora_sizes("tpu")
+
+
+def test_run_cache_resumes_and_shares_runs_between_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_COMMIT", "abc123")
+    sizes = dict(n=3, lrs=(1, 2))
+    first = ft._RunCache("demo", "cpu", sizes, root=tmp_path)
+    calls = []
+    assert first.get(dict(lr=1), lambda: calls.append(1) or {"x": 1})["x"] == 1
+    # a new process (a new cache object) finds the run, also when only the grid changed
+    again = ft._RunCache("demo", "cpu", dict(n=3, lrs=(1, 2, 3)), root=tmp_path)
+    assert again.get(dict(lr=1), lambda: calls.append(2) or {"x": 2}) == {"x": 1, "commit": "abc123 (from COURSE_COMMIT)"}
+    assert calls == [1]
+    # a run claimed by a live process is waited for, not computed twice
+    other = ft._RunCache("demo", "cpu", sizes, root=tmp_path)
+    key = other.key(dict(lr=2))
+    other._lock(key).parent.mkdir(exist_ok=True)
+    other._lock(key).write_text(str(os.getpid()))  # "another process" (this one) holds it
+    assert not other._claim(key)
+    with open(other.path, "a") as f:  # ... and finishes it
+        f.write(json.dumps({"key": key, "value": {"x": 5}}) + "\n")
+    assert other.get_many([(dict(lr=2), lambda: {"x": 6})], poll_seconds=0.01) == [{"x": 5}]
+    # a lock left by a dead process is taken over
+    dead = ft._RunCache("demo", "cpu", sizes, root=tmp_path)
+    key3 = dead.key(dict(lr=3))
+    dead._lock(key3).write_text("999999999")
+    assert dead.get(dict(lr=3), lambda: {"x": 7})["x"] == 7 and not dead._lock(key3).exists()
+    # a shaping size is part of the key
+    assert ft._RunCache("demo", "cpu", dict(n=4), root=tmp_path).key(dict(lr=1)) != first.key(dict(lr=1))
