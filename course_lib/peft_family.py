@@ -37,7 +37,8 @@ from course_lib import finetune, lora
 __all__ = [
     "load_classifier_parts", "classifier", "Adapter", "AdapterAfter", "apply_adapters", "adapter_count",
     "PromptTuning", "PrefixTuning", "ClassifierWithLoss", "apply_adalora", "adalora_ranks", "ADALORA_TARGETS",
-    "build", "METHODS", "train_method", "saved_tensor_bytes", "memory_split", "settings", "experiment",
+    "build", "METHODS", "encode_batch", "train_method", "run_method", "task_data",
+    "subspace_similarity", "energy_in_top", "draw_block_map", "saved_tensor_bytes", "memory_split", "settings", "experiment",
 ]
 
 
@@ -365,7 +366,9 @@ def build(method: str, encoder: nn.Module, *, seed: int = 0, total_steps: int = 
     raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
 
 
-def _batch(tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+def encode_batch(tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device | str = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of ``texts`` (padded to the longest), on ``device``."""
     batch = finetune.tokenize(tokenizer, texts, max_length)
     return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
 
@@ -411,7 +414,7 @@ def train_method(model: nn.Module, tokenizer: Any, data: Any, *, lr: float, step
         if len(order) < batch_size:
             order += torch.randperm(len(texts), generator=generator).tolist()
         index, order = order[:batch_size], order[batch_size:]
-        batch = _batch(tokenizer, [texts[i] for i in index], max_length, device)
+        batch = encode_batch(tokenizer, [texts[i] for i in index], max_length, device)
         y = labels[index].to(device)
         start = time.perf_counter()
         loss = _loss(model, batch, y)
@@ -512,7 +515,7 @@ def run_method(method: str, encoder: nn.Module, tokenizer: Any, data: dict[str, 
                progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Build, train and evaluate one method once; returns the trained model and its row."""
     model, on_step = build(method, encoder, seed=seed, total_steps=sizes["steps"])
-    reference = _batch(tokenizer, data["train"]["text"][: sizes["batch_size"]], sizes["max_length"],
+    reference = encode_batch(tokenizer, data["train"]["text"][: sizes["batch_size"]], sizes["max_length"],
                        finetune._device_of(model))
     memory = memory_split(model, reference)
     row = train_method(model, tokenizer, data["train"], lr=lr, steps=sizes["steps"], batch_size=sizes["batch_size"],
@@ -558,3 +561,85 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     return dict(settings=sizes, seeds=seeds, methods=table, reference=reference,
                 lora=dict(targets=list(LORA_TARGETS), r=LORA_R, alpha=LORA_ALPHA), adapter_m=ADAPTER_M,
                 n_virtual=N_VIRTUAL)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the LoRA paper saw (Hu et al. 2021, Sec. 7), and a picture of where each method adds numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> float:
+    """phi(A1, A2, i, j) = ||V1_i^T V2_j||_F^2 / min(i, j) (Hu et al. 2021, Eq. 4): how much of the subspace
+    spanned by the top-i right-singular vectors of A1 lies in that of the top-j of A2. 1 when one contains
+    the other, 0 when they are orthogonal; two random subspaces of R^d give about max(i, j) / d."""
+    V1 = torch.linalg.svd(A1.detach().double(), full_matrices=False).Vh[:i]
+    V2 = torch.linalg.svd(A2.detach().double(), full_matrices=False).Vh[:j]
+    return float((V1 @ V2.T).pow(2).sum() / min(i, j))
+
+
+def energy_in_top(delta: torch.Tensor, k: int) -> float:
+    """Fraction of ||delta||_F^2 in its k largest singular values: near 1 means delta is nearly rank k."""
+    s = torch.linalg.svdvals(delta.detach().double())
+    return float(s[:k].pow(2).sum() / s.pow(2).sum())
+
+
+def draw_block_map(ax=None):
+    """One transformer (BERT) layer, bottom to top, with the pieces each method adds or trains."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 6.5))
+    grey, ink = "#dddddd", "#333333"
+
+    def box(x, y, w, h, text, color=grey, size=9):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02", fc=color, ec=ink, lw=1))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size)
+
+    def arrow(x0, y0, x1, y1):
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color=ink, lw=1))
+
+    colors = {"prompt": "#9ecae1", "prefix": "#c6dbef", "LoRA": "#fdae6b", "AdaLoRA": "#fdd0a2",
+              "adapter": "#a1d99b", "BitFit": "#bcbddc", "QLoRA": "#fc9272"}
+    # the frozen layer
+    box(3.0, 0.0, 4.2, 0.6, "word embeddings + positions (+ LayerNorm)")
+    box(0.2, 0.0, 2.4, 0.6, "soft tokens P (n, d)\nprompt tuning", colors["prompt"], 8)
+    arrow(2.6, 0.3, 3.0, 0.3)
+    for k, name in enumerate(("W_q", "W_k", "W_v")):
+        box(3.0 + 1.45 * k, 1.2, 1.2, 0.6, name)
+        arrow(5.1, 0.6, 3.6 + 1.45 * k, 1.2)
+    box(3.0, 2.2, 4.1, 0.6, "softmax(q [P_k; K]ᵀ/√d_h) [P_v; V]")
+    box(7.6, 1.5, 2.6, 0.9, "prefix P_k, P_v (n per layer)\nprefix tuning", colors["prefix"], 8)
+    arrow(7.6, 1.95, 7.1, 2.4)
+    box(3.0, 3.2, 2.0, 0.6, "W_o")
+    box(5.3, 3.2, 1.8, 0.6, "adapter", colors["adapter"])
+    arrow(5.0, 3.5, 5.3, 3.5)
+    box(3.0, 4.1, 4.1, 0.5, "add residual, LayerNorm")
+    box(3.0, 4.9, 2.0, 0.6, "W_f1, GELU")
+    box(3.0, 5.8, 2.0, 0.6, "W_f2")
+    box(5.3, 5.8, 1.8, 0.6, "adapter", colors["adapter"])
+    arrow(5.0, 6.1, 5.3, 6.1)
+    box(3.0, 6.7, 4.1, 0.5, "add residual, LayerNorm")
+    for x, y0, y1 in ((5.1, 1.8, 2.2), (4.0, 2.8, 3.2), (6.2, 3.8, 4.1), (4.0, 4.6, 4.9), (4.0, 5.5, 5.8),
+                      (6.2, 6.4, 6.7)):
+        arrow(x, y0, x, y1)  # W_o and W_f2 pass through their adapters before the residual add
+    # LoRA / AdaLoRA / QLoRA beside the matrices
+    box(0.2, 1.2, 2.4, 0.6, "LoRA BA on W_q, W_v", colors["LoRA"], 8)
+    arrow(2.6, 1.5, 3.0, 1.5)
+    box(0.2, 3.2, 2.4, 1.3, "AdaLoRA PΛQ on all six\nW_q W_k W_v W_o W_f1 W_f2\n(ranks re-allocated)",
+        colors["AdaLoRA"], 8)
+    arrow(2.6, 3.85, 3.0, 3.5)
+    arrow(2.6, 3.85, 3.0, 5.2)
+    box(0.2, 5.3, 2.4, 1.1, "QLoRA: every W in NF4\n(frozen, 4 bits) + LoRA", colors["QLoRA"], 8)
+    arrow(2.6, 5.85, 3.0, 6.1)
+    box(7.6, 4.1, 2.6, 1.4, "BitFit: every bias b\n(of each W and LayerNorm)\ntrains, nothing else",
+        colors["BitFit"], 8)
+    arrow(7.6, 4.8, 7.1, 4.35)
+    ax.text(5.1, 7.5, "× L layers, then mean pooling and the head (trained by every method)", ha="center", fontsize=9)
+    ax.set_xlim(0, 10.4)
+    ax.set_ylim(-0.2, 7.8)
+    ax.set_xlabel("(a schematic: no axis units)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("Where each method adds or trains numbers in one encoder layer (grey: frozen)")
+    return ax
