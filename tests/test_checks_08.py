@@ -18,7 +18,7 @@ def refused(check, answer, sentence):
         check(answer)
 
 
-# ---- 08.1 check_quantize_nf4 ----------------------------------------------------------------------
+# ---- 08.2 check_quantize_nf4 ----------------------------------------------------------------------
 
 
 def nf4_argmin(w, block_size=64):
@@ -99,12 +99,12 @@ def test_quantize_nf4_refuses(sentence):
 
 def test_quantize_nf4_stub_is_not_attempted():
     def stub(w, block_size=64):
-        raise NotImplementedError("Exercise 08.1 is not done yet")
-    with pytest.raises(NotAttempted, match="Exercise 08.1 is not done yet"):
+        raise NotImplementedError("Exercise 08.2 is not done yet")
+    with pytest.raises(NotAttempted, match="Exercise 08.2 is not done yet"):
         checks.check_quantize_nf4(stub)
 
 
-# ---- 08.2 check_prompt_forward --------------------------------------------------------------------
+# ---- 08.1 check_prompt_forward --------------------------------------------------------------------
 
 
 def prompt_cat(encoder, prompt, input_ids, attention_mask):

@@ -13,10 +13,10 @@ from course_lib.checks.framework import (
 
 
 # ----------------------------------------------------------------------------------------------
-# ---- 08_peft_family: NF4 quantisation, prompt tuning's forward pass, LoRA subspace similarity
+# ---- 08_peft_family: prompt tuning's forward pass, NF4 quantisation, LoRA subspace similarity
 # ----------------------------------------------------------------------------------------------
 
-register_hint("08.1",
+register_hint("08.2",
               "Each block of block_size consecutive numbers (the tensor read row by row) gets its own scale, "
               "the largest |w| in that block; divided by it, the block lies in [-1, 1], and every number is "
               "stored as the index of the nearest of the 16 levels.",
@@ -25,7 +25,7 @@ register_hint("08.1",
               "(argmin of the distance to NF4_CODEBOOK, or count the midpoints between levels below it); return "
               "the codes as torch.uint8 in the shape of w.",
               "codes = (scaled.unsqueeze(-1) - NF4_CODEBOOK).abs().argmin(dim=-1).to(torch.uint8)")
-register_hint("08.2",
+register_hint("08.1",
               "The encoder must see n soft tokens followed by the text, as one longer sequence; whatever "
               "describes the sequence (the attention mask, and so the pooling mask) must grow by n too.",
               "Look up the word embeddings of input_ids with encoder.get_input_embeddings(), put prompt "
@@ -43,7 +43,7 @@ register_hint("08.3",
               "return (Vh1[:i] @ Vh2[:j].T).pow(2).sum() / min(i, j)")
 
 
-# ---- 08.1: block-wise NF4 quantisation -----------------------------------------------------------
+# ---- 08.2: block-wise NF4 quantisation -----------------------------------------------------------
 
 
 def _nf4_reference(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +164,7 @@ def check_quantize_nf4(fn: Callable[..., Any]) -> None:
                                  f"(outliers, zero blocks, several blocks per row, float64, extra dimensions).")
 
 
-# ---- 08.2: prompt tuning's forward pass ------------------------------------------------------------
+# ---- 08.1: prompt tuning's forward pass ------------------------------------------------------------
 
 
 def _tiny_bert(seed: int = 0):
