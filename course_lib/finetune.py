@@ -604,8 +604,11 @@ def describe_gap(g: Mapping[str, Any], a: str, b: str) -> str:
         verdict = f"{b} is ahead"
     else:
         verdict = "the interval includes 0: no difference this run can detect"
-    seeds = ", ".join(f"{x:+.1f}" for x in g.get("per_seed", []))
-    return (f"{a} − {b}: {g['gap']:+.1f} points (95% interval {g['low']:+.1f} … {g['high']:+.1f}"
+    def pts(x: float) -> str:
+        return f"{round(x, 1) + 0.0:+.1f}"  # + 0.0 turns a rounded -0.0 into 0.0
+
+    seeds = ", ".join(pts(x) for x in g.get("per_seed", []))
+    return (f"{a} − {b}: {pts(g['gap'])} points (95% interval {pts(g['low'])} … {pts(g['high'])}"
             + (f"; per seed {seeds}" if seeds else "") + f") → {verdict}")
 
 
