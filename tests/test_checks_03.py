@@ -94,7 +94,7 @@ def test_layer_norm_over_axis_minus_two_is_named():
     refused(checks.check_layer_norm, axis_minus_two, "axis -2")
 
 
-# ---------------------------------------------------------------------------------------------- 03.2
+# ---------------------------------------------------------------------------------------------- 03.4
 
 def count_right(vocab_size, context, n_layer, d_model):
     d = d_model
@@ -143,7 +143,7 @@ def test_param_count_refuses(fn, phrase):
     refused(checks.check_param_count, fn, phrase)
 
 
-# ---------------------------------------------------------------------------------------------- 03.3
+# ---------------------------------------------------------------------------------------------- 03.2
 
 def lnb_right(x, gamma, dy, eps=1e-5):
     mean = x.mean(-1, keepdim=True)
@@ -241,13 +241,13 @@ def test_layer_norm_backward_refuses(name):
 
 def test_layer_norm_backward_stub():
     def stub(x, gamma, dy, eps=1e-5):
-        raise NotImplementedError("Exercise 03.3 is not done yet")
+        raise NotImplementedError("Exercise 03.2 is not done yet")
 
-    with pytest.raises(NotAttempted, match="Exercise 03.3 is not done yet"):
+    with pytest.raises(NotAttempted, match="Exercise 03.2 is not done yet"):
         checks.check_layer_norm_backward(stub)
 
 
-# ---------------------------------------------------------------------------------------------- 03.4
+# ---------------------------------------------------------------------------------------------- 03.3
 
 def rope_right(x):
     T, d = x.shape[-2], x.shape[-1]
@@ -343,9 +343,9 @@ def test_rope_offset_property_is_checked_on_its_own():
 
 def test_rope_stub():
     def stub(x):
-        raise NotImplementedError("Exercise 03.4 is not done yet")
+        raise NotImplementedError("Exercise 03.3 is not done yet")
 
-    with pytest.raises(NotAttempted, match="Exercise 03.4 is not done yet"):
+    with pytest.raises(NotAttempted, match="Exercise 03.3 is not done yet"):
         checks.check_rope(stub)
 
 

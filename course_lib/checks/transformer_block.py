@@ -1,4 +1,4 @@
-"""Checks of notebooks/03_transformer_block.ipynb (exercises 03.*), with their hints."""
+"""Checks of notebooks/03_transformer_block.ipynb (exercises 03.1-03.4), with their hints."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ register_hint(
     "mean = x.mean(-1, keepdim=True); var = ((x - mean) ** 2).mean(-1, keepdim=True); "
     "return gamma * (x - mean) / torch.sqrt(var + eps) + beta")
 register_hint(
-    "03.2",
+    "03.4",
     "Count block by block: which weight matrices and bias vectors does one block hold, and what sits outside "
     "the blocks (embeddings, the final LayerNorm, the lm head that is tied to the token embedding)?",
     "Per block: attention 4 d x d matrices + 4d biases; MLP d x 4d and 4d x d matrices + 4d + d biases; two "
@@ -33,7 +33,7 @@ register_hint(
     "embedding (T d); the tied lm head adds nothing.",
     "return n_layer * (12 * d * d + 13 * d) + 2 * d + vocab_size * d + context * d")
 register_hint(
-    "03.3",
+    "03.2",
     "y = gamma ⊙ x̂ + beta with x̂ = (x - μ)/σ: gamma and beta are shared by every position, so their "
     "gradients add up over all leading axes; x reaches the loss three ways, directly and through μ and σ.",
     "Recompute μ, σ = sqrt(var + eps) and x̂. dbeta = dy summed over every axis but the last; dgamma = "
@@ -42,7 +42,7 @@ register_hint(
     "dx = (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma; "
     "lead = tuple(range(x.dim() - 1)); return dx, (dy * x_hat).sum(lead), dy.sum(lead)")
 register_hint(
-    "03.4",
+    "03.3",
     "RoPE turns each pair of neighbouring dimensions (x[2i], x[2i+1]) of the vector at position m into a "
     "point in the plane and rotates it by the angle m·θ_i, with a different frequency θ_i per pair.",
     "θ_i = 10000^(-2i/d) for i = 0 .. d/2 - 1; angles = m·θ_i for m = 0 .. T-1 (the second-to-last axis of x), "
@@ -148,7 +148,7 @@ def check_layer_norm(fn: Callable[..., torch.Tensor]) -> None:
 
 
 def check_param_count(fn: Callable[..., int]) -> None:
-    """Exercise 03.2: ``fn(vocab_size, context, n_layer, d_model)`` returns the number of parameters of
+    """Exercise 03.4: ``fn(vocab_size, context, n_layer, d_model)`` returns the number of parameters of
     ``course_lib.model.GPT`` with biases and tied embeddings (each shared tensor counted once)."""
     __tracebackhide__ = True
     from course_lib.model import GPT, GPTConfig, count_params, param_count_formula
@@ -204,7 +204,7 @@ def check_param_count(fn: Callable[..., int]) -> None:
 
 def _layer_norm_backward64(x: torch.Tensor, gamma: torch.Tensor, dy: torch.Tensor, eps: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dgamma, dbeta) by autograd in float64: the independent reference of exercise 03.3."""
+    """(dx, dgamma, dbeta) by autograd in float64: the independent reference of exercise 03.2."""
     x64 = x.detach().double().clone().requires_grad_(True)
     g64 = gamma.detach().double().clone().requires_grad_(True)
     b64 = torch.zeros_like(g64, requires_grad=True)
@@ -213,7 +213,7 @@ def _layer_norm_backward64(x: torch.Tensor, gamma: torch.Tensor, dy: torch.Tenso
 
 
 def check_layer_norm_backward(fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-    """Exercise 03.3: ``fn(x, gamma, dy, eps=1e-5)`` returns ``(dx, dgamma, dbeta)`` for
+    """Exercise 03.2: ``fn(x, gamma, dy, eps=1e-5)`` returns ``(dx, dgamma, dbeta)`` for
     y = LayerNorm(x) over the last axis (with gamma, beta), given dy = ∂loss/∂y; compared with autograd in float64."""
     __tracebackhide__ = True
     g = torch.Generator().manual_seed(5)
@@ -323,7 +323,7 @@ def _rope64(x: torch.Tensor, *, base: float = 10000.0, halves: bool = False, exp
 
 
 def check_rope(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Exercise 03.4: ``fn(x)`` rotates each pair (x[..., m, 2i], x[..., m, 2i+1]) by the angle m·θ_i,
+    """Exercise 03.3: ``fn(x)`` rotates each pair (x[..., m, 2i], x[..., m, 2i+1]) by the angle m·θ_i,
     θ_i = 10000^(-2i/d), for x of shape (..., T, d) (Su et al. 2021, Eq. 34). Also checks the property that
     makes it useful: the score ⟨rope(q)_m, rope(k)_n⟩ depends on m and n only through n - m."""
     __tracebackhide__ = True
