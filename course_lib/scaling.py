@@ -759,7 +759,7 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     re-runs live, is trained with ``seeds`` seeds to measure how much one run's loss varies. The
     analyses use seed 0 only, so every budget has the same noise. ``quick`` is a seconds-long smoke form.
     """
-    setup = {**SWEEP_SETUP, **({"n_train": 100_000, "n_val": 20_000, "eval_batches": 2} if quick else {})}
+    setup = {**SWEEP_SETUP, **({"n_train": 100_000, "n_val": 20_000, "eval_batches": 2, "workers": 1} if quick else {})}
     plan = _QUICK_PLAN if quick else ISOFLOP_PLAN
     lang = sweep_language(setup)
     floor = lang.window_floor(setup["context"])

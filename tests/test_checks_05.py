@@ -367,3 +367,151 @@ def test_hints_come_in_three_levels_and_the_first_gives_no_code(exercise, capsys
     idea, approach, key_line = checks.HINTS[exercise]
     assert "np." not in idea and "return" not in idea and "scaling." not in idea
     assert key_line not in idea and key_line not in approach
+
+
+# ---- 05.4 check_scaling_prediction: the scaling lab, graded against the recorded sweep ----------------
+
+from course_lib import scaling  # noqa: E402
+
+
+def _vertices(service, pick=slice(1, 6)):
+    out = []
+    for C in service.offered_budgets:
+        on_offer = [m for m in service.menu() if m["C"] == C][pick]
+        N = np.array([m["N"] for m in on_offer], dtype=float)
+        L = np.array([service.train(m["N"], C) for m in on_offer])
+        out.append(scaling.isoflop_minimum(N, L))
+    return np.array(service.offered_budgets), out
+
+
+def lab_two_power_laws(service):              # the notebook's solution
+    C, v = _vertices(service)
+    size = scaling.fit_exponent(C, [x["N_opt"] for x in v])
+    excess = scaling.fit_power_law(C, np.array([x["L_opt"] for x in v]) - service.floor, floor=False)
+    T = service.target_budget
+    return {"N_opt": size["k"] * T ** size["a"], "loss": service.floor + excess["A"] * T ** -excess["alpha"]}
+
+
+def lab_by_hand(service):                     # the same with numpy only, and other runs (the first five)
+    C, v = _vertices(service, slice(0, 5))
+    a, logk = np.polyfit(np.log(C), np.log([x["N_opt"] for x in v]), 1)
+    g, logb = np.polyfit(np.log(C), np.log([x["L_opt"] - service.floor for x in v]), 1)
+    T = service.target_budget
+    return {"N_opt": float(np.exp(logk + a * np.log(T))), "loss": float(service.floor + np.exp(logb + g * np.log(T)))}
+
+
+def lab_no_extrapolation(service):            # the optimum of the largest budget on offer
+    C, v = _vertices(service)
+    return {"N_opt": v[-1]["N_opt"], "loss": lab_two_power_laws(service)["loss"]}
+
+
+def lab_all_compute_to_parameters(service):   # N_opt ∝ C: ten times the budget, ten times the model
+    C, v = _vertices(service)
+    return {"N_opt": 10 * v[-1]["N_opt"], "loss": lab_two_power_laws(service)["loss"]}
+
+
+def lab_tokens_for_parameters(service):       # returned D_opt = C/(6 N_opt) in place of N_opt
+    right = lab_two_power_laws(service)
+    return {"N_opt": service.target_budget / (6 * right["N_opt"]), "loss": right["loss"]}
+
+
+def lab_floor_as_loss(service):               # "the loss at a big budget is the floor"
+    return {"N_opt": lab_two_power_laws(service)["N_opt"], "loss": service.floor}
+
+
+def lab_loss_not_extrapolated(service):       # the loss of the largest budget on offer
+    C, v = _vertices(service)
+    return {"N_opt": lab_two_power_laws(service)["N_opt"], "loss": v[-1]["L_opt"]}
+
+
+def lab_floor_is_the_entropy_rate(service):    # extrapolates towards H, which the evaluation cannot reach
+    H = scaling.sweep_language().entropy_rate()
+    C, v = _vertices(service)
+    excess = scaling.fit_power_law(C, np.array([x["L_opt"] for x in v]) - H, floor=False)
+    return {"N_opt": lab_two_power_laws(service)["N_opt"], "loss": H + excess["A"] * service.target_budget ** -excess["alpha"]}
+
+
+def lab_badly_centred_runs(service):          # five runs that do not bracket the optimum of the first budget
+    C, v = [], []
+    for budget, window in zip(service.offered_budgets, (slice(2, 7), slice(2, 7))):
+        on_offer = [m for m in service.menu() if m["C"] == budget][window]
+        v.append(scaling.isoflop_minimum([m["N"] for m in on_offer], [service.train(m["N"], budget) for m in on_offer]))
+        C.append(budget)
+    size = scaling.fit_exponent(C, [x["N_opt"] for x in v])
+    excess = scaling.fit_power_law(C, np.array([x["L_opt"] for x in v]) - service.floor, floor=False)
+    T = service.target_budget
+    return {"N_opt": size["k"] * T ** size["a"], "loss": service.floor + excess["A"] * T ** -excess["alpha"]}
+
+
+def lab_buys_everything(service):             # more runs than the allowance pays for
+    for m in service.menu():
+        service.train(m["N"], m["C"])
+    return lab_two_power_laws(service)
+
+
+def lab_returns_a_tuple(service):
+    right = lab_two_power_laws(service)
+    return right["N_opt"], right["loss"]
+
+
+def lab_buys_nothing(service):                # the published law instead of runs of this language
+    N, D = scaling.compute_optimal(service.target_budget, scaling.CHINCHILLA_APPROACH3)
+    return {"N_opt": N, "loss": scaling.chinchilla_loss(N, D, scaling.CHINCHILLA_APPROACH3)}
+
+
+@pytest.mark.parametrize("fn", [lab_two_power_laws, lab_by_hand])
+def test_scaling_prediction_accepts_honest_predictions(fn, capsys):
+    checks.check_scaling_prediction(fn)
+    assert "check_scaling_prediction passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn, sentence", [
+    (lab_no_extrapolation, "your N_opt is the optimum of the largest budget on offer"),
+    (lab_all_compute_to_parameters, "you scaled N_opt in proportion to C"),
+    (lab_tokens_for_parameters, "looks like a number of tokens"),
+    (lab_floor_as_loss, "you predicted the floor itself"),
+    (lab_loss_not_extrapolated, "your loss is what the largest budget on offer"),
+    (lab_floor_is_the_entropy_rate, "is below the floor"),
+    (lab_badly_centred_runs, "your N_opt is too large"),
+    (lab_buys_everything, "your plan asked for more runs than the FLOP budget buys"),
+    (lab_returns_a_tuple, "return a dict {'N_opt': ..., 'loss': ...}"),
+    (lab_buys_nothing, "you never bought a run from the service"),
+])
+def test_scaling_prediction_names_each_mistake(fn, sentence):
+    message = refused(checks.check_scaling_prediction, fn)
+    assert sentence in message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_scaling_prediction_reports_stubs_and_crashes():
+    with pytest.raises(NotAttempted):
+        checks.check_scaling_prediction(lambda s: (_ for _ in ()).throw(NotImplementedError("Exercise 05.4 is not done yet")))
+    with pytest.raises(StudentCodeError, match="ZeroDivisionError"):
+        checks.check_scaling_prediction(lambda s: 1 / 0)
+
+
+def test_the_lab_tolerances_hold_the_truth_and_refuse_the_neighbouring_budget():
+    """The grading tolerance is wider than the truth's own bootstrap spread and narrower than one budget step."""
+    from course_lib import results
+
+    record = results.recorded("scaling", "cpu")
+    truth = scaling.lab_truth(record)
+    lab = record["results"]["lab"]
+    target = [r for r in record["results"]["runs"] if r["C_budget"] == lab["target_budget"] and r["seed"] == 0]
+    rng = np.random.default_rng(0)
+    vertices = []
+    for _ in range(200):
+        pick = rng.integers(len(target), size=len(target))
+        if len(set(pick.tolist())) < 3:
+            continue
+        try:
+            vertices.append(scaling.isoflop_minimum([target[i]["N"] for i in pick],
+                                                    [target[i]["val_loss"] for i in pick]))
+        except ValueError:
+            continue
+    spread_N = np.percentile([abs(math.log(v["N_opt"] / truth["N_opt"])) for v in vertices], 90)
+    spread_L = np.percentile([abs(v["L_opt"] - truth["loss"]) for v in vertices], 90)
+    assert spread_N < math.log(checks.scaling_laws.LAB_N_FACTOR) and spread_L < checks.scaling_laws.LAB_LOSS_NATS
+    previous = scaling.isoflop_minima([r for r in record["results"]["runs"] if r["seed"] == 0])[-2]
+    assert abs(math.log(previous["N_opt"] / truth["N_opt"])) > math.log(checks.scaling_laws.LAB_N_FACTOR)
+    assert abs(previous["L_opt"] - truth["loss"]) > checks.scaling_laws.LAB_LOSS_NATS

@@ -293,11 +293,12 @@ def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float
 
 
 #: How close a lab prediction must come to the recorded truth: N_opt within this factor, the loss within
-#: this many nats. Set from the recorded sweep (notebook 05, section 9): the bootstrap spread of the
-#: truth itself and the error of an honest two-budget extrapolation both fit inside; the mistakes in
-#: tests/test_checks_05.py (no extrapolation, N ∝ C, the floor as the answer, ...) do not.
+#: this many nats. Set from the recorded sweep (data/results/scaling_cpu.json): the truth's own bootstrap
+#: spread (95%: N_opt within a factor 1.3, loss within 0.003) and the notebook's two-budget extrapolation
+#: (N_opt 1.36x, loss 0.013 low) fit inside; the answer of the budget before the target (3x less compute:
+#: N_opt 1.7x, loss 0.018) and the mistakes in tests/test_checks_05.py do not.
 LAB_N_FACTOR = 1.5
-LAB_LOSS_NATS = 0.02
+LAB_LOSS_NATS = 0.015
 
 
 def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
