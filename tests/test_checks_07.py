@@ -226,9 +226,9 @@ def test_lora_linear_keeps_the_global_rng_and_reports_stub():
 
     class Stub(nn.Module):
         def __init__(self, base, r, alpha):
-            raise NotImplementedError("Exercise 07.2 is not done yet")
+            raise NotImplementedError("Exercise 07.3 is not done yet")
 
-    with pytest.raises(NotAttempted, match="Exercise 07.2 is not done yet"):
+    with pytest.raises(NotAttempted, match="Exercise 07.3 is not done yet"):
         checks.check_lora_linear(Stub)
 
 
@@ -386,7 +386,7 @@ def test_apply_lora_refuses(fn):
     assert WRONG_INJECTION[fn] in str(info.value)
 
 
-# ---- check_lora_grads (07.4) ----------------------------------------------------------------------
+# ---- check_lora_grads (07.2) ----------------------------------------------------------------------
 
 
 def _rows(x, g):
@@ -499,9 +499,9 @@ def test_lora_grads_refuses(name):
 
 def test_lora_grads_stub():
     def stub(x, A, B, alpha, r, g):
-        raise NotImplementedError("Exercise 07.4 is not done yet")
+        raise NotImplementedError("Exercise 07.2 is not done yet")
 
-    with pytest.raises(NotAttempted, match="Exercise 07.4 is not done yet"):
+    with pytest.raises(NotAttempted, match="Exercise 07.2 is not done yet"):
         checks.check_lora_grads(stub)
 
 

@@ -24,21 +24,6 @@ register_hint("07.1",
               "then @ B.T for the branch; never form B @ A (and never change W0 in place).",
               "return x @ W0.T + (alpha / r) * (x @ A.T) @ B.T")
 register_hint("07.2",
-              "The layer keeps the pretrained nn.Linear frozen and adds two small trainable matrices; B starts "
-              "at zero so that the layer starts exactly at the pretrained one.",
-              "In __init__: store base, freeze its parameters, make lora_A an nn.Parameter of shape (r, in) "
-              "filled by nn.init.kaiming_uniform_(a=math.sqrt(5)) and lora_B an nn.Parameter of zeros (out, r), "
-              "remember alpha / r and merged = False. forward adds the scaled branch unless merged; merge() adds "
-              "(alpha/r) B @ A to base.weight once, unmerge() subtracts it once.",
-              "return self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T")
-register_hint("07.3",
-              "Freeze the whole model first, then find each nn.Linear whose name matches a target and put a "
-              "LoRA layer wrapping it in its place: the LoRA layer must *replace* the old one inside its parent.",
-              "Loop over list(model.named_modules()) (a list, because you change the model while looping); a "
-              "name matches when name == t or name.endswith('.' + t); split 'a.b.query' into the parent 'a.b' "
-              "and 'query' with name.rpartition('.'), get the parent with model.get_submodule, and setattr.",
-              "setattr(model.get_submodule(parent_name), last_name, lora.LoRALinear(module, r, alpha))")
-register_hint("07.4",
               "h depends on B through u = A x and on A through B^T g: write the chain rule for one row x_n with "
               "upstream gradient g_n = dL/dh_n, then add up the rows.",
               "With s = alpha / r, u_n = A x_n: dL/dB = s * sum_n g_n u_n^T and dL/dA = s * sum_n (B^T g_n) x_n^T. "
@@ -46,6 +31,21 @@ register_hint("07.4",
               "average (g already carries any 1/N of the loss).",
               "X, G = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]); dB = s * G.T @ (X @ A.T); "
               "dA = s * (G @ B).T @ X")
+register_hint("07.3",
+              "The layer keeps the pretrained nn.Linear frozen and adds two small trainable matrices; B starts "
+              "at zero so that the layer starts exactly at the pretrained one.",
+              "In __init__: store base, freeze its parameters, make lora_A an nn.Parameter of shape (r, in) "
+              "filled by nn.init.kaiming_uniform_(a=math.sqrt(5)) and lora_B an nn.Parameter of zeros (out, r), "
+              "remember alpha / r and merged = False. forward adds the scaled branch unless merged; merge() adds "
+              "(alpha/r) B @ A to base.weight once, unmerge() subtracts it once.",
+              "return self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T")
+register_hint("07.4",
+              "Freeze the whole model first, then find each nn.Linear whose name matches a target and put a "
+              "LoRA layer wrapping it in its place: the LoRA layer must *replace* the old one inside its parent.",
+              "Loop over list(model.named_modules()) (a list, because you change the model while looping); a "
+              "name matches when name == t or name.endswith('.' + t); split 'a.b.query' into the parent 'a.b' "
+              "and 'query' with name.rpartition('.'), get the parent with model.get_submodule, and setattr.",
+              "setattr(model.get_submodule(parent_name), last_name, lora.LoRALinear(module, r, alpha))")
 
 
 def _lora_wrong_scalings(r: float, alpha: float) -> dict[str, float]:
@@ -392,7 +392,7 @@ def check_apply_lora(fn: Callable[..., Any]) -> None:
                                "computes the reference LoRA and passes gradients to every A and B.")
 
 
-# ---- 07.4: the backward pass of the LoRA branch ----------------------------------------------------
+# ---- 07.2: the backward pass of the LoRA branch ----------------------------------------------------
 
 
 def _lora_grad_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
