@@ -300,16 +300,33 @@ def test_isoflop_sweep_spends_each_budget_and_counts_every_parameter():
                               batch_size=4, context=8)
 
 
-def test_isoflop_sweep_gives_the_same_numbers_in_worker_processes():
+def test_isoflop_sweep_gives_the_same_numbers_through_the_worker_pool(monkeypatch):
+    """The pool path (longest jobs first, records back in plan order) with a thread standing in for the processes:
+    spawning real ones costs seconds of imports; the recorded sweep itself ran on two processes, and notebook 05
+    shows its live runs equal to the recorded ones."""
+    import concurrent.futures
+
+    import torch
+
     from course_lib.synthetic import make_language
+
+    class ThreadPool(concurrent.futures.ThreadPoolExecutor):   # one thread: torch's global RNG is per process
+        def __init__(self, max_workers, mp_context=None, initializer=None, initargs=()):
+            super().__init__(max_workers=1, initializer=initializer, initargs=initargs)
 
     lang = make_language(8, bigram_successors=3, trigram_successors=2)
     train_tokens, val_tokens = lang.train_val(5000, 2000)
-    kwargs = dict(vocab_size=8, plan={1e7: [(8, 1), (12, 1), (16, 1)]}, batch_size=4, context=8, eval_batches=2,
-                  progress=False)
+    kwargs = dict(vocab_size=8, plan={5e6: [(8, 1), (12, 1), (16, 1)]},
+                  batch_size=4, context=8, eval_batches=2, progress=False)
+    threads = torch.get_num_threads()
     here = scaling.isoflop_sweep(train_tokens, val_tokens, workers=1, **kwargs)
-    there = scaling.isoflop_sweep(train_tokens, val_tokens, workers=2, **kwargs)
-    assert [r["val_loss"] for r in here] == [r["val_loss"] for r in there]
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", ThreadPool)
+    try:
+        there = scaling.isoflop_sweep(train_tokens, val_tokens, workers=2, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    key = lambda r: (r["C_budget"], r["d_model"], r["seed"], r["steps"], r["val_loss"])  # noqa: E731
+    assert [key(r) for r in here] == [key(r) for r in there]
 
 
 def test_isoflop_minima_of_a_known_law_follow_its_closed_form():
@@ -426,3 +443,20 @@ def test_the_experiment_runs_in_its_quick_form(tmp_path):
     assert path.exists() and len(result["runs"]) == 3 * 2 + 6
     assert result["lab"]["target_budget"] == 10 * max(result["lab"]["offered_budgets"])
     assert result["setup"]["window_floor"] < result["setup"]["bigram_entropy"]
+
+
+def test_the_sweep_language_is_the_recorded_one():
+    from course_lib import results
+    from course_lib.synthetic import make_language
+
+    lang = scaling.sweep_language()
+    spec = scaling.SWEEP_SETUP["language"]
+    assert lang.P.tobytes() == make_language(spec["vocab_size"], bigram_successors=spec["bigram_successors"],
+                                             trigram_successors=spec["trigram_successors"], seed=spec["seed"]).P.tobytes()
+    record = results.recorded("scaling", "cpu")
+    if record is None:
+        pytest.skip("no recorded sweep")
+    setup = record["results"]["setup"]
+    assert setup["language"] == spec and setup["context"] == scaling.SWEEP_SETUP["context"]
+    assert setup["window_floor"] == pytest.approx(lang.window_floor(setup["context"]), abs=1e-12)
+    assert lang.entropy_rate() < setup["window_floor"] < lang.bigram_entropy()
