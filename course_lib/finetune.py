@@ -781,6 +781,19 @@ class _RunCache:
                 self._lock(key).unlink(missing_ok=True)
         return value
 
+    def has(self, settings: Mapping[str, Any]) -> bool:
+        return self.key(settings) in self.done
+
+    def work_on_one(self, items: Sequence[tuple[Mapping[str, Any], Any]]) -> bool:
+        """Compute the first of ``items`` that is neither finished nor claimed; False if there is none."""
+        self.reload()
+        for settings, compute in items:
+            key = self.key(settings)
+            if key not in self.done and self._claim(key):
+                self._compute(key, compute)
+                return True
+        return False
+
     def get_many(self, items: Sequence[tuple[Mapping[str, Any], Any]], poll_seconds: float = 15.0) -> list[Any]:
         """The values of all ``(settings, compute)`` runs: first every unclaimed one is computed here,
         then the ones other processes are computing are waited for."""
@@ -1108,16 +1121,28 @@ def lora_experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dic
 
     search_method = {"linear probe": "linear probe", "BitFit": "BitFit", "LoRA": f"LoRA r={sizes['search_rank']}",
                      "full fine-tuning": "full fine-tuning"}
-    grid = [(fam, lr) for fam in search_method for lr in sizes["lrs"][fam]]
-    searched = cache.get_many([item(search_method[fam], lr, 0, with_val=True) for fam, lr in grid])
-    search: dict[str, dict[float, Any]] = {fam: {} for fam in search_method}
-    for (fam, lr), value in zip(grid, searched):
-        search[fam][lr] = value
-    chosen_lr = {fam: max(sizes["lrs"][fam], key=lambda lr: search[fam][lr]["val_accuracy"]) for fam in search}
-
     methods = ["linear probe", "BitFit", *[f"LoRA r={r}" for r in sizes["ranks"]], "full fine-tuning"]
     planned = [(m, s) for m in methods for s in range(seeds) if not (s == 0 and m == search_method[family(m)])]
-    done = dict(zip(planned, cache.get_many([item(m, chosen_lr[family(m)], s) for m, s in planned])))
+    search_items = {fam: [item(search_method[fam], lr, 0, with_val=True) for lr in sizes["lrs"][fam]]
+                    for fam in search_method}
+
+    def chosen(fam: str) -> float:
+        values = [cache.done[cache.key(settings)] for settings, _ in search_items[fam]]
+        return max(zip(sizes["lrs"][fam], values), key=lambda pair: pair[1]["val_accuracy"])[0]  # first of equals
+
+    # every search run first; a family's other seeds as soon as its own search is finished
+    while True:
+        cache.reload()
+        finished = [fam for fam, items in search_items.items() if all(cache.has(st) for st, _ in items)]
+        seed_items = [item(m, chosen(family(m)), s) for m, s in planned if family(m) in finished]
+        if len(finished) == len(search_items) and all(cache.has(st) for st, _ in seed_items):
+            break
+        if not cache.work_on_one([it for items in search_items.values() for it in items] + seed_items):
+            time.sleep(15)
+    chosen_lr = {fam: chosen(fam) for fam in search_items}
+    search = {fam: {lr: cache.done[cache.key(st)] for lr, (st, _) in zip(sizes["lrs"][fam], items)}
+              for fam, items in search_items.items()}
+    done = {(m, s): cache.done[cache.key(item(m, chosen_lr[family(m)], s)[0])] for m, s in planned}
     if is_worker():
         _log(name, "worker: no run left, exiting (the main process writes the record)")
         raise SystemExit(0)
