@@ -161,20 +161,25 @@ def checkpoint_blocks(model: GPT) -> GPT:
     return model
 
 
-def step_seconds(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, repeats: int = 3) -> dict[str, float]:
-    """Fastest of ``repeats`` forward passes without gradients, and of forward + backward passes, in seconds."""
-    def fastest(fn: Any) -> float:
+def step_seconds(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, repeats: int = 3) -> dict[str, Any]:
+    """Fastest of ``repeats`` forward passes without gradients, and of forward + backward passes, in seconds.
+
+    ``"forward_all"`` and ``"forward_backward_all"`` hold every repeat, to judge how noisy the timing was.
+    """
+    def timed(fn: Any) -> list[float]:
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return min(times)
+        return times
 
     def train_step() -> None:
         model.zero_grad(set_to_none=True)
         model(idx, targets)[1].backward()
 
     with torch.no_grad():
-        forward = fastest(lambda: model(idx, targets))
-    return {"forward": forward, "forward_backward": fastest(train_step)}
+        forward = timed(lambda: model(idx, targets))
+    forward_backward = timed(train_step)
+    return {"forward": min(forward), "forward_backward": min(forward_backward),
+            "forward_all": forward, "forward_backward_all": forward_backward}

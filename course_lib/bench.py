@@ -182,7 +182,13 @@ def _say(message: str, progress: bool) -> None:
 
 
 def bench_train(device: torch.device, *, quick: bool, progress: bool = True) -> dict[str, Any]:
-    """tokens/s and MFU of the course's GPT, adding one optimisation per row."""
+    """tokens/s and MFU of the course's GPT, adding one optimisation per row.
+
+    A row that cannot run here (``torch.compile`` on a CPU) is kept with ``skipped=True``, a note, and no
+    time, throughput or MFU; the rows after it run without that optimisation and say so in their note.
+    ``speedup_vs_previous`` compares with the last row that was measured (named in ``speedup_vs`` when
+    that is not the row just above); a row that ran out of GPU memory has no numbers either.
+    """
     size = SIZES["quick" if quick else "full"]
     config: GPTConfig = size["gpt"]
     on_gpu = device.type == "cuda"
@@ -199,9 +205,16 @@ def bench_train(device: torch.device, *, quick: bool, progress: bool = True) -> 
         batch = options.pop("batch", size["batch"])
         row: dict[str, Any] = dict(variant=name)
         if options["compile"] and not on_gpu:
-            # compiling on a CPU needs a C++ toolchain and minutes; the reduced run measures it without
+            # compiling on a CPU needs a C++ toolchain and minutes: the row that adds torch.compile is not
+            # run (no numbers: they would be the row above's, measured again); later rows run without it
             options["compile"] = False
-            row["note"] = "torch.compile skipped on the CPU (reduced run)"
+            if not any(r.get("skipped") for r in rows):
+                rows.append(dict(row, batch_size=batch, fused_adamw=options["fused"],
+                                 flash_attention=options["flash"], torch_compile=False, skipped=True,
+                                 tokens_per_s=None, step_ms=None, mfu=None, peak_mem_gb=None,
+                                 note="skipped: torch.compile is not run on the CPU (reduced run)"))
+                continue
+            row["note"] = "measured without torch.compile (skipped on the CPU)"
         _say(f"[bench train] {name} ...", progress)
         out_of_memory = False
         try:
@@ -214,8 +227,11 @@ def bench_train(device: torch.device, *, quick: bool, progress: bool = True) -> 
         if out_of_memory:  # outside the except block, so the traceback no longer holds the model
             _reset_memory(device)
             row.update(batch_size=batch, tokens_per_s=None, mfu=None, note="out of GPU memory")
-        if rows and rows[-1].get("tokens_per_s") and row.get("tokens_per_s"):
-            row["speedup_vs_previous"] = row["tokens_per_s"] / rows[-1]["tokens_per_s"]
+        measured = [r for r in rows if r.get("tokens_per_s")]
+        if measured and row.get("tokens_per_s"):  # against the last row that was measured
+            row["speedup_vs_previous"] = row["tokens_per_s"] / measured[-1]["tokens_per_s"]
+            if measured[-1] is not rows[-1]:
+                row["speedup_vs"] = measured[-1]["variant"]
         rows.append(row)
     best = max((r for r in rows if r.get("tokens_per_s")), key=lambda r: r["tokens_per_s"])
     peak = course_train.peak_flops(device)

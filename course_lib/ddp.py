@@ -26,21 +26,26 @@ master copy and the two moments), and ZeRO stages 1/2/3 shard the optimiser stat
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
+_FIRST_LINE = time.time()  # when this module started running, before torch: see launch_phases()
+
+import argparse  # noqa: E402 (after the time stamp above, on purpose)
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict, dataclass, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+_TORCH_IMPORTED = time.time()
 
 __all__ = [
     "DDPSpec", "backend_for", "make_model", "make_optimizer", "weights_of", "global_batches", "train_single",
-    "launch", "load_weights",
+    "launch", "load_weights", "stamp", "launch_phases", "describe_phases",
     "max_abs_difference", "time_all_reduce", "memory_per_gpu", "gpus_needed", "BYTES_PER_PARAM",
 ]
 
@@ -157,6 +162,66 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 # ------------------------------------------------------------------------------------------------
+# Where the seconds of a launch go: every rank writes when it reached each point
+# ------------------------------------------------------------------------------------------------
+
+# The points a rank passes, in order, and the name of the phase that ends at each of them.
+PHASES = (
+    ("first_line", "torchrun and the Python processes starting"),
+    ("torch_imported", "importing torch"),
+    ("group_ready", "forming the process group"),
+    ("work_done", "the work itself"),
+)
+
+
+def stamp(out: Path, rank: int, point: str, *, first_line: float | None = None,
+          torch_imported: float | None = None) -> None:
+    """Record that this rank reached ``point`` now (wall-clock ``time.time()``) in ``out/stamps_rank{rank}.json``.
+
+    The file is rewritten at every point, so a rank that dies keeps the points it had reached. The first
+    call also records when the running module started and when it had imported torch (module-level
+    stamps of the ``-m`` module that torchrun started; by default this module's).
+    """
+    path = Path(out) / f"stamps_rank{rank}.json"
+    stamps = json.loads(path.read_text()) if path.is_file() else {
+        "first_line": _FIRST_LINE if first_line is None else first_line,
+        "torch_imported": _TORCH_IMPORTED if torch_imported is None else torch_imported}
+    stamps[point] = time.time()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stamps))
+
+
+def launch_phases(out: Path, launched: float, finished: float) -> dict[str, float]:
+    """Seconds of each phase of a launch, from the stamps its ranks wrote (``time.time()`` of one machine).
+
+    A phase ends when the *last* rank reached its point (the job waits for the slowest). The phases are
+    those of :data:`PHASES`, then, for a job that failed, ``"until a rank gave up"`` (the first rank's
+    ``error`` point) instead of the work; the rest up to ``finished`` is ``"ending the job"`` (results
+    written, the last barrier, processes stopped). ``launched`` and ``finished`` are the launcher's
+    ``time.time()`` before starting torchrun and after it returned.
+    """
+    ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("stamps_rank*.json"))]
+    phases: dict[str, float] = {}
+    previous = launched
+    for point, name in PHASES:
+        reached = [r[point] for r in ranks if point in r]
+        if point == "work_done" and any("error" in r for r in ranks):
+            point, name, reached = "error", "until a rank gave up", [min(r["error"] for r in ranks if "error" in r)]
+        if not reached:
+            break
+        phases[name] = max(max(reached), previous) - previous
+        previous = max(max(reached), previous)
+    phases["ending the job"] = max(finished - previous, 0.0)
+    return phases
+
+
+def describe_phases(phases: dict[str, float]) -> str:
+    """``"24.5 s in all: 6.0 s torchrun and the Python processes starting, 9.1 s importing torch, ..."``"""
+    total = sum(phases.values())
+    return f"{total:.1f} s in all: " + ", ".join(f"{s:.1f} s {name}" for name, s in phases.items())
+
+
+# ------------------------------------------------------------------------------------------------
 # The distributed part: runs inside each process started by torchrun
 # ------------------------------------------------------------------------------------------------
 
@@ -221,6 +286,7 @@ def _worker(spec: DDPSpec, out: Path, allreduce_numels: list[int]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend_for(device))
+    stamp(out, rank, "group_ready")
     try:
         model = make_model(spec).to(device)  # same seed everywhere; DDP also broadcasts rank 0's weights
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -240,7 +306,7 @@ def _worker(spec: DDPSpec, out: Path, allreduce_numels: list[int]) -> None:
             losses.append(global_loss.item() / world)
         n_grad = sum(p.numel() for p in model.parameters())
         timings = time_all_reduce(sorted(set(allreduce_numels) | {n_grad}), device=device)
-        out.mkdir(parents=True, exist_ok=True)
+        stamp(out, rank, "work_done")
 
         save_file(weights_of(model), str(out / f"weights_rank{rank}.safetensors"))
         if rank == 0:
@@ -285,7 +351,8 @@ def launch(out: str | Path, *, nproc: int = 2, spec: DDPSpec | None = None,
     """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.ddp`` and return its result.json.
 
     Uses ``python -m torch.distributed.run`` (what the ``torchrun`` command is) with this Python, so it
-    works from a notebook whose virtual environment is not on PATH. One thread per process.
+    works from a notebook whose virtual environment is not on PATH. One thread per process. The result
+    also holds ``"phases"``: where the launch's seconds went (:func:`launch_phases`).
     """
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer (the number of processes), got {nproc!r}.")
@@ -298,13 +365,20 @@ def launch(out: str | Path, *, nproc: int = 2, spec: DDPSpec | None = None,
     if allreduce_numels is not None:
         args += ["--allreduce-numels", *map(str, allreduce_numels)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("stamps_rank*.json"):
+        stale.unlink()
+    launched = time.time()
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    finished = time.time()
     if done.returncode != 0:
         lines = (done.stderr + done.stdout).strip().splitlines()
         worker = [line for line in lines if line.startswith("[rank")]  # the workers' own tracebacks
         tail = "\n".join((worker or lines)[-12:])
         raise RuntimeError(f"the torchrun job failed with exit code {done.returncode}; its last lines:\n{tail}")
-    return json.loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    result["phases"] = launch_phases(out, launched, finished)
+    return result
 
 
 def load_weights(out: str | Path, rank: int = 0) -> dict[str, torch.Tensor]:

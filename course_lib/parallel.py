@@ -29,22 +29,27 @@ rank writes one line saying what went wrong, and :func:`launch` turns those line
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import importlib
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import asdict, fields
-from pathlib import Path
-from typing import Any
 
-import torch
-import torch.distributed as dist
+_FIRST_LINE = time.time()  # when this module started running, before torch: see ddp.launch_phases
+
+import argparse  # noqa: E402 (after the time stamp above, on purpose)
+import datetime  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+_TORCH_IMPORTED = time.time()
 
 __all__ = ["PARTS", "ParallelJobFailed", "launch", "init", "spec_from", "describe_error", "main"]
 
@@ -54,7 +59,15 @@ FAULTS = ("unmatched-recv", "dead-rank")
 
 
 class ParallelJobFailed(RuntimeError):
-    """A multi-process job failed; the message says which rank did what, in one sentence."""
+    """A multi-process job failed; the message says which rank did what, in one sentence.
+
+    ``phases`` holds where the job's seconds went (:func:`course_lib.ddp.launch_phases`; empty when
+    the job was stopped for running past its time limit).
+    """
+
+    def __init__(self, message: str, phases: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.phases = phases or {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,6 +130,12 @@ def _fault_worker(mode: str, rank: int, world: int, device: torch.device) -> dic
     return {"survived": True}
 
 
+def _stamp(out: Path, rank: int, point: str) -> None:
+    from course_lib.ddp import stamp
+
+    stamp(out, rank, point, first_line=_FIRST_LINE, torch_imported=_TORCH_IMPORTED)
+
+
 def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
@@ -124,6 +143,7 @@ def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) 
     (out / f"error_rank{rank}.txt").unlink(missing_ok=True)
     try:
         rank, world, device = init(group_timeout_s)
+        _stamp(out, rank, "group_ready")
         start = time.perf_counter()
         if part == "fault":
             result = _fault_worker(options.get("mode", "unmatched-recv"), rank, world, device)
@@ -137,9 +157,11 @@ def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) 
             result = module.worker(spec_from(module.Spec, options), rank, world, device)
         result.update(rank=rank, world_size=world, backend=dist.get_backend(), device=device.type,
                       worker_seconds=time.perf_counter() - start)
+        _stamp(out, rank, "work_done")
         (out / f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
     except BaseException as error:
+        _stamp(out, rank, "error")
         (out / f"error_rank{rank}.txt").write_text(describe_error(error, rank, group_timeout_s))
         raise
     finally:
@@ -214,8 +236,10 @@ def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any
     """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.parallel PART`` and collect it.
 
     ``options`` are the part's ``Spec`` fields (a dict or the Spec itself). Returns ``{"part", "world_size",
-    "backend", "device", "seconds", "ranks": [the dict each rank's worker returned, by rank]}``. A failure
-    raises :class:`ParallelJobFailed` with one sentence; no worker process is left running either way.
+    "backend", "device", "seconds", "phases", "ranks": [the dict each rank's worker returned, by rank]}``;
+    ``phases`` says where the seconds went (:func:`course_lib.ddp.launch_phases`). A failure raises
+    :class:`ParallelJobFailed` with one sentence (and the phases); no worker process is left running
+    either way.
     """
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}: choose one of {sorted(PARTS)}.")
@@ -228,13 +252,14 @@ def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any
         raise ValueError(f"unknown fault mode {options['mode']!r}: choose one of {FAULTS}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("rank*.json"), *out.glob("error_rank*.txt"), *out.glob("pid_rank*")]:
+    for stale in [*out.glob("rank*.json"), *out.glob("error_rank*.txt"), *out.glob("pid_rank*"),
+                  *out.glob("stamps_rank*.json")]:
         stale.unlink()
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "--monitor-interval=0.1", "-m", "course_lib.parallel", part, "--out", str(out),
             "--options", json.dumps(options), "--group-timeout", str(group_timeout_s)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    start = time.perf_counter()
+    start, launched = time.perf_counter(), time.time()
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         log, _ = process.communicate(timeout=timeout_s)
@@ -251,11 +276,14 @@ def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any
     finally:
         _kill_leftovers(out)
     seconds = time.perf_counter() - start
+    from course_lib.ddp import launch_phases
+
+    phases = launch_phases(out, launched, launched + seconds)
     if process.returncode != 0:
-        raise ParallelJobFailed(_failure_sentence(part, nproc, out, log))
+        raise ParallelJobFailed(_failure_sentence(part, nproc, out, log), phases)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     return dict(part=part, world_size=ranks[0]["world_size"], backend=ranks[0]["backend"],
-                device=ranks[0]["device"], seconds=seconds, ranks=ranks)
+                device=ranks[0]["device"], seconds=seconds, phases=phases, ranks=ranks)
 
 
 if __name__ == "__main__":

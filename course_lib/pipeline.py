@@ -25,6 +25,7 @@ what Megatron-LM does in its "embedding group".
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,7 @@ from torch import nn
 from course_lib.model import GPT, GPTConfig
 
 __all__ = ["bubble_fraction", "gpipe_timeline", "idle_fraction", "measured_idle_fraction", "Stage",
-           "global_name", "gpipe_step", "sum_tied_gradients", "Spec", "worker"]
+           "global_name", "gpipe_step", "message_seconds", "sum_tied_gradients", "Spec", "worker"]
 
 
 def bubble_fraction(p: int, m: int) -> float:
@@ -48,12 +49,16 @@ def bubble_fraction(p: int, m: int) -> float:
     return (p - 1) / (m + p - 1)
 
 
-def gpipe_timeline(t_forward: list[float], t_backward: list[float], m: int) -> list[list[tuple[str, int, float, float]]]:
-    """The GPipe schedule with these per-stage times (communication free): per stage, (kind, k, start, end).
+def gpipe_timeline(t_forward: list[float], t_backward: list[float], m: int, *,
+                   t_message: float = 0.0) -> list[list[tuple[str, int, float, float]]]:
+    """The GPipe schedule with these per-stage times: per stage, (kind, k, start, end).
 
     Stage s runs F_0 … F_{m−1}, then B_0 … B_{m−1}. F_k on stage s waits for F_k on stage s − 1; B_k on
-    stage s waits for B_k on stage s + 1. Each stage does one thing at a time.
+    stage s waits for B_k on stage s + 1. Each stage does one thing at a time. ``t_message`` is the time a
+    message takes from one stage to the next (0: communication free); the sender does not wait for it.
     """
+    if not t_message >= 0:
+        raise ValueError(f"t_message must be a time in seconds, 0 or more, got {t_message!r}.")
     p = len(t_forward)
     if p < 1 or len(t_backward) != p:
         raise ValueError(f"t_forward and t_backward need one time per stage each, got {len(t_forward)} and "
@@ -65,13 +70,13 @@ def gpipe_timeline(t_forward: list[float], t_backward: list[float], m: int) -> l
     events: list[list[tuple[str, int, float, float]]] = [[] for _ in range(p)]
     for k in range(m):
         for s in range(p):
-            start = max(free[s], done_f[s - 1][k] if s else 0.0)
+            start = max(free[s], done_f[s - 1][k] + t_message if s else 0.0)
             free[s] = done_f[s][k] = start + t_forward[s]
             events[s].append(("F", k, start, free[s]))
     done_b = [[0.0] * m for _ in range(p)]
     for k in range(m):
         for s in reversed(range(p)):
-            start = max(free[s], done_b[s + 1][k] if s < p - 1 else 0.0)
+            start = max(free[s], done_b[s + 1][k] + t_message if s < p - 1 else 0.0)
             free[s] = done_b[s][k] = start + t_backward[s]
             events[s].append(("B", k, start, free[s]))
     return events
@@ -189,6 +194,27 @@ def gpipe_step(module: Stage, idx: torch.Tensor, targets: torch.Tensor, m: int, 
         work.wait()
     loss = sum(o.detach() for o in outputs) if module.last else None
     return loss, events
+
+
+def message_seconds(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """One-way time of one activation message between ranks 0 and 1: the median of ``repeats`` round trips
+    (0 sends, 1 receives and sends it back), halved. Every rank must call it; the others only wait."""
+    rank, x = dist.get_rank(), torch.zeros(shape, dtype=dtype, device=device)
+    times = []
+    for trip in range(repeats + 1):                    # the first round trip is a warm-up
+        dist.barrier()
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(x, dst=1)
+            dist.recv(x, src=1)
+        elif rank == 1:
+            dist.recv(x, src=0)
+            dist.send(x, dst=0)
+        if trip:
+            times.append(time.perf_counter() - start)
+    seconds = torch.tensor([statistics.median(times) / 2 if rank == 0 else 0.0], dtype=torch.float64, device=device)
+    dist.broadcast(seconds, src=0)                     # every rank reports rank 0's measurement
+    return seconds.item()
 
 
 def sum_tied_gradients(module: Stage, group: Any) -> None:
@@ -312,10 +338,13 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
         dist.all_reduce(signed, group=tied_group)       # E on the first stage minus E on the last stage
         tied_gap = signed.abs().max().item()
 
-    # timing: the GPipe schedule for each number of micro-batches
+    # timing: the GPipe schedule for each number of micro-batches, and one message of its activation
     timelines: dict[str, list[list[tuple[str, int, float, float]]]] = {}
+    messages: dict[str, float] = {}
     x, y = _batch(spec, 0, device)
+    dtype = getattr(torch, spec.dtype)
     for m in spec.micro_batches:
+        messages[str(m)] = message_seconds((spec.batch // m, spec.context, spec.d_model), dtype, device) if p > 1 else 0.0
         timelines[str(m)] = []
         for step in range(spec.timed_steps + 1):           # the first run of each m is a warm-up
             module.zero_grad(set_to_none=True)
@@ -331,5 +360,5 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
         grad_max_abs_diff=_max_over_ranks(grad_gap_after, device),
         weights_max_abs_diff=_max_over_ranks(weight_gap, device), weights_moved_by_training=moved,
         tied_copies_max_abs_diff=_max_over_ranks(tied_gap, device),
-        timelines=timelines,
+        timelines=timelines, message_seconds=messages,
     )

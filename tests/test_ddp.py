@@ -150,6 +150,9 @@ def test_ddp_on_two_processes_equals_one_process_with_twice_the_batch(tmp_path):
     assert sizes == sorted({256, 4096, result["gradient_numel"]})
     assert all(row["seconds"] > 0 and row["busbw_bytes_per_s"] == pytest.approx(row["algbw_bytes_per_s"])
                for row in result["all_reduce"])  # 2 ranks: bus bandwidth = 2(W-1)/W x algbw = algbw
+    phases = result["phases"]  # where the launch's seconds went, from the ranks' time stamps
+    assert list(phases) == [name for _, name in ddp.PHASES] + ["ending the job"]
+    assert all(s >= 0 for s in phases.values()) and phases["importing torch"] > 0.05
 
 
 def test_accelerate_launch_on_two_cpu_processes(tmp_path):

@@ -60,6 +60,42 @@ def test_gpipe_timeline_with_unequal_stages():
         pipeline.gpipe_timeline([1.0], [1.0, 2.0], 2)
 
 
+def test_gpipe_timeline_with_messages():
+    # equal stages t_F = 1, t_B = 2, m = 2, messages of 0.5: F on stage 1 and B on stage 0 start 0.5 later
+    events = pipeline.gpipe_timeline([1.0, 1.0], [2.0, 2.0], 2, t_message=0.5)
+    assert events[1][0] == ("F", 0, 1.5, 2.5) and events[1][1] == ("F", 1, 2.5, 3.5)
+    assert events[0][2] == ("B", 0, 6.0, 8.0)  # stage 1's B_0 ends at 5.5, plus the message
+    assert max(e[3] for stage in events for e in stage) == 10.0  # (m + p - 1)(t_F + t_B) + 2 messages
+    assert pipeline.gpipe_timeline([1.0, 3.0], [2.0, 6.0], 4, t_message=0.0) == pipeline.gpipe_timeline(
+        [1.0, 3.0], [2.0, 6.0], 4)
+    with pytest.raises(ValueError, match="t_message must be a time"):
+        pipeline.gpipe_timeline([1.0], [1.0], 2, t_message=-1.0)
+
+
+def test_launch_phases_end_when_the_last_rank_gets_there(tmp_path):
+    import json
+
+    from course_lib import ddp
+
+    t0 = 1000.0
+    (tmp_path / "stamps_rank0.json").write_text(json.dumps(
+        dict(first_line=t0 + 2, torch_imported=t0 + 5, group_ready=t0 + 6, work_done=t0 + 9)))
+    (tmp_path / "stamps_rank1.json").write_text(json.dumps(
+        dict(first_line=t0 + 3, torch_imported=t0 + 4.5, group_ready=t0 + 6.5, work_done=t0 + 8)))
+    phases = ddp.launch_phases(tmp_path, t0, t0 + 10)
+    assert list(phases.values()) == pytest.approx([3, 2, 1.5, 2.5, 1])
+    assert list(phases) == [name for _, name in ddp.PHASES] + ["ending the job"]
+    assert ddp.describe_phases(phases).startswith("10.0 s in all: 3.0 s torchrun and the Python processes starting")
+    # a failed job: the work ends when the first rank gave up; a rank that died wrote no error
+    (tmp_path / "stamps_rank0.json").write_text(json.dumps(
+        dict(first_line=t0 + 2, torch_imported=t0 + 5, group_ready=t0 + 6, error=t0 + 9)))
+    (tmp_path / "stamps_rank1.json").write_text(json.dumps(
+        dict(first_line=t0 + 3, torch_imported=t0 + 4.5, group_ready=t0 + 6.5)))
+    failed = ddp.launch_phases(tmp_path, t0, t0 + 12)
+    assert failed["until a rank gave up"] == pytest.approx(2.5) and failed["ending the job"] == pytest.approx(3)
+    assert "the work itself" not in failed
+
+
 @pytest.mark.parametrize("s, b, h, a", [(32, 2, 64, 4), (64, 1, 32, 2)])
 def test_korthikanti_count_against_the_measured_paper_layer(s, b, h, a):
     config = GPTConfig(vocab_size=5, context=s, n_layer=1, n_head=a, d_model=h, dropout=0.1)
@@ -106,6 +142,10 @@ def test_recomputation_gives_the_same_gradients_and_keeps_only_block_inputs():
     saved = saved_activation_bytes(full, x, x) - saved_activation_bytes(kept, x, x)
     # per block 20 B·T·d floats saved before (lesson 03; plus per-token statistics), 1 (its input) after
     assert saved == pytest.approx(3 * (20 - 1) * 2 * 16 * 32 * 4, rel=0.02)
+    times = am.step_seconds(kept, x, x, repeats=2)
+    assert len(times["forward_all"]) == len(times["forward_backward_all"]) == 2
+    assert times["forward"] == min(times["forward_all"]) > 0
+    assert times["forward_backward"] == min(times["forward_backward_all"])
 
 
 def test_zero_formula_and_measured_bytes_of_plain_adam():
@@ -173,6 +213,16 @@ def test_pipeline_equals_one_process_and_sums_the_tied_gradients(two_processes):
     for m in (1, 4):
         (idle,) = pipeline.measured_idle_fraction(ranks, m)
         assert 0 < idle < 1
+        assert r0["message_seconds"][str(m)] == r1["message_seconds"][str(m)] > 0  # rank 0's, broadcast
+
+
+def test_a_launch_says_where_its_seconds_went(two_processes):
+    phases = two_processes["phases"]
+    assert list(phases)[:4] == ["torchrun and the Python processes starting", "importing torch",
+                                "forming the process group", "the work itself"]
+    assert all(s >= 0 for s in phases.values())
+    assert sum(phases.values()) == pytest.approx(two_processes["seconds"], abs=0.01)
+    assert phases["importing torch"] > 0.05 and phases["the work itself"] > 0.1
 
 
 def test_zero1_and_fsdp_train_like_ddp_and_hold_their_share(two_processes):
@@ -204,7 +254,13 @@ def test_a_fault_fails_in_seconds_with_one_sentence_and_leaves_no_process(tmp_pa
     with pytest.raises(parallel.ParallelJobFailed) as info:
         parallel.launch("fault", tmp_path, options={"mode": mode}, group_timeout_s=2, timeout_s=120)
     assert sentence in str(info.value) and "\n" not in str(info.value)
-    assert time.perf_counter() - start < 90  # seconds (mostly starting Python twice), not a hang
+    assert time.perf_counter() - start < 90  # seconds, not a hang
+    phases = info.value.phases
+    assert "until a rank gave up" in phases and "the work itself" not in phases
+    if mode == "unmatched-recv":  # the waiting rank gives up after the group's timeout, not much later
+        assert 1.5 < phases["until a rank gave up"] < 30
+    else:  # the survivor sees the dead rank's closed connection, without waiting for the timeout
+        assert phases["until a rank gave up"] < 30
     _no_worker_left(tmp_path)
 
 
