@@ -388,7 +388,7 @@ def isoflop_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int,
                   plan: Mapping[float, Sequence[tuple[int, int]]], batch_size: int, context: int,
                   lr: float = 1e-2, device: Any = "cpu", eval_batches: int = 100,
                   seeds: Sequence[int] | Mapping[float, Sequence[int]] = (0,), workers: int = 1,
-                  progress: bool = True) -> list[dict[str, Any]]:
+                  progress: bool = True, reuse: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """Chinchilla's Approach 2 sweep: for each budget C in ``plan``, train each (d_model, n_layer) in ``plan[C]``
     for as many steps as make 6·N·D = C (Hoffmann et al. 2022, Sec. 3.2).
 
@@ -400,6 +400,11 @@ def isoflop_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int,
     each); a run's numbers do not depend on where it ran. One record per run and seed: C_budget,
     d_model, n_layer, N, N_non_embedding, steps, D, C, C_matmul (every matrix multiply counted,
     attention and the lm head included: ``course_lib.model.flops_per_token`` · D), seed, val_loss, seconds.
+
+    ``reuse`` holds records of an earlier sweep made with the same data and recipe (the caller checks
+    that): a job with the same budget, size, steps and seed is not trained again but returned as it was
+    recorded. Training is deterministic on one machine, so this extends a recorded sweep with new runs
+    without changing the old ones.
     """
     from course_lib.model import param_count_formula
 
@@ -420,13 +425,19 @@ def isoflop_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int,
                 raise ValueError(f"the budget C={C:.3g} buys less than one step of the model with d_model="
                                  f"{d_model} (N={N:,}); use a larger budget or a smaller model.")
             jobs += [({"C_budget": C, "d_model": d_model, "n_layer": n_layer, "steps": steps}, s) for s in budget_seeds]
-    records = _train_jobs(jobs, train_tokens, val_tokens, workers=workers, progress=progress,
+    def key(entry: Mapping[str, Any], seed: int) -> tuple:
+        return float(entry["C_budget"]), int(entry["d_model"]), int(entry["n_layer"]), int(entry["steps"]), int(seed)
+
+    done = {key(r, r["seed"]): dict(r) for r in reuse}
+    todo = [job for job in jobs if key(*job) not in done]
+    trained = _train_jobs(todo, train_tokens, val_tokens, workers=workers, progress=progress,
                           settings=dict(vocab_size=vocab_size, batch_size=batch_size, context=context, lr=lr,
                                         device=str(device), eval_batches=eval_batches))
-    for r in records:
+    for r in trained:
         r["N"] = r.pop("N_total")
         r["C"] = 6.0 * r["N"] * r["D"]
-    return records
+        done[key(r, r["seed"])] = r
+    return [done[key(*job)] for job in jobs]
 
 
 def _train_runs(plan: list[dict[str, Any]], train_tokens: Any, val_tokens: Any, *, vocab_size: int,
@@ -755,9 +766,12 @@ def sweep_language(setup: Mapping[str, Any] = SWEEP_SETUP) -> Any:
 def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:
     """The IsoFLOP sweep of notebook 05, with its Approach 2 and Approach 3 analyses and the lab's setup.
 
-    Every run of :data:`ISOFLOP_PLAN` is trained once (seed 0); the smallest budget, which the notebook
-    re-runs live, is trained with ``seeds`` seeds to measure how much one run's loss varies. The
-    analyses use seed 0 only, so every budget has the same noise. ``quick`` is a seconds-long smoke form.
+    Every run of :data:`ISOFLOP_PLAN` is trained once (seed 0). The lab's budgets get ``seeds`` seeds:
+    the two it sells (the smallest is the one the notebook re-runs live) and the largest, its target,
+    whose seeds measure how uncertain the lab's answer is (and so set the check's tolerances). The analyses use seed 0
+    only, so every budget has the same noise. Runs already in the recorded sweep of this profile, made
+    with the same data and recipe, are reused rather than retrained (``results["reused"]`` says which
+    record they come from). ``quick`` is a seconds-long smoke form.
     """
     setup = {**SWEEP_SETUP, **({"n_train": 100_000, "n_val": 20_000, "eval_batches": 2, "workers": 1} if quick else {})}
     plan = _QUICK_PLAN if quick else ISOFLOP_PLAN
@@ -767,13 +781,12 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     common = dict(vocab_size=lang.vocab_size, batch_size=setup["batch_size"], context=setup["context"],
                   lr=setup["lr"], device=profile.device, eval_batches=setup["eval_batches"])
     budgets = sorted(plan)
-    runs = isoflop_sweep(train_tokens, val_tokens, plan=plan, seeds={budgets[0]: tuple(range(max(1, seeds)))},
-                         workers=setup["workers"], **common)
-
-    first = [r for r in runs if r["C_budget"] == budgets[0]]
-    per_size: dict[int, list[float]] = {}
-    for r in first:
-        per_size.setdefault(r["d_model"], []).append(r["val_loss"])
+    offered = budgets[:-2] if len(budgets) > 2 else budgets[:1]
+    several = tuple(range(max(1, seeds)))
+    seeded = sorted({budgets[0], *offered, budgets[-1]})
+    previous = None if quick else _reusable_record(profile, setup)
+    runs = isoflop_sweep(train_tokens, val_tokens, plan=plan, seeds={C: several for C in seeded},
+                         workers=setup["workers"], reuse=previous["results"]["runs"] if previous else (), **common)
     main = [r for r in runs if r["seed"] == 0]
     try:
         analysis = analyse_sweep(main, n_resamples=20 if quick else 1000,
@@ -789,23 +802,47 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
                   "entropy_rate": lang.entropy_rate(), "window_floor": floor, "bigram_entropy": lang.bigram_entropy()},
         "runs": runs,
         **analysis,
-        "seed_spread_first_budget": _seed_spread(first, per_size) if seeds > 1 else None,
-        "lab": {"offered_budgets": budgets[:-2] if len(budgets) > 2 else budgets[:1], "target_budget": budgets[-1],
-                "flop_budget": 5.0 * sum(budgets[:-2] if len(budgets) > 2 else budgets[:1]), "floor": floor},
+        "seed_spread": ({f"{C:.0e}": _seed_spread([r for r in runs if r["C_budget"] == C]) for C in seeded}
+                        if seeds > 1 else None),
+        "reused": ({"runs": sum(1 for r in runs if r in previous["results"]["runs"]),
+                    "from": {k: previous["provenance"].get(k) for k in ("date", "commit", "load_average_1min")},
+                    "wall_time_s": previous["results"].get("wall_time_s")} if previous else None),
+        "lab": {"offered_budgets": offered, "target_budget": budgets[-1], "flop_budget": 5.0 * sum(offered),
+                "floor": floor},
     }
 
 
-def _seed_spread(first: list[dict[str, Any]], per_size: dict[int, list[float]]) -> dict[str, Any]:
+#: What must be equal for runs of an earlier record to count as runs of this sweep.
+_SAME_RUNS = ("language", "context", "batch_size", "lr", "n_train", "n_val", "data_seed", "eval_batches")
+
+
+def _reusable_record(profile: Any, setup: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The recorded sweep of this profile if it was made with ``setup``'s data and recipe, else None."""
+    from course_lib import results
+
+    previous = results.recorded("scaling", profile.name)
+    if previous is None or any(previous["results"]["setup"].get(k) != setup[k] for k in _SAME_RUNS):
+        return None
+    return previous
+
+
+def _seed_spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """How much one run varies with its seed: the std of each size's loss, and each seed's parabola vertex."""
-    vertices = []
-    for seed in sorted({r["seed"] for r in first}):
-        mine = [r for r in first if r["seed"] == seed]
+    per_size: dict[int, list[float]] = {}
+    for r in runs:
+        per_size.setdefault(r["d_model"], []).append(r["val_loss"])
+    vertices, losses = [], []
+    for seed in sorted({r["seed"] for r in runs}):
+        mine = [r for r in runs if r["seed"] == seed]
         try:
-            vertices.append(isoflop_minimum([r["N"] for r in mine], [r["val_loss"] for r in mine])["N_opt"])
+            vertex = isoflop_minimum([r["N"] for r in mine], [r["val_loss"] for r in mine])
+            vertices.append(vertex["N_opt"])
+            losses.append(vertex["L_opt"])
         except ValueError:
             vertices.append(None)
+            losses.append(None)
     return {"loss_std_by_d_model": {str(d): float(np.std(v, ddof=1)) for d, v in sorted(per_size.items())},
-            "N_opt_by_seed": vertices}
+            "N_opt_by_seed": vertices, "L_opt_by_seed": losses}
 
 
 def analyse_sweep(runs: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000,

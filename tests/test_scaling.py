@@ -440,7 +440,7 @@ def test_the_experiment_runs_in_its_quick_form(tmp_path):
     from course_lib import experiments
 
     result, path = experiments.run("scaling", "ci", seeds=2, quick=True, out=tmp_path / "scaling.json")
-    assert path.exists() and len(result["runs"]) == 3 * 2 + 6
+    assert path.exists() and len(result["runs"]) == 3 * 2 + 3 + 3 * 2        # seeds at the sold and the target budget
     assert result["lab"]["target_budget"] == 10 * max(result["lab"]["offered_budgets"])
     assert result["setup"]["window_floor"] < result["setup"]["bigram_entropy"]
 
