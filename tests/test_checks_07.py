@@ -254,7 +254,31 @@ def inject_reference(model, target_modules, r, alpha):
     return lora.apply_lora(model, target_modules, r, alpha)
 
 
-@pytest.mark.parametrize("fn", [inject_reference, inject_recursive])
+class OwnLoRA(nn.Module):
+    """A student's own correct LoRA layer (not course_lib's): accepted as well."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+def inject_own_layer(model, target_modules, r, alpha):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules):
+            parent, _, last = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, last, OwnLoRA(m, r, alpha))
+    return model
+
+
+@pytest.mark.parametrize("fn", [inject_reference, inject_recursive, inject_own_layer])
 def test_apply_lora_accepts_correct(fn, capsys):
     checks.check_apply_lora(fn)
     assert "check_apply_lora passed" in capsys.readouterr().out
