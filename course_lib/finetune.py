@@ -650,7 +650,7 @@ LORA_SIZES: dict[str, dict[str, Any]] = {
     "cpu": dict(n_train=1500, n_val=500, n_test=None, batch_size=16, max_length=64, epochs=1, steps=None,
                 ranks=(1, 4, 8, 16), search_rank=8, alpha_over_r=2,
                 lrs={"linear probe": (3e-3, 1e-2, 3e-2, 1e-1), "BitFit": (1e-3, 3e-3, 1e-2, 3e-2),
-                     "LoRA": (3e-4, 1e-3, 3e-3, 1e-2), "full fine-tuning": (3e-5, 1e-4, 3e-4)}),
+                     "LoRA": (3e-4, 1e-3, 3e-3, 1e-2), "full fine-tuning": (3e-5, 1e-4, 3e-4, 1e-3)}),
     "gpu": dict(n_train=None, n_val=None, n_test=None, batch_size=32, max_length=64, epochs=3, steps=None,
                 ranks=(1, 2, 4, 8, 16, 64), search_rank=8, alpha_over_r=2,
                 lrs={"linear probe": (3e-3, 1e-2, 3e-2), "BitFit": (3e-4, 1e-3, 3e-3),
