@@ -42,3 +42,15 @@ def test_recipes_fit_each_profile_and_tuning_works_are_not_held_out():
         assert 0 < plan["warmup_steps"] < plan["steps"] and plan["lr"] > 0
     assert not set(TUNING_WORKS) & set(VALIDATION_WORKS)
     assert recipe(get_profile("ci")) is not RECIPES["ci"]   # a copy: changing it leaves the table alone
+
+
+def test_the_search_is_registered_and_the_cpu_recipe_is_its_recorded_choice():
+    from course_lib import char_lm, experiments, results
+
+    assert experiments.resolve("char_lm") is char_lm.experiment
+    record = results.recorded("char_lm", "cpu")
+    assert record is not None, "data/results/char_lm_cpu.json is missing: python -m course_lib.experiments char_lm"
+    chosen = record["results"]["chosen"]
+    assert {k: RECIPES["cpu"][k] for k in chosen} == chosen
+    best = min(r["tuning_loss"] for r in record["results"]["stage1_lr"] + record["results"]["stage2_shape"])
+    assert math.isclose(record["results"]["seed_spread"]["losses"][0], best)
