@@ -1,35 +1,39 @@
 """course_lib: the helper library of the course "From attention math to LoRA on a GPU".
 
-Each module holds one idea and points to the notebook that explains it:
+Each module holds one idea and points to the notebook that explains it (lessons 00-11):
 
-=============  ===========================================================
-profiles       ci / cpu / gpu sizes, device, seeding (00_setup)
-assets         pinned pretrained models and corpora, fetched and verified (00_setup)
-data           datasets built from those assets (00, 04, 06)
-checks         exercise checks that name the mistake (00_setup, every lesson)
-editions       the student edition of the notebooks (00_setup)
-results        recorded runs of bigger profiles, with provenance (05-10)
-attention      scaled dot-product and multi-head attention (01_attention)
-losses         softmax, cross-entropy and its gradient (02_cross_entropy)
-gradcheck      finite-difference gradient checking (02_cross_entropy)
-model          a tiny GPT (03_transformer_block)
-train          the training loop (04_training_a_language_model)
-synthetic      a language with a known entropy rate (05_scaling_laws)
-scaling        power-law and Chinchilla fits (05_scaling_laws)
-finetune       encoder classifiers, metrics, the fine-tuning loop (06_finetuning)
-lora           LoRA from scratch (07_lora)
-peft_family    BitFit, adapters, prompt and prefix tuning, AdaLoRA, memory split (08_peft_family)
-quant          NF4 and int4/int8 block-wise quantisation, QLoRA layers (08_peft_family)
-ddp            data parallelism on several processes (10_scaling_out)
-bench          throughput, MFU and LoRA-vs-peft benchmarks (10_scaling_out)
-parallel       several processes through torchrun, with timeouts (11_model_parallelism)
-tensor_parallel  one block split Megatron-style: columns, rows, heads (11_model_parallelism)
-pipeline       the GPT in GPipe stages with micro-batches (11_model_parallelism)
-sharded        ZeRO stage 1 and FSDP2 against DDP, bytes per rank (11_model_parallelism)
+=================  ===========================================================================
+profiles           ci / cpu / gpu sizes, device, seeding (00_setup)
+assets             pinned pretrained models and corpora, fetched and verified (00_setup)
+data               datasets built from those assets: Shakespeare (04), sentiment (06-09)
+checks             exercise checks that name the mistake, three-level hints (00_setup, every lesson)
+editions           the student edition of the notebooks and its AGENTS.md (00_setup)
+results            recorded runs of bigger profiles, with provenance (03-09)
+experiments        the recorded multi-seed runs behind the lessons' tables (03-09)
+attention          scaled dot-product and multi-head attention (01_attention)
+losses             softmax, cross-entropy and its gradient (02_cross_entropy)
+gradcheck          finite-difference gradient checking (02_cross_entropy)
+model              a tiny GPT, with a KV cache (03_transformer_block; trained in 04)
+positions          sinusoidal and rotary positions, their recorded comparison (03_transformer_block)
+bpe                byte-level BPE from scratch (04_training_a_language_model)
+train              the training loop (04_training_a_language_model; reused in 05, 10)
+char_lm            the Shakespeare model's recipe, held-out loss, recipe search (04_training_a_language_model)
+synthetic          a language with a known entropy rate (05_scaling_laws)
+scaling            power-law and Chinchilla fits, the IsoFLOP sweep (05_scaling_laws)
+finetune           encoder classifiers, metrics, the fine-tuning loop (06_finetuning; reused in 07-09)
+lora               LoRA from scratch (07_lora; used in 08, 09)
+peft_family        BitFit, adapters, prompt and prefix tuning, AdaLoRA, memory split (08_peft_family)
+quant              NF4 and int4/int8 block-wise quantisation, QLoRA layers (08_peft_family)
+causal_lm          LoRA on a causal chat model: JSON task, exact metric, training (09_lora_causal_lm_gpu)
+ddp                data parallelism on several processes (10_scaling_out)
+bench              throughput, MFU and LoRA-vs-peft benchmarks (10_scaling_out)
+parallel           several processes through torchrun, with timeouts (11_model_parallelism)
+tensor_parallel    one block split Megatron-style: columns, rows, heads (11_model_parallelism)
+pipeline           the GPT in GPipe stages with micro-batches (11_model_parallelism)
+sharded            ZeRO stage 1 and FSDP2 against DDP, bytes per rank (11_model_parallelism)
 activation_memory  activations per layer (Korthikanti et al.), recomputation (11_model_parallelism)
-experiments    the recorded multi-seed runs behind the lessons' tables (05-08)
-plots, widgets figures and ipywidgets explorers used by several lessons
-=============  ===========================================================
+plots, widgets     figures and ipywidgets explorers used by several lessons (first in 01_attention)
+=================  ===========================================================================
 """
 
 from __future__ import annotations
