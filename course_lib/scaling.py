@@ -36,13 +36,13 @@ __all__ = [
 # Published constants (values exactly as the papers print them; see data/published_laws.json)
 # ----------------------------------------------------------------------------------------------
 
-#: Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Eqs. 1.1-1.3 and 1.6 (Sec. 1.2).
+#: Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Eqs. 1.1-1.3 (Sec. 1.2) and App. A, Table 6.
 #: N counts non-embedding parameters, D tokens, C_min PF-days; losses in nats per token.
 KAPLAN_2020: dict[str, float] = {
     "alpha_N": 0.076, "N_c": 8.8e13,          # Eq. 1.1: L(N) = (N_c / N)^alpha_N
     "alpha_D": 0.095, "D_c": 5.4e13,          # Eq. 1.2: L(D) = (D_c / D)^alpha_D
     "alpha_C_min": 0.050, "C_c_min": 3.1e8,   # Eq. 1.3: L(C_min) = (C_c_min / C_min)^alpha_C_min, PF-days
-    "a": 0.73, "b": 0.27,                     # Eq. 1.6 / Sec. 6: N_opt ∝ C^0.73, D_opt ∝ C^0.27
+    "a": 0.73, "b": 0.27,                     # Sec. 1.2 after Eq. 1.8, App. A Table 6: N_opt ∝ C_min^0.73, D_opt ∝ C_min^0.27
 }
 
 #: Hoffmann et al. 2022 (Chinchilla), Approach 3, Eq. 10 / Appendix D.2, as printed (rounded).
@@ -237,13 +237,16 @@ def _single_threaded_blas() -> Any:
 
 def fit_chinchilla(N: Any, D: Any, L: Any, *, delta: float = 1e-3,
                    grid: Mapping[str, Sequence[float]] | None = None,
-                   return_details: bool = False) -> dict[str, Any]:
+                   return_details: bool = False, E: float | None = None) -> dict[str, Any]:
     """Fit L(N, D) = E + A/N^α + B/D^β the way Hoffmann et al. 2022 (App. D.2) and Besiroglu et al. 2024 did.
 
     E = exp(e), A = exp(a), B = exp(b); minimise Σ Huber_δ(LSE(a − α ln N, b − β ln D, e) − ln L) with
     L-BFGS (``scipy.optimize.minimize(method="L-BFGS-B")``) from every point of ``grid`` (default
     :data:`COARSE_GRID`; :data:`HOFFMANN_GRID` is the paper's), and keep the best. Returns
     ``{"E", "A", "B", "alpha", "beta"}``, plus ``"objective"`` and ``"n_starts"`` if ``return_details``.
+
+    ``E`` given fixes the floor (e = ln E is held, the grid's ``e`` is ignored) and fits the other four
+    numbers: what one does when the floor is known, as on the synthetic language of notebook 05.
     """
     N, D, L = _positive_array(N, "N"), _positive_array(D, "D"), _positive_array(L, "L")
     _same_length(("N", N), ("D", D), ("L", L), minimum=5)
@@ -254,13 +257,18 @@ def fit_chinchilla(N: Any, D: Any, L: Any, *, delta: float = 1e-3,
     if missing:
         raise ValueError(f"grid is missing {', '.join(missing)}; it needs starting values for a, b, e, alpha, beta.")
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
+    bounds = None
+    if E is not None:
+        e_fixed = math.log(float(_positive_array(E, "E")))
+        grid["e"] = (e_fixed,)
+        bounds = [(None, None), (None, None), (e_fixed, e_fixed), (None, None), (None, None)]   # lower = upper: held
     best_value, best_theta, n_starts = np.inf, None, 0
     # L-BFGS-B works on 5 numbers: multi-threaded BLAS only adds overhead (10x slower on a busy machine).
     with _single_threaded_blas():
         for start in itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"]):
             n_starts += 1
             result = minimize(chinchilla_objective, np.array(start, dtype=np.float64), jac=True,
-                              args=(logN, logD, logL, delta), method="L-BFGS-B")
+                              args=(logN, logD, logL, delta), method="L-BFGS-B", bounds=bounds)
             if np.isfinite(result.fun) and result.fun < best_value:
                 best_value, best_theta = float(result.fun), result.x
     if best_theta is None:
@@ -415,8 +423,8 @@ def isoflop_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int,
     for C, sizes in sorted(plan.items()):
         C = float(_positive_array(C, "budget C"))
         if len(sizes) < 3:
-            raise ValueError(f"the budget C={C:.3g} has {len(sizes)} model sizes; a parabola needs at least 3 "
-                             f"(Hoffmann et al. used about 9).")
+            raise ValueError(f"the budget C={C:.3g} has {len(sizes)} model sizes; a parabola needs at least 3, "
+                             f"and more sizes pin its vertex down better.")
         budget_seeds = seeds.get(C, (0,)) if isinstance(seeds, Mapping) else seeds
         for d_model, n_layer in sizes:
             N = param_count_formula(_gpt_config(vocab_size, context, d_model, n_layer), non_embedding=False)
@@ -550,38 +558,67 @@ def isoflop_minima(runs: Sequence[Mapping[str, Any]], *, size_key: str = "N") ->
     ``runs`` are records of :func:`isoflop_sweep` (several seeds are averaged first). Returns, per
     budget in increasing order, the vertex of :func:`isoflop_minimum` with ``C`` (the budget),
     ``n_runs`` and the parabola's residuals (``rms_residual``, ``max_abs_residual``, nats).
-    ``size_key="N_non_embedding"`` puts the parabola on Kaplan's count of N instead.
+    ``size_key="N_non_embedding"`` puts the parabola on Kaplan's count of N instead; ``C_count`` is
+    then the budget in that count at the vertex, 6·N_opt·D of the model at the vertex (see
+    :func:`counted_budget`); with ``size_key="N"`` it is the budget C itself.
     """
-    by_budget: dict[float, list[Mapping[str, Any]]] = {}
-    for r in mean_over_seeds(runs):
-        by_budget.setdefault(float(r["C_budget"]), []).append(r)
+    by_budget = _by_budget(runs)
     out = []
     for C, rs in sorted(by_budget.items()):
         N = np.array([r[size_key] for r in rs], dtype=float)
         L = np.array([r["val_loss"] for r in rs], dtype=float)
         vertex = isoflop_minimum(N, L)
         residual = L - np.polyval(np.polyfit(np.log(N), L, 2), np.log(N))
-        out.append({"C": C, **vertex, "n_runs": len(rs), "rms_residual": float(np.sqrt(np.mean(residual**2))),
+        out.append({"C": C, **vertex, "C_count": counted_budget(C, vertex["N_opt"], rs, size_key),
+                    "n_runs": len(rs), "rms_residual": float(np.sqrt(np.mean(residual**2))),
                     "max_abs_residual": float(np.abs(residual).max())})
     return out
+
+
+def _by_budget(runs: Sequence[Mapping[str, Any]]) -> dict[float, list[dict[str, Any]]]:
+    by_budget: dict[float, list[dict[str, Any]]] = {}
+    for r in mean_over_seeds(runs):
+        by_budget.setdefault(float(r["C_budget"]), []).append(r)
+    return by_budget
+
+
+def counted_budget(C: float, N_opt: float, runs: Sequence[Mapping[str, Any]], size_key: str) -> float:
+    """The budget of the model at a vertex, counted as ``size_key`` counts N: 6 · N_opt · D_opt.
+
+    The vertex ``N_opt`` is in the ``size_key`` count (e.g. Kaplan's non-embedding N). The model there
+    has some total size N_all, and its tokens are D_opt = C / (6 · N_all), so 6 · N_opt · D_opt =
+    C · N_opt / N_all. N_all is read off the architecture through this budget's ``runs``: ln N_all is
+    a smooth, increasing function of ln N_opt (both grow with the width), interpolated linearly between
+    the runs (and extended along the end segments). Both numbers thus come from the same vertex, not
+    from the vertices of two parabolas.
+    """
+    if size_key == "N":
+        return float(C)
+    pairs = sorted({(math.log(r[size_key]), math.log(r["N"])) for r in runs})
+    x, y = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    if x.size < 2:
+        raise ValueError("counting N another way needs runs of at least two sizes at this budget.")
+    t = math.log(N_opt)
+    i = int(np.clip(np.searchsorted(x, t) - 1, 0, x.size - 2))          # the segment t falls in (or the end one)
+    log_N_all = y[i] + (y[i + 1] - y[i]) * (t - x[i]) / (x[i + 1] - x[i])
+    return float(C) * N_opt / math.exp(log_N_all)
 
 
 def bootstrap_isoflop_exponent(runs: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed: int = 0,
                                size_key: str = "N") -> np.ndarray:
     """The exponent a of N_opt ∝ C^a, refitted on runs resampled with replacement within each budget.
 
-    A resample that leaves fewer than 3 distinct sizes in a budget, or whose parabola opens downward,
+    With ``size_key="N_non_embedding"`` both N and C are counted Kaplan's way: each resample's vertex
+    gets its own budget in that count (:func:`counted_budget`). A resample that leaves fewer than 3 distinct sizes in a budget, or whose parabola opens downward,
     is drawn again (a parabola needs 3 points that curve upward).
     """
     rng = np.random.default_rng(seed)
-    by_budget: dict[float, list[Mapping[str, Any]]] = {}
-    for r in mean_over_seeds(runs):
-        by_budget.setdefault(float(r["C_budget"]), []).append(r)
+    by_budget = _by_budget(runs)
     budgets = sorted(by_budget)
     out = np.empty(n_resamples)
     for i in range(n_resamples):
         for _ in range(100):
-            minima = []
+            minima, counted = [], []
             for C in budgets:
                 rs = by_budget[C]
                 pick = rng.integers(len(rs), size=len(rs))
@@ -593,8 +630,9 @@ def bootstrap_isoflop_exponent(runs: Sequence[Mapping[str, Any]], *, n_resamples
                     minima.append(isoflop_minimum(N, L)["N_opt"])
                 except ValueError:
                     break
+                counted.append(counted_budget(C, minima[-1], rs, size_key))   # the resample's own vertex
             if len(minima) == len(budgets):
-                out[i] = fit_exponent(budgets, minima)["a"]
+                out[i] = fit_exponent(counted, minima)["a"]
                 break
         else:  # pragma: no cover -- needs a budget whose runs hardly ever curve upward
             raise RuntimeError("could not draw a resample whose parabolas all open upward; add runs per budget.")
@@ -710,14 +748,145 @@ class TrainingService:
                 f"{self.flop_budget:.3g} FLOPs; question: N_opt and loss at C = {self.target_budget:.0e})")
 
 
-def lab_truth(record: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """What the lab asks for, from the recorded runs at the target budget: the vertex of their parabola."""
+def lab_truth(record: Mapping[str, Any] | None = None, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """What the lab asks for, and how well the record knows it.
+
+    The answer is the vertex of the parabola through the target budget's runs, each size's loss
+    averaged over its recorded seeds. Its uncertainty comes from a bootstrap over seeds: each size's
+    seeds are drawn again with replacement, averaged, and the vertex refitted. Returns ``C``, ``N_opt``,
+    ``loss``, ``n_seeds``, the vertex of each seed alone (``N_opt_by_seed``, ``loss_by_seed``) and the
+    bootstrap's standard deviations ``sd_log_N`` (of ln N_opt) and ``sd_loss`` (nats); with one seed
+    the last two are 0.
+    """
     record = record if record is not None else _scaling_record()
+    target = float(record["results"]["lab"]["target_budget"])
+    runs = [r for r in record["results"]["runs"] if float(r["C_budget"]) == target]
+    by_size: dict[float, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        by_size.setdefault(float(r["N"]), []).append(r)
+    N = np.array(sorted(by_size), dtype=float)
+    losses = [np.array([r["val_loss"] for r in sorted(by_size[n], key=lambda r: r.get("seed", 0))]) for n in N]
+    vertex = isoflop_minimum(N, [l.mean() for l in losses])
+    seeds = sorted({r.get("seed", 0) for r in runs})
+    per_seed = [isoflop_minimum(N, [l[i] for l in losses]) for i in range(min(len(l) for l in losses))]
+    rng = np.random.default_rng(seed)
+    draws = []
+    if len(seeds) > 1:
+        for _ in range(n_resamples):
+            try:
+                draws.append(isoflop_minimum(N, [l[rng.integers(len(l), size=len(l))].mean() for l in losses]))
+            except ValueError:                      # a resample that curves downward has no vertex
+                continue
+    return {"C": target, "N_opt": vertex["N_opt"], "loss": vertex["L_opt"], "n_seeds": len(seeds),
+            "N_opt_by_seed": [v["N_opt"] for v in per_seed], "loss_by_seed": [v["L_opt"] for v in per_seed],
+            "sd_log_N": float(np.std([math.log(d["N_opt"]) for d in draws], ddof=1)) if draws else 0.0,
+            "sd_loss": float(np.std([d["L_opt"] for d in draws], ddof=1)) if draws else 0.0}
+
+
+def recorded_runs(budgets: Sequence[float], *, seeds: Sequence[int] | None = (0,),
+                  record: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The recorded sweep's runs at ``budgets`` (and ``seeds``; ``None`` for every seed), nothing else.
+
+    The notebook reads the record through this before the lab, so that the budgets the lab asks about
+    stay out of sight until its check has been run.
+    """
+    record = record if record is not None else _scaling_record()
+    wanted = {float(C) for C in budgets}
+    return [dict(r) for r in record["results"]["runs"] if float(r["C_budget"]) in wanted
+            and (seeds is None or r.get("seed", 0) in seeds)]
+
+
+def extrapolate_optimum(budgets: Sequence[float], vertices: Sequence[Mapping[str, float]], *, floor: float,
+                        target: float) -> dict[str, float]:
+    """The lab's suggested method: N_opt ∝ C^a through the vertices, and L_opt − floor ∝ C^(−γ)."""
+    size = fit_exponent(budgets, [v["N_opt"] for v in vertices])
+    excess = fit_power_law(budgets, np.array([v["L_opt"] for v in vertices]) - floor, floor=False)
+    return {"N_opt": size["k"] * target ** size["a"], "loss": floor + excess["A"] * target ** -excess["alpha"]}
+
+
+def lab_choices(record: Mapping[str, Any] | None = None, *, per_budget: int = 5) -> dict[str, np.ndarray]:
+    """The suggested method on every choice of ``per_budget`` runs from each budget the lab sells.
+
+    For each choice (C(7, 5)² = 441 with the recorded menu), one parabola per budget through the runs
+    chosen and :func:`extrapolate_optimum`. Returns arrays ``N_opt`` and ``loss`` (nan where a chosen
+    line curves downward) and ``brackets`` (whether every chosen line's vertex lies inside its runs).
+    """
+    service = TrainingService.from_record(record)
+    lines = {C: [m for m in service.menu() if m["C"] == C] for C in service.offered_budgets}
+    out: dict[str, list[float]] = {"N_opt": [], "loss": [], "brackets": []}
+    for picks in itertools.product(*(itertools.combinations(range(len(lines[C])), per_budget) for C in lines)):
+        try:
+            vertices = [isoflop_minimum([lines[C][i]["N"] for i in pick], [service._runs[lines[C][i]["N"], C]["val_loss"]
+                                                                           for i in pick])
+                        for C, pick in zip(lines, picks)]
+        except ValueError:
+            out["N_opt"].append(math.nan), out["loss"].append(math.nan), out["brackets"].append(False)
+            continue
+        guess = extrapolate_optimum(list(lines), vertices, floor=service.floor, target=service.target_budget)
+        out["N_opt"].append(guess["N_opt"]), out["loss"].append(guess["loss"])
+        out["brackets"].append(not any(v["extrapolated"] for v in vertices))
+    return {k: np.array(v, dtype=float if k != "brackets" else bool) for k, v in out.items()}
+
+
+def lab_tolerances(record: Mapping[str, Any] | None = None, *, n_resamples: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
+    """How close a lab prediction must come to the answer, and the measured noise that bounds it from below.
+
+    The rule: a prediction passes if it lies within half the distance from the answer to the nearest
+    naive guess, on the log scale for N_opt and in nats for the loss. The naive guesses need no
+    fitting: for N_opt, no growth beyond the largest budget on sale (its vertex) and all the extra
+    compute into parameters (that vertex times target / budget); for the loss, no improvement on the
+    largest budget on sale and the floor itself. So the nearest naive guess is always refused, by a
+    margin of one tolerance.
+
+    The noise a check cannot see through bounds the tolerances from below (they are at least
+    2·√(sd_truth² + sd_sale²)):
+
+    * ``sd_*_truth``: the answer's own uncertainty, the bootstrap over seeds of :func:`lab_truth`;
+    * ``sd_*_sale``: how far a sound prediction moves only because the runs on sale carry seed noise:
+      :func:`extrapolate_optimum` through the five middle sizes of each budget on sale, with each
+      run's seeds drawn again with replacement.
+
+    Returns ``N_factor`` and ``loss_nats`` (the tolerances), ``naive`` (name -> (quantity, value)),
+    the four standard deviations, and ``noise_N_factor`` and ``noise_loss_nats`` (the lower bounds).
+    """
+    record = record if record is not None else _scaling_record()
+    truth = lab_truth(record, n_resamples=n_resamples, seed=seed)
     lab = record["results"]["lab"]
-    runs = [r for r in record["results"]["runs"] if float(r["C_budget"]) == float(lab["target_budget"])
-            and r.get("seed", 0) == 0]
-    vertex = isoflop_minimum([r["N"] for r in runs], [r["val_loss"] for r in runs])
-    return {"C": float(lab["target_budget"]), "N_opt": vertex["N_opt"], "loss": vertex["L_opt"]}
+    offered, floor, target = [float(C) for C in lab["offered_budgets"]], float(lab["floor"]), float(lab["target_budget"])
+    rng = np.random.default_rng(seed)
+    lines = []
+    for C in offered:
+        by_size: dict[int, list[float]] = {}
+        for r in record["results"]["runs"]:
+            if float(r["C_budget"]) == C:
+                by_size.setdefault(int(r["N"]), []).append(float(r["val_loss"]))
+        sizes = sorted(by_size)
+        middle = sizes[(len(sizes) - 5) // 2:][:5] if len(sizes) > 5 else sizes
+        lines.append((np.array(middle, dtype=float), [np.array(by_size[n]) for n in middle]))
+    log_N, loss = [], []
+    for _ in range(n_resamples):
+        try:
+            vertices = [isoflop_minimum(N, [l[rng.integers(len(l), size=len(l))].mean() for l in ls]) for N, ls in lines]
+        except ValueError:
+            continue
+        guess = extrapolate_optimum(offered, vertices, floor=floor, target=target)
+        log_N.append(math.log(guess["N_opt"]))
+        loss.append(guess["loss"])
+    sd_log_N_sale, sd_loss_sale = float(np.std(log_N, ddof=1)), float(np.std(loss, ddof=1))
+    largest = isoflop_minima([r for r in record["results"]["runs"] if float(r["C_budget"]) == max(offered)])[0]
+    naive = {"no growth beyond the largest budget on sale": ("N_opt", largest["N_opt"]),
+             "all the extra compute into parameters": ("N_opt", largest["N_opt"] * target / max(offered)),
+             "no improvement on the largest budget on sale": ("loss", largest["L_opt"]),
+             "the floor": ("loss", floor)}
+    half_N = min(abs(math.log(v / truth["N_opt"])) for q, v in naive.values() if q == "N_opt") / 2
+    half_L = min(abs(v - truth["loss"]) for q, v in naive.values() if q == "loss") / 2
+    noise_N = 2 * math.hypot(truth["sd_log_N"], sd_log_N_sale)
+    noise_L = 2 * math.hypot(truth["sd_loss"], sd_loss_sale)
+    return {"N_factor": math.exp(max(half_N, noise_N)), "loss_nats": max(half_L, noise_L), "naive": naive,
+            "sd_log_N_truth": truth["sd_log_N"], "sd_loss_truth": truth["sd_loss"],
+            "sd_log_N_sale": sd_log_N_sale, "sd_loss_sale": sd_loss_sale,
+            "noise_N_factor": math.exp(noise_N), "noise_loss_nats": noise_L}
 
 
 def _scaling_record() -> dict[str, Any]:

@@ -241,7 +241,7 @@ def test_power_law_fit_reports_shape_errors_stubs_and_crashes():
         checks.check_power_law_fit(lambda N, L: 1 / 0)
 
 
-# ---- 05.3 check_compute_optimal ------------------------------------------------------------------
+# ---- 05.4 check_compute_optimal ------------------------------------------------------------------
 
 
 def optimal_closed_form(C, p):
@@ -345,7 +345,7 @@ def test_compute_optimal_names_each_mistake(fn, sentence):
 def test_compute_optimal_reports_bad_returns():
     assert "a pair (N_opt, D_opt)" in refused(checks.check_compute_optimal, lambda C, p: 3.0)
     with pytest.raises(NotAttempted):
-        checks.check_compute_optimal(lambda C, p: (_ for _ in ()).throw(NotImplementedError("Exercise 05.3 is not done yet")))
+        checks.check_compute_optimal(lambda C, p: (_ for _ in ()).throw(NotImplementedError("Exercise 05.4 is not done yet")))
 
 
 def test_compute_optimal_says_which_constants_give_32B():
@@ -369,7 +369,7 @@ def test_hints_come_in_three_levels_and_the_first_gives_no_code(exercise, capsys
     assert key_line not in idea and key_line not in approach
 
 
-# ---- 05.4 check_scaling_prediction: the scaling lab, graded against the recorded sweep ----------------
+# ---- 05.3 check_scaling_prediction: the scaling lab, graded against the recorded sweep ----------------
 
 from course_lib import scaling  # noqa: E402
 
@@ -431,16 +431,20 @@ def lab_floor_is_the_entropy_rate(service):    # extrapolates towards H, which t
     return {"N_opt": lab_two_power_laws(service)["N_opt"], "loss": H + excess["A"] * service.target_budget ** -excess["alpha"]}
 
 
-def lab_badly_centred_runs(service):          # five runs that do not bracket the optimum of the first budget
-    C, v = [], []
-    for budget, window in zip(service.offered_budgets, (slice(2, 7), slice(2, 7))):
-        on_offer = [m for m in service.menu() if m["C"] == budget][window]
-        v.append(scaling.isoflop_minimum([m["N"] for m in on_offer], [service.train(m["N"], budget) for m in on_offer]))
-        C.append(budget)
+def lab_best_run_not_vertex(service):          # the best run bought at each budget instead of the parabola's vertex
+    C, N_best, L_best = [], [], []
+    for budget in service.offered_budgets:
+        on_offer = [m for m in service.menu() if m["C"] == budget][1:6]
+        losses = [service.train(m["N"], budget) for m in on_offer]
+        C.append(budget), N_best.append(on_offer[int(np.argmin(losses))]["N"]), L_best.append(min(losses))
+    return scaling.extrapolate_optimum(C, [{"N_opt": n, "L_opt": l} for n, l in zip(N_best, L_best)],
+                                       floor=service.floor, target=service.target_budget)
+
+
+def lab_exponent_sign_flipped(service):       # N_opt ∝ C^(-a): the model shrinks as the budget grows
+    C, v = _vertices(service)
     size = scaling.fit_exponent(C, [x["N_opt"] for x in v])
-    excess = scaling.fit_power_law(C, np.array([x["L_opt"] for x in v]) - service.floor, floor=False)
-    T = service.target_budget
-    return {"N_opt": size["k"] * T ** size["a"], "loss": service.floor + excess["A"] * T ** -excess["alpha"]}
+    return {"N_opt": v[-1]["N_opt"] * (service.target_budget / C[-1]) ** -size["a"], "loss": lab_two_power_laws(service)["loss"]}
 
 
 def lab_buys_everything(service):             # more runs than the allowance pays for
@@ -472,7 +476,8 @@ def test_scaling_prediction_accepts_honest_predictions(fn, capsys):
     (lab_floor_as_loss, "you predicted the floor itself"),
     (lab_loss_not_extrapolated, "your loss is what the largest budget on offer"),
     (lab_floor_is_the_entropy_rate, "is below the floor"),
-    (lab_badly_centred_runs, "your N_opt is too large"),
+    (lab_best_run_not_vertex, "your N_opt is too large"),
+    (lab_exponent_sign_flipped, "your N_opt is too small"),
     (lab_buys_everything, "your plan asked for more runs than the FLOP budget buys"),
     (lab_returns_a_tuple, "return a dict {'N_opt': ..., 'loss': ...}"),
     (lab_buys_nothing, "you never bought a run from the service"),
@@ -485,33 +490,66 @@ def test_scaling_prediction_names_each_mistake(fn, sentence):
 
 def test_scaling_prediction_reports_stubs_and_crashes():
     with pytest.raises(NotAttempted):
-        checks.check_scaling_prediction(lambda s: (_ for _ in ()).throw(NotImplementedError("Exercise 05.4 is not done yet")))
+        checks.check_scaling_prediction(lambda s: (_ for _ in ()).throw(NotImplementedError("Exercise 05.3 is not done yet")))
     with pytest.raises(StudentCodeError, match="ZeroDivisionError"):
         checks.check_scaling_prediction(lambda s: 1 / 0)
 
 
-def test_the_lab_tolerances_hold_the_truth_and_refuse_the_neighbouring_budget():
-    """The grading tolerance is wider than the truth's own bootstrap spread and narrower than one budget step."""
+def test_the_lab_tolerances_follow_the_documented_rule_and_exceed_the_measured_noise():
+    """Half the distance from the answer to the nearest naive guess (log scale for N_opt, nats for the loss),
+    at least twice the measured noise; the answer's own seed uncertainty is far inside."""
     from course_lib import results
 
     record = results.recorded("scaling", "cpu")
-    truth = scaling.lab_truth(record)
-    lab = record["results"]["lab"]
-    target = [r for r in record["results"]["runs"] if r["C_budget"] == lab["target_budget"] and r["seed"] == 0]
-    rng = np.random.default_rng(0)
-    vertices = []
-    for _ in range(200):
-        pick = rng.integers(len(target), size=len(target))
-        if len(set(pick.tolist())) < 3:
-            continue
-        try:
-            vertices.append(scaling.isoflop_minimum([target[i]["N"] for i in pick],
-                                                    [target[i]["val_loss"] for i in pick]))
-        except ValueError:
-            continue
-    spread_N = np.percentile([abs(math.log(v["N_opt"] / truth["N_opt"])) for v in vertices], 90)
-    spread_L = np.percentile([abs(v["L_opt"] - truth["loss"]) for v in vertices], 90)
-    assert spread_N < math.log(checks.scaling_laws.LAB_N_FACTOR) and spread_L < checks.scaling_laws.LAB_LOSS_NATS
+    truth, tol = scaling.lab_truth(record), scaling.lab_tolerances(record)
+    sizes = [v for q, v in tol["naive"].values() if q == "N_opt"]
+    losses = [v for q, v in tol["naive"].values() if q == "loss"]
+    assert tol["N_factor"] == pytest.approx(math.exp(min(abs(math.log(v / truth["N_opt"])) for v in sizes) / 2))
+    assert tol["loss_nats"] == pytest.approx(min(abs(v - truth["loss"]) for v in losses) / 2)
+    assert tol["N_factor"] >= tol["noise_N_factor"] and tol["loss_nats"] >= tol["noise_loss_nats"]
+    assert 0 < tol["sd_loss_truth"] < tol["loss_nats"] / 10 and 0 < tol["sd_log_N_truth"] < math.log(tol["N_factor"]) / 10
+    assert truth["n_seeds"] == 3                                   # the answer is measured on three seeds
+    assert checks.scaling_laws.lab_tolerances()["loss_nats"] == tol["loss_nats"]
+
+
+def test_the_lab_tolerances_refuse_the_neighbouring_budget():
+    """The optimum one budget below the target (3x less compute) is refused: on the loss, though not on N_opt
+    (the recorded vertex grows only 1.6x from 1e11 to 3e11, inside the factor 1.7)."""
+    from course_lib import results
+
+    record = results.recorded("scaling", "cpu")
+    truth, tol = scaling.lab_truth(record), scaling.lab_tolerances(record)
     previous = scaling.isoflop_minima([r for r in record["results"]["runs"] if r["seed"] == 0])[-2]
-    assert abs(math.log(previous["N_opt"] / truth["N_opt"])) > math.log(checks.scaling_laws.LAB_N_FACTOR)
-    assert abs(previous["L_opt"] - truth["loss"]) > checks.scaling_laws.LAB_LOSS_NATS
+    assert abs(previous["L_opt"] - truth["loss"]) > tol["loss_nats"]
+    assert abs(math.log(previous["N_opt"] / truth["N_opt"])) > math.log(tol["N_factor"]) / 2
+
+
+def _buy(pick_first, pick_second):
+    """A good-faith student: the suggested method on a chosen five runs per budget (indices into each line)."""
+    def predict(service):
+        vertices = []
+        for C, pick in zip(service.offered_budgets, (pick_first, pick_second)):
+            line = [m for m in service.menu() if m["C"] == C]
+            chosen = [line[i] for i in pick]
+            vertices.append(scaling.isoflop_minimum([m["N"] for m in chosen], [service.train(m["N"], C) for m in chosen]))
+        return scaling.extrapolate_optimum(service.offered_budgets, vertices, floor=service.floor,
+                                           target=service.target_budget)
+    return predict
+
+
+def test_a_good_faith_method_passes_for_most_choices_of_runs():
+    """The suggested method, on every choice of five runs per budget on sale, passes the check's tolerances
+    for most choices, and for almost every choice whose runs bracket both vertices."""
+    truth, tol, choices = scaling.lab_truth(), scaling.lab_tolerances(), scaling.lab_choices()
+    ok = np.isfinite(choices["N_opt"])
+    within = ok & (np.abs(np.log(np.where(ok, choices["N_opt"], 1.0) / truth["N_opt"])) <= math.log(tol["N_factor"]))
+    within &= np.abs(np.nan_to_num(choices["loss"] - truth["loss"])) <= tol["loss_nats"]
+    assert within.size == 441 and within.mean() >= 0.9                # 417 of 441 with the shipped record
+    assert within[choices["brackets"]].mean() >= 0.95                 # 415 of 420
+
+
+@pytest.mark.parametrize("picks", [((0, 1, 2, 3, 4), (2, 3, 4, 5, 6)), ((1, 2, 3, 4, 5), (0, 1, 2, 3, 4)),
+                                   ((0, 2, 3, 4, 6), (0, 2, 3, 4, 6))])
+def test_the_check_accepts_good_faith_predictions_from_other_runs(picks, capsys):
+    checks.check_scaling_prediction(_buy(*picks))
+    assert "check_scaling_prediction passed" in capsys.readouterr().out

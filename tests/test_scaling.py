@@ -425,15 +425,106 @@ def test_training_service_charges_each_run_once_and_refuses_to_overspend():
     assert "question: N_opt and loss at C = 3e+11" in repr(service)
 
 
+def _lab_record(runs):
+    return {"results": {"lab": {"target_budget": 3e11, "offered_budgets": [1e10, 3e10], "flop_budget": 2e11,
+                                "floor": 1.3}, "runs": runs}}
+
+
 def test_lab_truth_is_the_vertex_of_the_target_budget():
-    record = {"results": {"lab": {"target_budget": 3e11, "offered_budgets": [1e10, 3e10], "flop_budget": 2e11,
-                                  "floor": 1.3}, "runs": _service()[0]._runs and _runs_from_law(
-        {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4},
-        {3e11: np.geomspace(1e4, 1e6, 7)})}}
-    truth = scaling.lab_truth(record)
-    runs = record["results"]["runs"]
+    runs = _runs_from_law({"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}, {3e11: np.geomspace(1e4, 1e6, 7)})
+    truth = scaling.lab_truth(_lab_record(runs))
     vertex = scaling.isoflop_minimum([r["N"] for r in runs], [r["val_loss"] for r in runs])
-    assert truth == {"C": 3e11, "N_opt": vertex["N_opt"], "loss": vertex["L_opt"]}
+    assert (truth["C"], truth["N_opt"], truth["loss"], truth["n_seeds"]) == (3e11, vertex["N_opt"], vertex["L_opt"], 1)
+    assert truth["sd_log_N"] == truth["sd_loss"] == 0.0                      # one seed: no spread to measure
+
+
+def test_lab_truth_averages_the_seeds_and_bootstraps_over_them():
+    law = {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}
+    sizes = np.geomspace(1e4, 1e6, 7)
+    runs = []
+    for seed in range(3):
+        for r in _runs_from_law(law, {3e11: sizes}, noise=0.003, seed=seed):
+            runs.append({**r, "seed": seed})
+    truth = scaling.lab_truth(_lab_record(runs), n_resamples=300)
+    means = [np.mean([r["val_loss"] for r in runs if r["N"] == n]) for n in sizes]
+    vertex = scaling.isoflop_minimum(sizes, means)
+    assert truth["N_opt"] == pytest.approx(vertex["N_opt"]) and truth["loss"] == pytest.approx(vertex["L_opt"])
+    assert truth["n_seeds"] == 3 and len(truth["N_opt_by_seed"]) == 3
+    spread = np.std(np.log(truth["N_opt_by_seed"]), ddof=1)
+    assert 0 < truth["sd_log_N"] < 2 * spread and 0 < truth["sd_loss"] < 0.01   # the mean of 3 varies less than one
+
+
+def test_recorded_runs_returns_only_the_budgets_and_seeds_asked_for():
+    runs = [{"C_budget": C, "seed": s, "N": 1, "val_loss": 1.0} for C in (1e10, 3e11) for s in (0, 1)]
+    record = _lab_record(runs)
+    assert [(r["C_budget"], r["seed"]) for r in scaling.recorded_runs([1e10], record=record)] == [(1e10, 0)]
+    assert len(scaling.recorded_runs([1e10], seeds=None, record=record)) == 2
+
+
+def test_lab_tolerances_refuse_the_nearest_naive_guess_by_one_tolerance():
+    law = {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}
+    plan = {C: np.round(scaling.compute_optimal(C, law)[0] * np.geomspace(1 / 4, 4, 7)) for C in (1e10, 3e10, 3e11)}
+    runs = [{**r, "seed": s} for s in range(3) for r in _runs_from_law(law, plan, noise=0.002, seed=s)]
+    record = _lab_record(runs)
+    tol, truth = scaling.lab_tolerances(record, n_resamples=200), scaling.lab_truth(record, n_resamples=200)
+    gaps_N = [abs(math.log(v / truth["N_opt"])) for q, v in tol["naive"].values() if q == "N_opt"]
+    gaps_L = [abs(v - truth["loss"]) for q, v in tol["naive"].values() if q == "loss"]
+    assert math.log(tol["N_factor"]) == pytest.approx(max(min(gaps_N) / 2, math.log(tol["noise_N_factor"])))
+    assert tol["loss_nats"] == pytest.approx(max(min(gaps_L) / 2, tol["noise_loss_nats"]))
+    assert tol["noise_loss_nats"] == pytest.approx(2 * math.hypot(tol["sd_loss_truth"], tol["sd_loss_sale"]))
+    assert 0 < tol["sd_loss_sale"] and 0 < tol["sd_loss_truth"]
+
+
+def test_fit_chinchilla_can_hold_a_known_floor():
+    law = {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}
+    plan = {C: scaling.compute_optimal(C, law)[0] * np.geomspace(1 / 4, 4, 7) for C in (1e10, 1e11, 1e12)}
+    runs = _runs_from_law(law, plan, noise=0.002, seed=3)
+    N, D, L = (np.array([r[k] for r in runs]) for k in ("N", "D", "val_loss"))
+    fit = scaling.fit_chinchilla(N, D, L, grid=SMALL_GRID, E=1.3)
+    assert fit["E"] == pytest.approx(1.3, abs=1e-12)                       # held, not fitted
+    assert fit["alpha"] == pytest.approx(0.45, abs=0.05) and fit["beta"] == pytest.approx(0.4, abs=0.05)
+    free = scaling.fit_chinchilla(N, D, L, grid=SMALL_GRID)
+    assert free["E"] != pytest.approx(1.3, abs=1e-9)
+
+
+def test_counted_budget_uses_the_model_at_the_vertex():
+    """Kaplan's count: the budget at a non-embedding vertex is 6·N_no-emb·D of that same model, D = C/(6·N_all)."""
+    from course_lib.model import GPTConfig, param_count_formula
+
+    widths = (8, 12, 16, 20, 24, 32, 40)
+    runs = [{"C_budget": 1e10, "d_model": d,
+             "N": param_count_formula(GPTConfig(vocab_size=32, context=16, n_layer=1, n_head=1, d_model=d), non_embedding=False),
+             "N_non_embedding": param_count_formula(GPTConfig(vocab_size=32, context=16, n_layer=1, n_head=1, d_model=d))}
+            for d in widths]
+    for r in runs:                                    # at a run's own size the count is exact
+        expected = 1e10 * r["N_non_embedding"] / r["N"]
+        assert scaling.counted_budget(1e10, r["N_non_embedding"], runs, "N_non_embedding") == pytest.approx(expected, rel=1e-3)
+    d = 22                                            # between runs: interpolated through the architecture
+    cfg = GPTConfig(vocab_size=32, context=16, n_layer=1, n_head=1, d_model=d)
+    N_ne, N_all = param_count_formula(cfg), param_count_formula(cfg, non_embedding=False)
+    assert scaling.counted_budget(1e10, N_ne, runs, "N_non_embedding") == pytest.approx(1e10 * N_ne / N_all, rel=2e-3)
+    assert scaling.counted_budget(1e10, 1234.0, runs, "N") == 1e10
+
+
+def test_isoflop_sweep_reuses_recorded_runs_and_trains_only_the_missing_ones(monkeypatch):
+    asked = []
+
+    def fake_train_jobs(jobs, *args, **kwargs):
+        asked.extend((job[0]["d_model"], job[1]) for job in jobs)
+        return [{**entry, "seed": seed, "N_total": 100 * entry["d_model"], "N_non_embedding": 1, "D": 10,
+                 "C_matmul": 1.0, "val_loss": 2.0, "seconds": 0.0} for entry, seed in jobs]
+
+    monkeypatch.setattr(scaling, "_train_jobs", fake_train_jobs)
+    from course_lib.model import GPTConfig, param_count_formula
+
+    steps = {d: round(1e7 / (6 * param_count_formula(GPTConfig(vocab_size=8, context=8, n_layer=1, n_head=1, d_model=d),
+                                                       non_embedding=False) * 4 * 8)) for d in (8, 12, 16)}
+    old = [{"C_budget": 1e7, "d_model": 12, "n_layer": 1, "steps": steps[12], "seed": 0, "N": 1, "val_loss": 1.5}]
+    runs = scaling.isoflop_sweep(None, None, vocab_size=8, plan={1e7: [(8, 1), (12, 1), (16, 1)]}, batch_size=4,
+                                 context=8, seeds=(0, 1), progress=False, reuse=old)
+    assert asked == [(8, 0), (8, 1), (12, 1), (16, 0), (16, 1)]             # (12, seed 0) is reused
+    assert [(r["d_model"], r["seed"]) for r in runs] == [(8, 0), (8, 1), (12, 0), (12, 1), (16, 0), (16, 1)]
+    assert runs[2]["val_loss"] == 1.5
 
 
 def test_the_experiment_runs_in_its_quick_form(tmp_path):
