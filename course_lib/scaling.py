@@ -836,8 +836,8 @@ def lab_tolerances(record: Mapping[str, Any] | None = None, *, n_resamples: int 
     naive guess, on the log scale for N_opt and in nats for the loss. The naive guesses need no
     fitting: for N_opt, no growth beyond the largest budget on sale (its vertex) and all the extra
     compute into parameters (that vertex times target / budget); for the loss, no improvement on the
-    largest budget on sale and the floor itself. So the nearest naive guess is always refused, by a
-    margin of one tolerance.
+    largest budget on sale and the floor itself. So the nearest naive guess is refused, by a margin of one
+    tolerance, unless the noise bound below sets the tolerance.
 
     The noise a check cannot see through bounds the tolerances from below (they are at least
     2·√(sd_truth² + sd_sale²)):

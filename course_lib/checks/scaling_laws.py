@@ -308,7 +308,9 @@ def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
     """Exercise 05.3 (the scaling lab): ``fn(service)`` buys runs from a fresh
     ``scaling.TrainingService.from_record()`` and returns ``{"N_opt": ..., "loss": ...}`` at
     ``service.target_budget``. Graded against the recorded runs at that budget (``scaling.lab_truth``),
-    within ``scaling.lab_tolerances``: half the distance from the answer to the nearest naive guess.
+    within ``scaling.lab_tolerances``: half the distance from the answer to the nearest naive guess, and never
+    less than twice the measured noise. A refused prediction is told which quantity missed, in which direction
+    and which naive guess it resembles, never the answer; a passing one is shown the answer.
     """
     __tracebackhide__ = True
     import math
@@ -378,5 +380,6 @@ def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
     passed("check_scaling_prediction",
            f"from {len(service.bought)} runs ({service.spent:.2g} of {service.flop_budget:.2g} FLOPs) you predicted "
            f"N_opt = {N_pred:,.0f} and loss {L_pred:.3f} at C = {service.target_budget:.0e}; the recorded answer "
-           f"there is N = {truth['N_opt']:,.0f}, loss {truth['loss']:.3f} (accepted: a factor {tol['N_factor']:.2f} "
-           f"and {tol['loss_nats']:.3f} nats).")
+           f"there is N_opt = {truth['N_opt']:,.0f}, loss {truth['loss']:.3f}: yours is off by a factor "
+           f"{max(ratio, 1 / ratio):.2f} and {abs(L_pred - truth['loss']):.3f} nats, within the tolerances of a factor "
+           f"{tol['N_factor']:.2f} and {tol['loss_nats']:.3f} nats.")
