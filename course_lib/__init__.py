@@ -70,6 +70,10 @@ def start(seed: int = 0, *, quiet: bool = False, profile=None, deterministic: bo
     seed_everything(seed, deterministic=deterministic)
     if not quiet:
         info = describe_environment(profile)
-        print(f"profile: {profile.name} on {profile.device} ({profile.reason})")
+        import torch
+
+        # timings printed later depend on it, and a busy machine with too many threads distorts them
+        print(f"profile: {profile.name} on {profile.device} ({profile.reason}); {torch.get_num_threads()} CPU "
+              f"thread(s) for torch")
         print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("profile", "device")))
     return profile
