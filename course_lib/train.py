@@ -543,8 +543,10 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = config.batch_size * config.grad_accum * context
     stop = config.steps if until_step is None else min(until_step, config.steps)
-    bar = tqdm(total=config.steps, initial=start, disable=not config.progress, desc="training",
-               dynamic_ncols=True)
+    # a run stopped on purpose (until_step) shows a bar that ends where it was asked to stop, not a
+    # bar frozen halfway that reads as a crash where the saved notebook is viewed without a kernel
+    bar = tqdm(total=stop, initial=start, disable=not config.progress, dynamic_ncols=True,
+               desc="training" if stop == config.steps else f"training to step {stop} of {config.steps}")
     model.train()
     window_loss, window_steps = torch.zeros((), device=device), 0
     window_start = time.perf_counter()
