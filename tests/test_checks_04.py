@@ -24,7 +24,7 @@ def accepted(check, fn, capsys):
     assert "passed" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------------------------------------- 04.1
+# ---------------------------------------------------------------------------------------------- 04.2
 
 def schedule_right(step, lr, warmup_steps, total_steps, min_lr):
     if step < warmup_steps:
@@ -98,7 +98,7 @@ def test_lr_schedule_refuses(fn, phrase):
     refused(checks.check_lr_schedule, fn, phrase)
 
 
-# ---------------------------------------------------------------------------------------------- 04.2
+# ---------------------------------------------------------------------------------------------- 04.3
 
 def topk_right(logits, k):
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -207,7 +207,7 @@ def test_top_k_refuses(fn, phrase):
 
 
 
-# ---------------------------------------------------------------------------------------------- 04.3
+# ---------------------------------------------------------------------------------------------- 04.1
 
 from collections import Counter  # noqa: E402
 
@@ -473,8 +473,8 @@ def test_kv_cache_step_refuses(fn, phrase):
 
 # ---------------------------------------------------------------------------------------------- stubs, hints
 
-@pytest.mark.parametrize("check, exercise", [(checks.check_lr_schedule, "04.1"), (checks.check_top_k, "04.2"),
-                                             (checks.check_merge_step, "04.3"),
+@pytest.mark.parametrize("check, exercise", [(checks.check_lr_schedule, "04.2"), (checks.check_top_k, "04.3"),
+                                             (checks.check_merge_step, "04.1"),
                                              (checks.check_kv_cache_step, "04.4")])
 def test_a_stub_is_reported_as_not_attempted(check, exercise):
     def stub(*args, **kwargs):
@@ -485,7 +485,7 @@ def test_a_stub_is_reported_as_not_attempted(check, exercise):
 
 
 def test_hints_exist_in_three_levels(capsys):
-    for exercise in ("04.1", "04.2", "04.3", "04.4"):
+    for exercise in ("04.2", "04.3", "04.1", "04.4"):
         for level in (1, 2, 3):
             checks.hint(exercise, level=level)
     assert capsys.readouterr().out.count("for exercise 04.") == 12

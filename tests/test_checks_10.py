@@ -63,21 +63,21 @@ def test_refuses_common_mistakes(fn, sentence):
 
 def test_stub_and_crash():
     def stub(n, N, s):
-        raise NotImplementedError("Exercise 10.1 is not done yet")
+        raise NotImplementedError("Exercise 10.3 is not done yet")
 
-    with pytest.raises(NotAttempted, match="Exercise 10.1 is not done yet"):
+    with pytest.raises(NotAttempted, match="Exercise 10.3 is not done yet"):
         checks.check_zero_memory(stub)
     with pytest.raises(StudentCodeError, match="raised ZeroDivisionError"):
         checks.check_zero_memory(lambda n, N, s: n / 0)
 
 
 def test_hint_exists(capsys):
-    checks.hint("10.1", level=2)
+    checks.hint("10.3", level=2)
     assert "12 of Adam state" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
-# 10.2: the ring all-reduce on simulated ranks
+# 10.1: the ring all-reduce on simulated ranks
 # ---------------------------------------------------------------------------------------------
 
 def ring_all_reduce(grads, send):
@@ -207,16 +207,16 @@ def test_ring_check_refuses_common_mistakes(name):
 
 def test_ring_check_stub_and_crash():
     def stub(grads, send):
-        raise NotImplementedError("Exercise 10.2 is not done yet")
+        raise NotImplementedError("Exercise 10.1 is not done yet")
 
-    with pytest.raises(NotAttempted, match="Exercise 10.2 is not done yet"):
+    with pytest.raises(NotAttempted, match="Exercise 10.1 is not done yet"):
         checks.check_ring_all_reduce(stub)
     with pytest.raises(StudentCodeError, match="raised IndexError"):
         checks.check_ring_all_reduce(lambda grads, send: [grads[len(grads)]])
 
 
 # ---------------------------------------------------------------------------------------------
-# 10.3: the alpha-beta model of a ring all-reduce
+# 10.2: the alpha-beta model of a ring all-reduce
 # ---------------------------------------------------------------------------------------------
 
 def ring_time(n_bytes, world, alpha, beta):
@@ -258,7 +258,7 @@ def test_time_check_refuses_common_mistakes(name):
     assert sentence in str(info.value)
 
 
-@pytest.mark.parametrize("exercise", ["10.1", "10.2", "10.3"])
+@pytest.mark.parametrize("exercise", ["10.3", "10.1", "10.2"])
 def test_three_hint_levels_and_the_idea_does_not_give_the_line_away(exercise, capsys):
     from course_lib.checks.framework import HINTS
 

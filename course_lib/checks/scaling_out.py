@@ -16,7 +16,7 @@ from course_lib.checks.framework import (
 # ----------------------------------------------------------------------------------------------
 
 register_hint(
-    "10.1",
+    "10.3",
     "Count bytes per parameter for each of the three kinds of memory (weights, gradients, optimiser state) in "
     "mixed precision, then ask which of them each ZeRO stage divides among the GPUs.",
     "Per parameter: 2 bytes of bf16 weights, 2 of bf16 gradients, 12 of Adam state (fp32 master copy + two "
@@ -28,7 +28,7 @@ register_hint(
 
 
 def check_zero_memory(fn: Callable[[float, int, int], float]) -> None:
-    """Exercise 10.1: ``fn(n_params, n_gpus, zero_stage)`` returns the GB (1e9 bytes) per GPU of bf16 weights,
+    """Exercise 10.3: ``fn(n_params, n_gpus, zero_stage)`` returns the GB (1e9 bytes) per GPU of bf16 weights,
     bf16 gradients and fp32 Adam states (Rajbhandari et al. 2020, Sec. 3.1 and 5), stage 0 = plain DDP."""
     __tracebackhide__ = True
     import math
@@ -81,7 +81,7 @@ def check_zero_memory(fn: Callable[[float, int, int], float]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 register_hint(
-    "10.2",
+    "10.1",
     "Cut every rank's tensor into W chunks. In W − 1 steps of reduce-scatter each rank passes one partial sum "
     "to its right-hand neighbour, which adds its own chunk; afterwards rank r holds the full sum of one chunk. "
     "W − 1 steps of all-gather then pass the finished chunks around the ring.",
@@ -107,7 +107,7 @@ class _Ring:
 
 
 def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
-    """Exercise 10.2: ``fn(grads, send)`` takes one tensor per rank and returns one tensor per rank, each the sum
+    """Exercise 10.1: ``fn(grads, send)`` takes one tensor per rank and returns one tensor per rank, each the sum
     of all of them, computed as a ring all-reduce: rank r may only ``send(r, neighbour, tensor)``."""
     __tracebackhide__ = True
     from course_lib.checks.framework import close, require_tensor
@@ -183,7 +183,7 @@ def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 register_hint(
-    "10.3",
+    "10.2",
     "Count the steps and the bytes of the ring: every step pays the latency α once, and every byte a rank "
     "sends costs 1/β seconds.",
     "A ring all-reduce has 2(W − 1) steps (reduce-scatter, then all-gather), and in each a rank sends one chunk "
@@ -193,7 +193,7 @@ register_hint(
 
 
 def check_all_reduce_time(fn: Callable[[float, int, float, float], float]) -> None:
-    """Exercise 10.3: ``fn(n_bytes, world, alpha, beta)`` returns the seconds of a ring all-reduce of ``n_bytes``
+    """Exercise 10.2: ``fn(n_bytes, world, alpha, beta)`` returns the seconds of a ring all-reduce of ``n_bytes``
     over ``world`` ranks, with latency ``alpha`` seconds per message and bandwidth ``beta`` bytes per second."""
     __tracebackhide__ = True
     import math

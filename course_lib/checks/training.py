@@ -16,7 +16,7 @@ from course_lib.checks.framework import (
 # ----------------------------------------------------------------------------------------------
 
 register_hint(
-    "04.1",
+    "04.2",
     "Two phases and a floor: a straight line up from lr / warmup_steps to lr over the warm-up steps, then "
     "half a cosine wave from lr down to min_lr over the remaining steps, and min_lr forever after.",
     "Branch on the step: step < warmup_steps → the warm-up line (step 0 must already be above 0, so count "
@@ -27,7 +27,7 @@ register_hint(
     "warmup_steps during the warm-up",
 )
 register_hint(
-    "04.2",
+    "04.3",
     "Find the k-th largest logit of each row: everything strictly below it gets -inf, so that softmax gives "
     "it probability 0, and everything else keeps its value.",
     "torch.topk(logits, k, dim=-1) returns the k largest values of every row, sorted; the last of them is "
@@ -37,7 +37,7 @@ register_hint(
     "float('-inf'))",
 )
 register_hint(
-    "04.3",
+    "04.1",
     "Count every adjacent pair inside each pre-token (never across two of them), take a pair with the "
     "largest count, and rewrite every pre-token with that pair replaced by new_id.",
     "A collections.Counter over zip(chunk, chunk[1:]) for every chunk gives the counts; max(counts, "
@@ -61,7 +61,7 @@ register_hint(
 
 
 def check_lr_schedule(fn: Callable[..., float]) -> None:
-    """Exercise 04.1: ``fn(step, lr, warmup_steps, total_steps, min_lr)`` is linear warm-up then cosine
+    """Exercise 04.2: ``fn(step, lr, warmup_steps, total_steps, min_lr)`` is linear warm-up then cosine
     decay, exactly as ``course_lib.train.lr_at``."""
     __tracebackhide__ = True
     import math
@@ -131,7 +131,7 @@ def check_lr_schedule(fn: Callable[..., float]) -> None:
 
 
 def check_top_k(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
-    """Exercise 04.2: ``fn(logits, k)`` keeps the k largest logits of each row (last axis) and sets the
+    """Exercise 04.3: ``fn(logits, k)`` keeps the k largest logits of each row (last axis) and sets the
     others to -inf, for any number of leading batch axes."""
     __tracebackhide__ = True
     g = torch.Generator().manual_seed(0)
@@ -226,7 +226,7 @@ def _merge(chunk: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
 
 def check_merge_step(fn: Callable[[list[list[int]], int], tuple]) -> None:
-    """Exercise 04.3: ``fn(chunks, new_id) -> (pair, new_chunks)``: one step of BPE training.
+    """Exercise 04.1: ``fn(chunks, new_id) -> (pair, new_chunks)``: one step of BPE training.
 
     ``chunks`` is a list of pre-tokens, each a list of ids. The pair must be a most frequent adjacent
     pair counted inside the pre-tokens (any of them on a tie); ``new_chunks`` holds every pre-token
