@@ -272,7 +272,7 @@ def paired_bootstrap_gap(right_a: Any, right_b: Any, *, rng: np.random.Generator
     resampled with replacement ``resamples`` times, the same examples for both methods (that pairing is
     what makes the interval narrow: both are judged on the same hard and easy examples), and the gap is
     recomputed on each resample. Returns (gap, low, high) as fractions; (low, high) holds the central
-    ``level`` of the resampled gaps. Notebooks 06 and 07 compare trained models with VADER this way.
+    ``level`` of the resampled gaps. Notebook 06 compares its methods this way (exercise 06.3); peft_family and causal_lm reuse it.
     """
     a, b = np.asarray(right_a, dtype=float), np.asarray(right_b, dtype=float)
     if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
@@ -306,7 +306,8 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any, *, batch_size: int = 6
 
 def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
     """The learning-rate multiplier: rises linearly from 0 to 1 over ``warmup_steps``, then falls
-    linearly to 0 at ``total_steps`` (the schedule of BERT fine-tuning, Devlin et al. 2019, App. A.2)."""
+    linearly to 0 at ``total_steps`` (BERT's schedule, Devlin et al. 2019, App. A.2-A.3; a warm-up of 10% of
+    the steps is the default of BERT's released fine-tuning script)."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
