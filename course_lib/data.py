@@ -1,7 +1,7 @@
 """The course's corpora as ``datasets`` objects, built from the fetched assets with ``datasets``' own
 builders (``csv``, ``text``) on local files.
 
-Explained in notebooks/00_setup.ipynb; used by 04 (Shakespeare), 06-08 (sentiment). The datasheet with
+Explained in notebooks/00_setup.ipynb; used by 04 (Shakespeare), 06-09 (sentiment). The datasheet with
 sources, licences and the counts these loaders produce is data/README.md.
 """
 

@@ -1,6 +1,6 @@
 """A tiny GPT in one file: LayerNorm, causal self-attention, MLP, pre-LN blocks, the language model.
 
-Explained in notebooks/03_transformer_block.ipynb; trained in 04, scaled in 05, distributed in 09.
+Explained in notebooks/03_transformer_block.ipynb; trained in 04, scaled in 05, distributed in 10 and split across processes in 11.
 The layout follows GPT-2 (Radford et al. 2019, Sec. 2.3: LayerNorm moved to the input of each
 sub-block, a final LayerNorm, residual projections initialised with std 0.02/√(2·n_layer)):
 

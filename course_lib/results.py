@@ -1,6 +1,6 @@
 """Recorded runs: results of a bigger profile saved with their provenance, shown by smaller ones.
 
-Used by notebooks 05-08. A run on the ``gpu`` (or ``cpu``) profile calls
+Used by notebooks 03-09. A run on the ``gpu`` (or ``cpu``) profile calls
 ``record("finetuning", profile, {...})``, which writes ``data/results/finetuning_<profile>.json`` with
 the command-line, hardware, library versions and date beside the numbers. A smaller profile calls
 ``recorded("finetuning", "cpu")`` and shows what it finds, labelled as recorded — never as its own

@@ -1,6 +1,6 @@
 """The training loop of the course: batches of random windows, AdamW, warm-up + cosine, checkpoints.
 
-Explained in notebooks/04_training_a_language_model.ipynb; reused by 05 (scaling laws) and 09 (DDP).
+Explained in notebooks/04_training_a_language_model.ipynb; reused by 03 (positions), 05 (scaling laws) and 10 (DDP);
 It trains any ``nn.Module`` whose ``forward(x, y)`` returns ``(logits, loss)``, such as
 ``course_lib.model.GPT``:
 
