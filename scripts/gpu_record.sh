@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make the course's GPU records, in priority order, on a machine with one CUDA GPU (no network needed).
 #
-#   scripts/gpu_record.sh [PART ...]          PART: bench | lora_causal_lm | scaling | finetuning | lora
+#   scripts/gpu_record.sh [PART ...]          PART: bench | lora_causal_lm | scaling | finetuning | lora |
+#                                             peft_family | char_lm | positions (these three: gpu length unmeasured)
 #                                             (default: bench lora_causal_lm -- each part takes <= ~8 minutes)
 #   scripts/gpu_record.sh --quick [PART ...]  the reduced form, on the CPU: every part runs its seconds-long
 #                                             smoke version and writes to $QUICK_OUT (default: a temp folder),
@@ -21,8 +22,8 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    bench|lora_causal_lm|scaling|finetuning|lora) PARTS+=("$arg") ;;
-    *) echo "error: unknown part '$arg': choose bench, lora_causal_lm, scaling, finetuning, lora (or --quick)" >&2; exit 2 ;;
+    bench|lora_causal_lm|scaling|finetuning|lora|peft_family|char_lm|positions) PARTS+=("$arg") ;;
+    *) echo "error: unknown part '$arg': choose bench, lora_causal_lm, scaling, finetuning, lora, peft_family, char_lm, positions (or --quick)" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(bench lora_causal_lm)
