@@ -65,9 +65,7 @@ test-latest:  ## canary: unit tests against the newest releases of the pinned pa
 
 execute: $(STAMP)  ## re-execute one notebook in place: make execute NB=notebooks/01_attention.ipynb [PROFILE=cpu]
 	@test -n "$(NB)" || { echo "usage: make execute NB=notebooks/NN_name.ipynb [PROFILE=cpu]"; exit 2; }
-	cd $(dir $(NB)) && COURSE_PROFILE=$(PROFILE) ../$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
-		--ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $(notdir $(NB))
-	$(PY) -m course_lib.widgets finish-bars $(NB)
+	COURSE_PROFILE=$(PROFILE) $(PY) -m course_lib.widgets execute $(NB)
 
 execute-all:
 	for nb in notebooks/[0-9][0-9]_*.ipynb; do $(MAKE) execute NB=$$nb || exit 1; done

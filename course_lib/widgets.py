@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,16 +115,58 @@ def unfinished_progress_bars(notebook: dict) -> list[str]:
     return found
 
 
+def _output_widget_that_keeps_its_state():
+    """nbclient's stand-in for an ipywidgets ``Output`` (what ``interact`` draws into), minus one thing.
+
+    After every output it captures, nbclient's stand-in sends the widget's whole state back to the kernel
+    on the shell channel while the cell is still running. Now and then the cell's reply is then never
+    seen and the execution hangs with the kernel idle (jupyter/nbconvert#1921, jupyter/nbclient#312; here
+    notebook 06's VADER slider hung in 3 of 3 runs on a busy machine, and 1 in 3 of a reduced copy). The
+    saved notebook needs the state only on the client side, which nbclient keeps anyway, so this one
+    does not send it (6 of 6 reduced copies passed on the same busy machine).
+    """
+    from nbclient.output_widget import OutputWidget
+
+    class KeepsStateOutputWidget(OutputWidget):
+        def sync_state(self) -> None:
+            pass
+
+    return KeepsStateOutputWidget
+
+
+def execute_notebook(path: Path | str, *, timeout: int = 1800) -> None:
+    """Run a notebook top to bottom in a fresh ``python3`` kernel (its folder as working directory), mark its
+    progress bars finished and save it in place; an error in a cell stops it and nothing is written."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(path)
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.resolve().parent)}})
+    client.widget_registry["@jupyter-widgets/output"]["OutputModel"] = _output_widget_that_keeps_its_state()
+    client.execute()
+    finish_progress_bars(notebook)
+    nbformat.write(notebook, path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m course_lib.widgets finish-bars NOTEBOOK...`` (``make execute`` runs it after saving)."""
+    """``python -m course_lib.widgets execute NOTEBOOK...`` (what ``make execute`` runs) and
+    ``python -m course_lib.widgets finish-bars NOTEBOOK...``."""
     import sys
 
     import nbformat
 
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "finish-bars":
-        print("usage: python -m course_lib.widgets finish-bars NOTEBOOK.ipynb ...", file=sys.stderr)
+    if not args or args[0] not in ("finish-bars", "execute"):
+        print("usage: python -m course_lib.widgets execute|finish-bars NOTEBOOK.ipynb ...", file=sys.stderr)
         return 2
+    if args[0] == "execute":
+        for name in args[1:]:
+            started = time.perf_counter()
+            execute_notebook(name)
+            print(f"{Path(name).name}: executed and saved in {time.perf_counter() - started:.0f} s")
+        return 0
     for name in args[1:]:
         path = Path(name)
         notebook = nbformat.read(path, as_version=4)
