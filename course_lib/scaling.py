@@ -748,6 +748,21 @@ class TrainingService:
                 f"{self.flop_budget:.3g} FLOPs; question: N_opt and loss at C = {self.target_budget:.0e})")
 
 
+def _losses_by_size(runs: Sequence[Mapping[str, Any]], C: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """At budget ``C``: the model sizes N in increasing order and, for each, its losses ordered by seed."""
+    by_size: dict[float, list[float]] = {}
+    for r in sorted((r for r in runs if float(r["C_budget"]) == float(C)), key=lambda r: r.get("seed", 0)):
+        by_size.setdefault(float(r["N"]), []).append(float(r["val_loss"]))
+    sizes = sorted(by_size)
+    return np.array(sizes, dtype=float), [np.array(by_size[n]) for n in sizes]
+
+
+def _seed_bootstrap_vertex(N: np.ndarray, losses: Sequence[np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+    """The parabola's vertex after each size's seeds are drawn again with replacement and averaged
+    (ValueError where the resampled line curves downward)."""
+    return isoflop_minimum(N, [l[rng.integers(len(l), size=len(l))].mean() for l in losses])
+
+
 def lab_truth(record: Mapping[str, Any] | None = None, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """What the lab asks for, and how well the record knows it.
 
@@ -760,21 +775,16 @@ def lab_truth(record: Mapping[str, Any] | None = None, *, n_resamples: int = 100
     """
     record = record if record is not None else _scaling_record()
     target = float(record["results"]["lab"]["target_budget"])
-    runs = [r for r in record["results"]["runs"] if float(r["C_budget"]) == target]
-    by_size: dict[float, list[Mapping[str, Any]]] = {}
-    for r in runs:
-        by_size.setdefault(float(r["N"]), []).append(r)
-    N = np.array(sorted(by_size), dtype=float)
-    losses = [np.array([r["val_loss"] for r in sorted(by_size[n], key=lambda r: r.get("seed", 0))]) for n in N]
+    N, losses = _losses_by_size(record["results"]["runs"], target)
     vertex = isoflop_minimum(N, [l.mean() for l in losses])
-    seeds = sorted({r.get("seed", 0) for r in runs})
+    seeds = sorted({r.get("seed", 0) for r in record["results"]["runs"] if float(r["C_budget"]) == target})
     per_seed = [isoflop_minimum(N, [l[i] for l in losses]) for i in range(min(len(l) for l in losses))]
     rng = np.random.default_rng(seed)
     draws = []
     if len(seeds) > 1:
         for _ in range(n_resamples):
             try:
-                draws.append(isoflop_minimum(N, [l[rng.integers(len(l), size=len(l))].mean() for l in losses]))
+                draws.append(_seed_bootstrap_vertex(N, losses, rng))
             except ValueError:                      # a resample that curves downward has no vertex
                 continue
     return {"C": target, "N_opt": vertex["N_opt"], "loss": vertex["L_opt"], "n_seeds": len(seeds),
@@ -857,17 +867,13 @@ def lab_tolerances(record: Mapping[str, Any] | None = None, *, n_resamples: int 
     rng = np.random.default_rng(seed)
     lines = []
     for C in offered:
-        by_size: dict[int, list[float]] = {}
-        for r in record["results"]["runs"]:
-            if float(r["C_budget"]) == C:
-                by_size.setdefault(int(r["N"]), []).append(float(r["val_loss"]))
-        sizes = sorted(by_size)
-        middle = sizes[(len(sizes) - 5) // 2:][:5] if len(sizes) > 5 else sizes
-        lines.append((np.array(middle, dtype=float), [np.array(by_size[n]) for n in middle]))
+        N, losses = _losses_by_size(record["results"]["runs"], C)
+        middle = slice((len(N) - 5) // 2, (len(N) - 5) // 2 + 5) if len(N) > 5 else slice(None)
+        lines.append((N[middle], losses[middle]))
     log_N, loss = [], []
     for _ in range(n_resamples):
         try:
-            vertices = [isoflop_minimum(N, [l[rng.integers(len(l), size=len(l))].mean() for l in ls]) for N, ls in lines]
+            vertices = [_seed_bootstrap_vertex(N, losses, rng) for N, losses in lines]
         except ValueError:
             continue
         guess = extrapolate_optimum(offered, vertices, floor=floor, target=target)
