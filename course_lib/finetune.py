@@ -800,23 +800,12 @@ class _RunCache:
         """The values of all ``(settings, compute)`` runs: first every unclaimed one is computed here,
         then the ones other processes are computing are waited for."""
         keys = [self.key(settings) for settings, _ in items]
-        waiting = {}
-        for key, (_, compute) in zip(keys, items):
-            self.reload()
-            if key in self.done:
+        while True:
+            if self.work_on_one(items):   # an unclaimed run, or one whose process died
                 continue
-            if self._claim(key):
-                self._compute(key, compute)
-            else:
-                waiting[key] = compute
-        while waiting:
-            time.sleep(poll_seconds)
-            self.reload()
-            for key in [k for k in waiting if k not in self.done]:
-                if self._claim(key):  # its process died
-                    self._compute(key, waiting[key])
-            waiting = {k: c for k, c in waiting.items() if k not in self.done}
-        return [self.done[key] for key in keys]
+            if all(key in self.done for key in keys):
+                return [self.done[key] for key in keys]
+            time.sleep(poll_seconds)      # the rest are being computed by other processes
 
     def get(self, settings: Mapping[str, Any], compute) -> Any:
         return self.get_many([(settings, compute)])[0]
