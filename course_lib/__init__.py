@@ -52,6 +52,8 @@ def start(seed: int = 0, *, quiet: bool = False, profile=None, deterministic: bo
 
     import os
 
+    import torch
+
     # transformers' "Loading weights" and "Writing model shards" bars take well under a second here and
     # would be saved as frozen "0%" text in the notebooks; the course shows its own bars for long work.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -64,14 +66,10 @@ def start(seed: int = 0, *, quiet: bool = False, profile=None, deterministic: bo
     if profile.name == "ci":
         # CI runs two notebooks at once on two cores: one thread each avoids oversubscription,
         # which made small matmuls over ten times slower there.
-        import torch
-
         torch.set_num_threads(1)
     seed_everything(seed, deterministic=deterministic)
     if not quiet:
         info = describe_environment(profile)
-        import torch
-
         # timings printed later depend on it, and a busy machine with too many threads distorts them
         print(f"profile: {profile.name} on {profile.device} ({profile.reason}); {torch.get_num_threads()} CPU "
               f"thread(s) for torch")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -292,16 +293,12 @@ def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float
                                     f"Gopher budget (the unrounded ones give the paper's ~40B).")
 
 
-_LAB_TOLERANCES: dict[str, Any] = {}
-
-
+@functools.cache
 def lab_tolerances() -> dict[str, Any]:
     """The lab's tolerances (``scaling.lab_tolerances`` of the shipped record), computed once per session."""
     from course_lib import scaling
 
-    if not _LAB_TOLERANCES:
-        _LAB_TOLERANCES.update(scaling.lab_tolerances())
-    return _LAB_TOLERANCES
+    return scaling.lab_tolerances()
 
 
 def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
