@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +272,42 @@ def test_a_job_past_its_time_limit_is_stopped_and_leaves_no_process(tmp_path):
         parallel.launch("fault", tmp_path, options={"mode": "unmatched-recv"}, group_timeout_s=60, timeout_s=3)
     time.sleep(0.5)
     _no_worker_left(tmp_path)
+
+
+class _FakeTorchrun:
+    """Stands in for the torchrun process: fails with ``log``; ``worker_started`` writes a rank's pid file."""
+    calls = 0
+
+    def __init__(self, args, **kwargs):
+        type(self).calls += 1
+        self.returncode = 1
+        if self.worker_started:
+            out = Path(args[args.index("--out") + 1])
+            (out / "pid_rank0").write_text("999999999")
+
+    def communicate(self, timeout=None):
+        return self.log, None
+
+
+def _fake_torchrun(monkeypatch, log, worker_started):
+    fake = type("Fake", (_FakeTorchrun,), {"calls": 0, "log": log, "worker_started": worker_started})
+    monkeypatch.setattr(parallel.subprocess, "Popen", fake)
+    return fake
+
+
+def test_a_launch_that_fails_before_any_worker_starts_is_tried_once_more_and_says_why(tmp_path, monkeypatch):
+    log = ("[rank0]: Traceback (most recent call last):\n"
+           "[rank0]: RuntimeError: The server socket has failed to listen on any local network address.\n"
+           "=" * 60 + "\ncourse_lib.parallel FAILED\n" + "-" * 60 + "\n" + "=" * 60 + "\n")
+    fake = _fake_torchrun(monkeypatch, log, worker_started=False)
+    with pytest.raises(parallel.ParallelJobFailed, match="before any rank started its work: \\[rank0\\]: "
+                                                         "RuntimeError: The server socket has failed"):
+        parallel.launch("fault", tmp_path, timeout_s=5)
+    assert fake.calls == 2
+
+
+def test_a_launch_whose_workers_started_is_not_retried(tmp_path, monkeypatch):
+    fake = _fake_torchrun(monkeypatch, "exitcode  : 3 (pid: 999999999)\n" + "=" * 60 + "\n", worker_started=True)
+    with pytest.raises(parallel.ParallelJobFailed, match="rank 0 died with exit code 3"):
+        parallel.launch("fault", tmp_path, timeout_s=5)
+    assert fake.calls == 1
