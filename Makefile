@@ -39,7 +39,7 @@ kernel: $(STAMP)
 	@echo "Jupyter kernel '$(KERNEL)' registered in $(VENV)"
 
 assets: $(STAMP)
-	$(PY) -m course_lib.assets fetch --all
+	$(PY) -m course_lib.tools.assets fetch --all
 
 student: $(STAMP)  ## write the student edition to student/notebooks
 	$(PY) -m course_lib.editions student
@@ -65,7 +65,7 @@ test-latest:  ## canary: unit tests against the newest releases of the pinned pa
 
 execute: $(STAMP)  ## re-execute one notebook in place: make execute NB=notebooks/01_attention.ipynb [PROFILE=cpu]
 	@test -n "$(NB)" || { echo "usage: make execute NB=notebooks/NN_name.ipynb [PROFILE=cpu]"; exit 2; }
-	COURSE_PROFILE=$(PROFILE) $(PY) -m course_lib.widgets execute $(NB)
+	COURSE_PROFILE=$(PROFILE) $(PY) -m course_lib.tools.widgets execute $(NB)
 
 execute-all:
 	for nb in notebooks/[0-9][0-9]_*.ipynb; do $(MAKE) execute NB=$$nb || exit 1; done

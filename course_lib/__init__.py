@@ -43,12 +43,12 @@ __version__ = "0.1.0"
 
 def start(seed: int = 0, *, quiet: bool = False, profile=None, deterministic: bool = True):
     """What the first code cell of every notebook calls: pick the profile, seed everything, and print
-    the profile and the library versions. Returns the :class:`~course_lib.profiles.Profile`.
+    the profile and the library versions. Returns the :class:`~course_lib.tools.profiles.Profile`.
 
     Scripts that choose the profile themselves (``course_lib.experiments``) pass it as ``profile``.
     Deterministic algorithms are on (``deterministic=True``) so that checked numbers repeat; a cell
-    that times throughput wraps the timed code in ``course_lib.profiles.timing_section()``."""
-    from course_lib.profiles import describe_environment, get_profile, seed_everything
+    that times throughput wraps the timed code in ``course_lib.tools.profiles.timing_section()``."""
+    from course_lib.tools.profiles import describe_environment, get_profile, seed_everything
 
     import os
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import nbformat
 
 from course_lib.checks import NotAttempted, not_attempted_message, stub_message
+from course_lib.tools.profiles import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 EXERCISE_ID = re.compile(r"^#\s*Exercise\s+(\d{2}\.\d+)\s*:", re.MULTILINE)
 

@@ -11,7 +11,7 @@ The same file runs on one CPU, on two CPU processes (gloo) and on a node of GPUs
 machine without CUDA makes them a gloo group of CPU processes (``accelerate launch --cpu`` alone would
 start just one process unless MPI is installed). ``accelerator.prepare`` wraps the model in
 DistributedDataParallel and ``accelerator.backward`` does the all-reduce -- the same update as
-``course_lib.ddp`` and as one process with the whole batch (tests/test_ddp.py compares the weights).
+``course_lib.distributed.ddp`` and as one process with the whole batch (tests/test_ddp.py compares the weights).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from course_lib.ddp import DDPSpec, global_batches, make_model, make_optimizer, weights_of
+from course_lib.distributed.ddp import DDPSpec, global_batches, make_model, make_optimizer, weights_of
 
 
 def main() -> None:

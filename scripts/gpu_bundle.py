@@ -46,7 +46,7 @@ def _sha256(data: bytes) -> str:
 
 def pack(parts: list[str], *, part_mib: int = PART_MIB) -> list[Path]:
     sys.path.insert(0, str(REPO))
-    from course_lib import assets
+    from course_lib.tools import assets
 
     names = sorted({a for p in parts for a in NEEDS[p][0]})
     wheels = sorted({w for p in parts for w in NEEDS[p][1]})
@@ -89,7 +89,7 @@ def unpack(roots: list[Path] | None = None, cache: Path | None = None) -> list[s
     roots = roots or sorted(REPO.glob(".gpu-transfer*"))
     if cache is None:
         sys.path.insert(0, str(REPO))
-        from course_lib import assets
+        from course_lib.tools import assets
 
         cache = assets.cache_dir()
     index: dict[str, dict] = {}

@@ -54,9 +54,9 @@ run_part() {
   case "$part" in
     bench)
       if [ "$QUICK" = 1 ]; then
-        "$PY" -m course_lib.bench all --quick --lora-model tiny --out "$OUT/gpu_benchmarks_quick.json" >/dev/null
+        "$PY" -m course_lib.experiments.bench all --quick --lora-model tiny --out "$OUT/gpu_benchmarks_quick.json" >/dev/null
       else
-        "$PY" -m course_lib.bench all --lora-model smollm2-shape
+        "$PY" -m course_lib.experiments.bench all --lora-model smollm2-shape
       fi ;;
     *)
       if [ "$QUICK" = 1 ]; then

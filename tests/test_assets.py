@@ -1,4 +1,4 @@
-"""course_lib.assets: pinning, verification, atomic extraction, clear errors, and the real assets."""
+"""course_lib.tools.assets: pinning, verification, atomic extraction, clear errors, and the real assets."""
 
 import hashlib
 import io
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from course_lib import assets
-from course_lib.assets import (ASSETS, Asset, AssetHashError, AssetOfflineError, UnknownAssetError, fetch,
+from course_lib.tools import assets
+from course_lib.tools.assets import (ASSETS, Asset, AssetHashError, AssetOfflineError, UnknownAssetError, fetch,
                                is_cached)
 
 
@@ -142,12 +142,12 @@ def test_offline_with_a_corrupt_cached_asset_says_so(fake_asset, monkeypatch):
     message = str(caught.value)
     assert "is in the cache" in message and "not in the cache" not in message
     assert "weights.bin does not match the SHA-256 its manifest records" in message
-    assert "python -m course_lib.assets fetch fake" in message
+    assert "python -m course_lib.tools.assets fetch fake" in message
 
 
 def test_wrong_hash_is_one_clear_sentence(fake_asset, monkeypatch):
     monkeypatch.setitem(ASSETS, "fake", Asset(**{**ASSETS["fake"].__dict__, "sha256": "0" * 64}))
-    with pytest.raises(AssetHashError, match=r"not the pinned 0000.*python -m course_lib.assets fetch fake"):
+    with pytest.raises(AssetHashError, match=r"not the pinned 0000.*python -m course_lib.tools.assets fetch fake"):
         fetch("fake")
     assert not assets.asset_dir("fake").exists()
 
@@ -161,7 +161,7 @@ def test_offline_flag_with_cold_cache_names_asset_and_command(tmp_path, monkeypa
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     monkeypatch.setenv("COURSE_OFFLINE", "1")
     with pytest.raises(AssetOfflineError, match=r"'minilm-l6-v2' is not in the cache.*"
-                                                r"python -m course_lib.assets fetch minilm-l6-v2"):
+                                                r"python -m course_lib.tools.assets fetch minilm-l6-v2"):
         fetch("minilm-l6-v2")
 
 
@@ -176,7 +176,7 @@ def test_unreachable_index_with_cold_cache_is_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
     with pytest.raises(AssetOfflineError, match=r"'vader-corpora' is not in the cache.*could not be downloaded"
-                                                r".*python -m course_lib.assets fetch vader-corpora"):
+                                                r".*python -m course_lib.tools.assets fetch vader-corpora"):
         fetch("vader-corpora")
 
 
@@ -357,7 +357,7 @@ def test_wrong_hash_from_the_index_stops_with_one_sentence(fake_index, monkeypat
     message = str(caught.value)
     assert message.count(". ") == 0 and "\n" not in message, f"not one sentence: {message}"
     assert f"SHA-256 {fake_index['sha'][:16]}…, not the pinned {pin[:16]}…" in message
-    assert "python -m course_lib.assets fetch fake-sdist" in message
+    assert "python -m course_lib.tools.assets fetch fake-sdist" in message
     assert not fake_index["marker"].exists()
     assert not assets.asset_dir("fake-sdist").exists()
     assert list(assets.cache_dir().rglob("*.tar.gz*")) == [], "the refused download is deleted"

@@ -1,4 +1,4 @@
-"""course_lib.attention against PyTorch's own attention (F.scaled_dot_product_attention, nn.MultiheadAttention)."""
+"""course_lib.parts.attention against PyTorch's own attention (F.scaled_dot_product_attention, nn.MultiheadAttention)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.attention import (MultiHeadAttention, attention_backward, attention_parameter_count, causal_mask,
+from course_lib.parts.attention import (MultiHeadAttention, attention_backward, attention_parameter_count, causal_mask,
                                   padding_mask, scaled_dot_product_attention)
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -190,8 +190,8 @@ def test_plot_attention_and_explorer():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from course_lib.plots import plot_attention
-    from course_lib.widgets import attention_explorer, show_attention
+    from course_lib.tools.plots import plot_attention
+    from course_lib.tools.widgets import attention_explorer, show_attention
 
     tokens = [["a", "b", "c"], ["x", "y"]]
     attentions = [torch.softmax(_rand(2, 3, 3, 3, seed=23), -1), torch.softmax(_rand(2, 3, 2, 2, seed=24), -1)]

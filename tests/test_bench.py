@@ -1,4 +1,4 @@
-"""course_lib.bench in its reduced CPU form: the schema of the result, the pieces it swaps in
+"""course_lib.experiments.bench in its reduced CPU form: the schema of the result, the pieces it swaps in
 (explicit attention, fused AdamW), LoRA against peft from the same start, and the refusal to write a
 reduced run over the GPU record."""
 
@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from course_lib import assets, bench
-from course_lib import train as course_train
-from course_lib.model import GPT, GPTConfig
+from course_lib.tools import assets
+from course_lib.experiments import bench
+from course_lib.parts import train as course_train
+from course_lib.parts.model import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_result_schema(result):
     assert lora["vs_peft_step_time_ratio"] > 0
     assert lora["peak_mem_gb"] is None and lora["peft_peak_mem_gb"] is None  # measured on CUDA only
     provenance = result["provenance"]
-    assert provenance["command"] == "python -m course_lib.bench all --quick"
+    assert provenance["command"] == "python -m course_lib.experiments.bench all --quick"
     assert {"date", "versions", "hardware", "commit", "deterministic_algorithms"} <= set(provenance)
     assert provenance["versions"]["peft"] and provenance["hardware"]["cpu_count"] >= 1
     json.dumps(result)  # serialisable as it is

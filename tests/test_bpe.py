@@ -1,4 +1,4 @@
-"""course_lib.bpe: exact round trips, the same merges as a plain full-recount BPE, and `tokenizers` agrees.
+"""course_lib.parts.bpe: exact round trips, the same merges as a plain full-recount BPE, and `tokenizers` agrees.
 
 The independent references: a deliberately naive trainer written here (recount every pair after every
 merge), and Hugging Face `tokenizers` (its ByteLevel pre-tokenizer and BPE model), which is handed our
@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import regex
 
-from course_lib.bpe import GPT2_PATTERN, BPETokenizer, merge_pair
+from course_lib.parts.bpe import GPT2_PATTERN, BPETokenizer, merge_pair
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n"
@@ -130,7 +130,7 @@ def test_compression_and_speed_agree_with_tokenizers_on_shakespeare():
     """One fifth of the training plays, held-out plays for compression (the lesson uses all of it)."""
     import time
 
-    from course_lib.data import shakespeare_split, train_bpe
+    from course_lib.tools.data import shakespeare_split, train_bpe
 
     train, val = shakespeare_split()
     train, val = train[:1_000_000], val[:200_000]
@@ -170,7 +170,7 @@ def test_bad_input_gets_one_clear_sentence(tok):
 
 
 def test_byte_symbols_spell_tokens_as_tokenizers_does(tok):
-    from course_lib.bpe import byte_symbols, hf_vocab_bytes
+    from course_lib.parts.bpe import byte_symbols, hf_vocab_bytes
 
     assert byte_symbols() == bytes_to_unicode() and byte_symbols()[ord(" ")] == "Ġ"
     hf = as_hf_tokenizer(tok)

@@ -1,4 +1,4 @@
-"""course_lib.char_lm: the exact held-out loss predicts every character once; recipes are well formed."""
+"""course_lib.parts.char_lm: the exact held-out loss predicts every character once; recipes are well formed."""
 
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib.char_lm import RECIPES, TUNING_WORKS, heldout_loss, recipe
-from course_lib.data import VALIDATION_WORKS
-from course_lib.model import GPT, GPTConfig
-from course_lib.profiles import get_profile
+from course_lib.parts.char_lm import RECIPES, TUNING_WORKS, heldout_loss, recipe
+from course_lib.tools.data import VALIDATION_WORKS
+from course_lib.parts.model import GPT, GPTConfig
+from course_lib.tools.profiles import get_profile
 
 
 @pytest.mark.parametrize("length", [2, 17, 64, 65, 200])
@@ -45,7 +45,9 @@ def test_recipes_fit_each_profile_and_tuning_works_are_not_held_out():
 
 
 def test_the_search_is_registered_and_the_cpu_recipe_is_its_recorded_choice():
-    from course_lib import char_lm, experiments, results
+    from course_lib.parts import char_lm
+    from course_lib import experiments
+    from course_lib.tools import results
 
     assert experiments.resolve("char_lm") is char_lm.experiment
     record = results.recorded("char_lm", "cpu")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib import checks
-from course_lib.attention import scaled_dot_product_attention
+from course_lib.parts.attention import scaled_dot_product_attention
 from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The use of `x.T`:UserWarning")  # the k.T mistake below
@@ -294,7 +294,7 @@ def backward_jacobian_explicit(q, k, v, d_out, mask=None):
 
 
 def backward_library(q, k, v, d_out, mask=None):
-    from course_lib.attention import attention_backward
+    from course_lib.parts.attention import attention_backward
     return attention_backward(q, k, v, d_out, mask)
 
 

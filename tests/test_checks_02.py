@@ -41,7 +41,7 @@ def grad_torch_func(logits, targets):
 
 
 def grad_library(logits, targets):
-    from course_lib.losses import cross_entropy_grad
+    from course_lib.parts.losses import cross_entropy_grad
     return cross_entropy_grad(logits, targets)
 
 
@@ -143,7 +143,7 @@ def lsm_builtin(z):
 
 
 def lsm_library(z):
-    from course_lib.losses import log_softmax
+    from course_lib.parts.losses import log_softmax
     return log_softmax(z)
 
 
@@ -231,7 +231,7 @@ def ng_in_place_restoring(f, x, eps):
 
 
 def ng_library(f, x, eps):
-    from course_lib.gradcheck import numerical_grad
+    from course_lib.parts.gradcheck import numerical_grad
     return numerical_grad(f, x, eps)
 
 

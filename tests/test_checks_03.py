@@ -103,7 +103,7 @@ def count_right(vocab_size, context, n_layer, d_model):
 
 
 def count_by_building(vocab_size, context, n_layer, d_model):
-    from course_lib.model import GPT, GPTConfig
+    from course_lib.parts.model import GPT, GPTConfig
 
     if vocab_size * d_model > 1e6:      # too big to build quickly: scale the formula of a small one
         return count_right(vocab_size, context, n_layer, d_model)
@@ -175,7 +175,7 @@ def lnb_jacobian(x, gamma, dy, eps=1e-5):
 
 
 def lnb_library(x, gamma, dy, eps=1e-5):
-    from course_lib.model import layer_norm_backward
+    from course_lib.parts.model import layer_norm_backward
     return layer_norm_backward(x, gamma, dy, eps)
 
 
@@ -267,7 +267,7 @@ def rope_complex(x):
 
 
 def rope_library(x):
-    from course_lib.positions import apply_rope
+    from course_lib.parts.positions import apply_rope
     return apply_rope(x)
 
 

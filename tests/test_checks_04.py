@@ -36,7 +36,7 @@ def schedule_right(step, lr, warmup_steps, total_steps, min_lr):
 
 
 def schedule_library(step, lr, warmup_steps, total_steps, min_lr):
-    from course_lib.train import lr_at
+    from course_lib.parts.train import lr_at
 
     return torch.tensor(lr_at(step, lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr))
 
@@ -115,7 +115,7 @@ def topk_log_probs(logits, k):               # log-probabilities: a per-row shif
 
 
 def topk_library(logits, k):
-    from course_lib.model import top_k_filter
+    from course_lib.parts.model import top_k_filter
 
     return top_k_filter(logits, k)
 
@@ -249,7 +249,7 @@ def merge_step_last_tie(chunks, new_id):              # a different (legal) tie-
 
 
 def merge_step_library(chunks, new_id):
-    from course_lib.bpe import merge_pair
+    from course_lib.parts.bpe import merge_pair
 
     counts = _count(chunks)
     pair = min(counts, key=lambda p: (-counts[p], p))
@@ -376,14 +376,14 @@ def cache_step_by_hand(q, k, v, k_cache, v_cache):
 
 
 def cache_step_course_attention(q, k, v, k_cache, v_cache):
-    from course_lib.attention import scaled_dot_product_attention
+    from course_lib.parts.attention import scaled_dot_product_attention
 
     K, V = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
     return scaled_dot_product_attention(q, K, V)[0], K, V
 
 
 def cache_step_library(q, k, v, k_cache, v_cache):
-    from course_lib.model import KVCache
+    from course_lib.parts.model import KVCache
 
     cache = KVCache(1)
     if k_cache.shape[-2]:

@@ -47,7 +47,7 @@ def vertex_torch_lstsq(N, L):
 
 
 def vertex_library(N, L):
-    from course_lib import scaling
+    from course_lib.parts import scaling
 
     found = scaling.isoflop_minimum(N, L)
     return found["N_opt"], found["L_opt"]
@@ -371,7 +371,7 @@ def test_hints_come_in_three_levels_and_the_first_gives_no_code(exercise, capsys
 
 # ---- 05.3 check_scaling_prediction: the scaling lab, graded against the recorded sweep ----------------
 
-from course_lib import scaling  # noqa: E402
+from course_lib.parts import scaling  # noqa: E402
 
 
 def _vertices(service, pick=slice(1, 6)):
@@ -498,7 +498,7 @@ def test_scaling_prediction_reports_stubs_and_crashes():
 def test_the_lab_tolerances_follow_the_documented_rule_and_exceed_the_measured_noise():
     """Half the distance from the answer to the nearest naive guess (log scale for N_opt, nats for the loss),
     at least twice the measured noise; the answer's own seed uncertainty is far inside."""
-    from course_lib import results
+    from course_lib.tools import results
 
     record = results.recorded("scaling", "cpu")
     truth, tol = scaling.lab_truth(record), scaling.lab_tolerances(record)
@@ -515,7 +515,7 @@ def test_the_lab_tolerances_follow_the_documented_rule_and_exceed_the_measured_n
 def test_the_lab_tolerances_refuse_the_neighbouring_budget():
     """The optimum one budget below the target (3x less compute) is refused: on the loss, though not on N_opt
     (the recorded vertex grows only 1.6x from 1e11 to 3e11, inside the factor 1.7)."""
-    from course_lib import results
+    from course_lib.tools import results
 
     record = results.recorded("scaling", "cpu")
     truth, tol = scaling.lab_truth(record), scaling.lab_tolerances(record)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib import checks, lora
+from course_lib import checks
+from course_lib.parts import lora
 from course_lib.checks import CheckFailed, NotAttempted
 
 # ---- check_lora_forward ---------------------------------------------------------------------------

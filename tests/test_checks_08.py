@@ -9,8 +9,8 @@ import torch
 
 from course_lib import checks
 from course_lib.checks import CheckFailed, NotAttempted
-from course_lib.finetune import mean_pool
-from course_lib.quant import NF4_CODEBOOK
+from course_lib.parts.finetune import mean_pool
+from course_lib.parts.quant import NF4_CODEBOOK
 
 
 def refused(check, answer, sentence):
@@ -40,7 +40,7 @@ def nf4_midpoints(w, block_size=64):  # counts the midpoints below each value, a
 
 
 def nf4_library(w, block_size=64):
-    from course_lib.quant import quantize_nf4
+    from course_lib.parts.quant import quantize_nf4
     return quantize_nf4(w, block_size)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from course_lib import checks
-from course_lib.causal_lm import answer, answer_ids, chat, prompt_ids
+from course_lib.parts.causal_lm import answer, answer_ids, chat, prompt_ids
 from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
 
 DEFAULT = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -17,7 +17,7 @@ DEFAULT = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trai
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from course_lib import assets
+    from course_lib.tools import assets
 
     derived = assets.cache_dir() / "derived" / "smollm2-135m-instruct-f32"
     if not (derived / "tokenizer.json").is_file():  # made by `make assets`; the model is not needed here
@@ -230,7 +230,7 @@ def count_right(config, r, targets):
 def count_by_building(config, r, targets):
     from transformers import LlamaForCausalLM
 
-    from course_lib.causal_lm import peft_lora  # peft's own count
+    from course_lib.parts.causal_lm import peft_lora  # peft's own count
 
     return peft_lora(LlamaForCausalLM(config), r=r, alpha=r, targets=targets).get_nb_trainable_parameters()[0]
 

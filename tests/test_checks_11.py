@@ -96,7 +96,7 @@ def test_shard_qkv_refuses_common_mistakes(name):
 
 
 def test_the_reference_split_matches_the_tensor_parallel_module():
-    from course_lib.tensor_parallel import shard_qkv as library
+    from course_lib.distributed.tensor_parallel import shard_qkv as library
 
     t = torch.randn(48, 16)
     for rank in range(4):
@@ -183,7 +183,7 @@ def test_idle_check_refuses_common_mistakes(name):
 
 
 def test_the_library_schedule_gives_the_gpipe_formula_for_equal_stages():
-    from course_lib.pipeline import bubble_fraction, gpipe_timeline, idle_fraction
+    from course_lib.distributed.pipeline import bubble_fraction, gpipe_timeline, idle_fraction
 
     for p in (1, 2, 3, 4):
         for m in (1, 2, 5, 8):

@@ -1,8 +1,8 @@
-"""course_lib.data: the loaders give the documented columns, splits and counts (see data/README.md)."""
+"""course_lib.tools.data: the loaders give the documented columns, splits and counts (see data/README.md)."""
 
 import pytest
 
-from course_lib.data import (NEUTRAL_THRESHOLD, SENTIMENT_FILES, VALIDATION_WORKS, load_sentiment, load_shakespeare,
+from course_lib.tools.data import (NEUTRAL_THRESHOLD, SENTIMENT_FILES, VALIDATION_WORKS, load_sentiment, load_shakespeare,
                              shakespeare_files, shakespeare_split, train_bpe)
 
 

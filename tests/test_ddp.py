@@ -1,4 +1,4 @@
-"""course_lib.ddp: DDP on two real processes equals one process with the whole batch; ZeRO memory
+"""course_lib.distributed.ddp: DDP on two real processes equals one process with the whole batch; ZeRO memory
 arithmetic against the ZeRO paper; the accelerate example on two CPU processes."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from course_lib import ddp
+from course_lib.distributed import ddp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_errors_outside_torchrun(tmp_path, monkeypatch, capsys):
         ddp.time_all_reduce([16])
     with pytest.raises(ValueError, match="nproc must be a positive integer"):
         ddp.launch(tmp_path, nproc=0)
-    with pytest.raises(FileNotFoundError, match="run course_lib.ddp.launch"):
+    with pytest.raises(FileNotFoundError, match="run course_lib.distributed.ddp.launch"):
         ddp.load_weights(tmp_path)
     monkeypatch.delenv("RANK", raising=False)
     assert ddp.main(["--out", str(tmp_path)]) == 2

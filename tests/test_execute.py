@@ -1,4 +1,4 @@
-"""`make execute` (course_lib.widgets.execute_notebook): a notebook with an `interact` slider runs through,
+"""`make execute` (course_lib.tools.widgets.execute_notebook): a notebook with an `interact` slider runs through,
 saves its widget's output on the client side, and never sends widget state back to the kernel mid-cell
 (the race that hung notebook 06 under nbclient's stock Output stand-in)."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from course_lib import widgets
+from course_lib.tools import widgets
 
 
 class FakeKernelClient:

@@ -1,4 +1,4 @@
-"""course_lib.finetune against independent implementations: scikit-learn's metrics, transformers'
+"""course_lib.parts.finetune against independent implementations: scikit-learn's metrics, transformers'
 warm-up schedule, a per-sentence loop for pooling; training on a tiny random BERT."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from transformers import BertConfig, BertModel, BertTokenizerFast, get_linear_schedule_with_warmup
 
-from course_lib import finetune as ft
+from course_lib.parts import finetune as ft
 
 WORDS = ["good", "great", "fun", "bad", "awful", "dull", "the", "film", "was", "not", "but", "plot"]
 
@@ -224,10 +224,10 @@ def test_bad_input_gets_one_clear_sentence(tokenizer):
 
 
 def test_minilm_loads_and_embeds_sensibly():
-    from course_lib.assets import is_cached
+    from course_lib.tools.assets import is_cached
 
     if not is_cached("minilm-l6-v2", verify=False):
-        pytest.skip("the minilm-l6-v2 asset is not cached (python -m course_lib.assets fetch minilm-l6-v2)")
+        pytest.skip("the minilm-l6-v2 asset is not cached (python -m course_lib.tools.assets fetch minilm-l6-v2)")
     tokenizer, encoder = ft.load_encoder(None)
     assert encoder.config.num_hidden_layers == 6 and encoder.config.hidden_size == 384
     assert ft.count_parameters(encoder)[1] == pytest.approx(22.7e6, rel=0.01)
@@ -237,7 +237,7 @@ def test_minilm_loads_and_embeds_sensibly():
 
 
 def test_paired_bootstrap_gap_is_the_resampled_difference_of_accuracies():
-    from course_lib.finetune import paired_bootstrap_gap
+    from course_lib.parts.finetune import paired_bootstrap_gap
 
     rng = np.random.default_rng(1)
     right_a = rng.random(300) < 0.8

@@ -1,12 +1,12 @@
-"""course_lib.gradcheck against torch.autograd (gradients) and torch.autograd.gradcheck (verdicts)."""
+"""course_lib.parts.gradcheck against torch.autograd (gradients) and torch.autograd.gradcheck (verdicts)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from course_lib import losses as L
-from course_lib.gradcheck import gradcheck, numerical_grad, relative_error
+from course_lib.parts import losses as L
+from course_lib.parts.gradcheck import gradcheck, numerical_grad, relative_error
 
 
 def _x(*shape, seed=0):

@@ -1,4 +1,4 @@
-"""course_lib.lora against an independent implementation: peft 0.21 (LoraConfig + get_peft_model).
+"""course_lib.parts.lora against an independent implementation: peft 0.21 (LoraConfig + get_peft_model).
 
 Models are small BERT / Llama configurations built in code, so no weights are needed.
 """
@@ -14,8 +14,8 @@ import torch
 import transformers
 from torch import nn
 
-from course_lib import lora
-from course_lib.lora import LoRALinear, apply_lora, count_trainable
+from course_lib.parts import lora
+from course_lib.parts.lora import LoRALinear, apply_lora, count_trainable
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

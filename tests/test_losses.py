@@ -1,4 +1,4 @@
-"""course_lib.losses against torch.nn.functional and autograd (the independent implementations)."""
+"""course_lib.parts.losses against torch.nn.functional and autograd (the independent implementations)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib import losses as L
+from course_lib.parts import losses as L
 
 DTYPES = [torch.float32, torch.float64]
 

@@ -1,5 +1,5 @@
-"""course_lib.model against independent implementations: torch.nn.LayerNorm, transformers' GPT-2,
-course_lib.attention, FlopCounterMode, transformers' top-k / top-p warpers."""
+"""course_lib.parts.model against independent implementations: torch.nn.LayerNorm, transformers' GPT-2,
+course_lib.parts.attention, FlopCounterMode, transformers' top-k / top-p warpers."""
 
 import math
 
@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from course_lib.model import (GPT, ACTIVATION_UNITS_PER_BLOCK, GPTConfig, LayerNorm, count_params,
+from course_lib.parts.model import (GPT, ACTIVATION_UNITS_PER_BLOCK, GPTConfig, LayerNorm, count_params,
                               flops_per_token, gpt2_config, load_gpt2_weights, memory_estimate,
                               param_count_formula, saved_activation_bytes, top_k_filter, top_p_filter)
 
@@ -115,7 +115,7 @@ def test_logits_agree_with_transformers_gpt2():
 
 
 def test_attention_agrees_with_course_attention():
-    from course_lib.attention import MultiHeadAttention, causal_mask
+    from course_lib.parts.attention import MultiHeadAttention, causal_mask
 
     torch.manual_seed(0)
     model = GPT(SMALL)
@@ -271,7 +271,7 @@ def test_top_p_matches_transformers(p):
 # ---------------------------------------------------------------------------------------------- KV cache
 
 def test_kv_cache_logits_equal_the_full_forward_pass():
-    from course_lib.model import KVCache
+    from course_lib.parts.model import KVCache
 
     torch.manual_seed(0)
     model = GPT(SMALL).eval()
@@ -303,8 +303,8 @@ def test_kv_cache_generates_the_same_tokens(settings, prompt_len, new):
 
 def test_one_cached_query_attends_to_every_key():
     """The trap: scaled_dot_product_attention(is_causal=True) with one query keeps only the first key."""
-    from course_lib.attention import scaled_dot_product_attention as course_attention
-    from course_lib.model import CausalSelfAttention, KVCache
+    from course_lib.parts.attention import scaled_dot_product_attention as course_attention
+    from course_lib.parts.model import CausalSelfAttention, KVCache
 
     torch.manual_seed(2)
     attn = CausalSelfAttention(SMALL).eval()
@@ -325,7 +325,7 @@ def test_one_cached_query_attends_to_every_key():
 
 @pytest.mark.parametrize("shape", [(6,), (5, 8), (2, 3, 6), (2, 2, 3, 4)])
 def test_layer_norm_backward_matches_autograd_in_float64(shape):
-    from course_lib.model import layer_norm_backward
+    from course_lib.parts.model import layer_norm_backward
 
     g = torch.Generator().manual_seed(3)
     x = (3 * torch.randn(*shape, generator=g, dtype=torch.float64) + 1).requires_grad_(True)

@@ -97,7 +97,7 @@ def test_no_warnings_on_stderr(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
 def test_progress_bars_read_as_finished_without_a_kernel(path):
-    from course_lib.widgets import unfinished_progress_bars
+    from course_lib.tools.widgets import unfinished_progress_bars
 
     unfinished = unfinished_progress_bars(load(path))
     assert not unfinished, (f"saved progress bars that look unfinished where widgets are not rendered: "
@@ -124,7 +124,7 @@ def test_checks_and_stubs_exist_for_every_lesson_with_exercises():
 
 
 def test_finished_bar_text_is_rebuilt_from_the_saved_widget_state():
-    from course_lib.widgets import finish_progress_bars, unfinished_progress_bars
+    from course_lib.tools.widgets import finish_progress_bars, unfinished_progress_bars
 
     ids_ = {"box": "HBoxModel", "l": "HTMLModel", "b": "FloatProgressModel", "r": "HTMLModel"}
     state = {k: {"model_name": v, "state": {}} for k, v in ids_.items()}

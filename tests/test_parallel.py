@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_lib import activation_memory as am
-from course_lib import parallel, pipeline, sharded, tensor_parallel as tp
-from course_lib.model import GPT, GPTConfig, saved_activation_bytes
+from course_lib.distributed import activation_memory as am
+from course_lib.distributed import parallel, pipeline, sharded, tensor_parallel as tp
+from course_lib.parts.model import GPT, GPTConfig, saved_activation_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def test_gpipe_timeline_with_messages():
 def test_launch_phases_end_when_the_last_rank_gets_there(tmp_path):
     import json
 
-    from course_lib import ddp
+    from course_lib.distributed import ddp
 
     t0 = 1000.0
     (tmp_path / "stamps_rank0.json").write_text(json.dumps(

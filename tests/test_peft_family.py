@@ -1,4 +1,4 @@
-"""course_lib.peft_family: each method's trainable count against its formula, prompt and prefix tuning
+"""course_lib.parts.peft_family: each method's trainable count against its formula, prompt and prefix tuning
 against peft given the same parameters, AdaLoRA's penalty and schedule, the training loop and memory split.
 
 A small random BERT (same architecture as MiniLM, 2 layers of width 32) keeps these tests fast."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import finetune, lora, peft_family as pf, quant
+from course_lib.parts import finetune, lora, peft_family as pf, quant
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 L, D, HEADS, FF = 2, 32, 4, 64
@@ -184,7 +184,7 @@ def test_build_knows_every_method_and_refuses_others(encoder):
 
 def test_experiment_records_choices_and_paired_intervals(monkeypatch, encoder):
     """The experiment's bookkeeping, with the cheapest method twice and a tiny data set."""
-    from course_lib.profiles import get_profile
+    from course_lib.tools.profiles import get_profile
 
     small = {"text": [f"w{i}" for i in range(16)], "label": [0, 1] * 8}
     monkeypatch.setattr(pf, "METHODS", {"full fine-tuning": (1e-2,), "linear probe": (1e-3, 1e-2)})

@@ -1,4 +1,4 @@
-"""course_lib.positions: sinusoidal and rotary encodings against independent formulations, and the GPT's
+"""course_lib.parts.positions: sinusoidal and rotary encodings against independent formulations, and the GPT's
 position options (tests of the recorded experiment's smoke form too)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.model import GPT, GPTConfig, count_params, param_count_formula
-from course_lib.positions import (POSITION_KINDS, apply_rope, experiment_settings, per_position_loss,
+from course_lib.parts.model import GPT, GPTConfig, count_params, param_count_formula
+from course_lib.parts.positions import (POSITION_KINDS, apply_rope, experiment_settings, per_position_loss,
                                   rope_angles, sinusoidal_encoding)
 
 
@@ -140,7 +140,7 @@ def test_per_position_loss_uses_the_same_windows_for_every_model():
 
 
 def test_experiment_settings_per_profile():
-    from course_lib.profiles import get_profile
+    from course_lib.tools.profiles import get_profile
 
     for name in ("ci", "cpu"):
         settings = experiment_settings(get_profile(name))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import profiles
-from course_lib.profiles import UnknownProfileError, get_profile, seed_everything
+from course_lib.tools import profiles
+from course_lib.tools.profiles import UnknownProfileError, get_profile, seed_everything
 
 
 def test_env_override_picks_each_profile(monkeypatch):

@@ -1,4 +1,4 @@
-"""course_lib.quant against bitsandbytes 0.50.2 (its CPU path), code for code, and its layers against torch."""
+"""course_lib.parts.quant against bitsandbytes 0.50.2 (its CPU path), code for code, and its layers against torch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib import quant
+from course_lib.parts import quant
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see course_lib.start
 bnb = pytest.importorskip("bitsandbytes.functional")
@@ -18,7 +18,7 @@ bnb = pytest.importorskip("bitsandbytes.functional")
 @pytest.fixture(scope="module")
 def minilm_weights():
     """A few of MiniLM's weight matrices: attention, feed-forward (both shapes) and a slice of the embeddings."""
-    from course_lib.finetune import load_encoder
+    from course_lib.parts.finetune import load_encoder
 
     _, encoder = load_encoder()
     layer = encoder.encoder.layer[0]
@@ -172,8 +172,8 @@ def test_apply_qlora_matches_peft_with_bitsandbytes_code_for_code():
     import peft
     from transformers import AutoModel, BitsAndBytesConfig
 
-    from course_lib import finetune
-    from course_lib.assets import model_path
+    from course_lib.parts import finetune
+    from course_lib.tools.assets import model_path
 
     _, encoder = finetune.load_encoder()
     ours = quant.apply_qlora(finetune.SentenceClassifier(encoder), ["query", "value"], r=8, alpha=16)

@@ -1,12 +1,12 @@
-"""course_lib.results: a recorded run comes back exactly, with where it came from; nothing is invented."""
+"""course_lib.tools.results: a recorded run comes back exactly, with where it came from; nothing is invented."""
 
 import json
 import sys
 
 import pytest
 
-from course_lib import results
-from course_lib.profiles import get_profile
+from course_lib.tools import results
+from course_lib.tools.profiles import get_profile
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""course_lib.scaling against independent implementations (numpy/scipy) and the published numbers."""
+"""course_lib.parts.scaling against independent implementations (numpy/scipy) and the published numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import optimize, special, stats
 
-from course_lib import scaling
+from course_lib.parts import scaling
 
 REPO = Path(__file__).resolve().parents[1]
 # Reference data beside the repository (../shared/data/), never copied into it (see data/README.md).
@@ -244,7 +244,7 @@ def test_published_laws_json_matches_the_module_constants():
 def test_run_sweep_trains_and_records_each_run():
     import torch
 
-    from course_lib.synthetic import make_language
+    from course_lib.parts.synthetic import make_language
 
     lang = make_language(8, bigram_successors=3, trigram_successors=2)
     train_tokens, val_tokens = lang.train_val(5000, 2000)
@@ -277,8 +277,8 @@ def _runs_from_law(law, plan, noise=0.0, seed=0):
 
 
 def test_isoflop_sweep_spends_each_budget_and_counts_every_parameter():
-    from course_lib.model import GPT, GPTConfig, count_params, flops_per_token
-    from course_lib.synthetic import make_language
+    from course_lib.parts.model import GPT, GPTConfig, count_params, flops_per_token
+    from course_lib.parts.synthetic import make_language
 
     lang = make_language(8, bigram_successors=3, trigram_successors=2)
     train_tokens, val_tokens = lang.train_val(5000, 2000)
@@ -308,7 +308,7 @@ def test_isoflop_sweep_gives_the_same_numbers_through_the_worker_pool(monkeypatc
 
     import torch
 
-    from course_lib.synthetic import make_language
+    from course_lib.parts.synthetic import make_language
 
     class ThreadPool(concurrent.futures.ThreadPoolExecutor):   # one thread: torch's global RNG is per process
         def __init__(self, max_workers, mp_context=None, initializer=None, initargs=()):
@@ -489,7 +489,7 @@ def test_fit_chinchilla_can_hold_a_known_floor():
 
 def test_counted_budget_uses_the_model_at_the_vertex():
     """Kaplan's count: the budget at a non-embedding vertex is 6·N_no-emb·D of that same model, D = C/(6·N_all)."""
-    from course_lib.model import GPTConfig, param_count_formula
+    from course_lib.parts.model import GPTConfig, param_count_formula
 
     widths = (8, 12, 16, 20, 24, 32, 40)
     runs = [{"C_budget": 1e10, "d_model": d,
@@ -515,7 +515,7 @@ def test_isoflop_sweep_reuses_recorded_runs_and_trains_only_the_missing_ones(mon
                  "C_matmul": 1.0, "val_loss": 2.0, "seconds": 0.0} for entry, seed in jobs]
 
     monkeypatch.setattr(scaling, "_train_jobs", fake_train_jobs)
-    from course_lib.model import GPTConfig, param_count_formula
+    from course_lib.parts.model import GPTConfig, param_count_formula
 
     steps = {d: round(1e7 / (6 * param_count_formula(GPTConfig(vocab_size=8, context=8, n_layer=1, n_head=1, d_model=d),
                                                        non_embedding=False) * 4 * 8)) for d in (8, 12, 16)}
@@ -537,8 +537,8 @@ def test_the_experiment_runs_in_its_quick_form(tmp_path):
 
 
 def test_the_sweep_language_is_the_recorded_one():
-    from course_lib import results
-    from course_lib.synthetic import make_language
+    from course_lib.tools import results
+    from course_lib.parts.synthetic import make_language
 
     lang = scaling.sweep_language()
     spec = scaling.SWEEP_SETUP["language"]

@@ -1,4 +1,4 @@
-"""course_lib.synthetic: the exact entropy rate against independent computations and Monte Carlo."""
+"""course_lib.parts.synthetic: the exact entropy rate against independent computations and Monte Carlo."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.synthetic import SyntheticLanguage, make_language
+from course_lib.parts.synthetic import SyntheticLanguage, make_language
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,7 @@ def check_apply_lora(fn: Callable[..., Any]) -> None:
     __tracebackhide__ = True
     import copy
 
-    from course_lib.lora import LoRALinear as ReferenceLoRA
+    from course_lib.parts.lora import LoRALinear as ReferenceLoRA
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -45,7 +45,7 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 def _chat_cases() -> dict[str, tuple[list[dict[str, str]], bool]]:
-    from course_lib.causal_lm import chat
+    from course_lib.parts.causal_lm import chat
 
     return {
         "one snippet with the course's system message": (chat("A gorgeous, moving film."), True),
@@ -110,7 +110,7 @@ def check_prompt_masking(fn: Callable[..., tuple[Sequence[int], Sequence[int]]],
     """Exercise 09.2: ``fn(tokenizer, text, label)`` returns ``(input_ids, labels)``: the prompt (with the
     generation header) and the answer, and labels that are -100 on the prompt and the answer's ids on it."""
     __tracebackhide__ = True
-    from course_lib.causal_lm import IGNORE, answer_ids, encode, prompt_ids
+    from course_lib.parts.causal_lm import IGNORE, answer_ids, encode, prompt_ids
 
     cases = {"a positive snippet": ("A gorgeous, moving film.", 1),
              "a negative snippet": ("It's a road trip drama with too many wrong turns.", 0),
@@ -179,7 +179,7 @@ def _reference_count(config: Any, r: int, targets: Sequence[str]) -> int:
     """Built, not computed: wrap a real (tiny, random) Llama with the course's LoRA and count."""
     from transformers import LlamaForCausalLM
 
-    from course_lib import lora
+    from course_lib.parts import lora
 
     torch.manual_seed(0)
     model = lora.apply_lora(LlamaForCausalLM(config), list(targets), r=r, alpha=2 * r)

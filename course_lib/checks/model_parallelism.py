@@ -26,7 +26,7 @@ register_hint(
 
 
 def _reference_qkv(t: torch.Tensor, n_head: int, rank: int, world: int) -> torch.Tensor:
-    from course_lib.tensor_parallel import shard_qkv
+    from course_lib.distributed.tensor_parallel import shard_qkv
 
     return shard_qkv(t, n_head, rank, world)
 
@@ -105,13 +105,13 @@ register_hint(
 
 
 def _idle(t_forward: list[float], t_backward: list[float], m: int) -> float:
-    from course_lib.pipeline import gpipe_timeline, idle_fraction
+    from course_lib.distributed.pipeline import gpipe_timeline, idle_fraction
 
     return idle_fraction(gpipe_timeline(t_forward, t_backward, m))
 
 
 def _makespan(t_forward: list[float], t_backward: list[float], m: int) -> float:
-    from course_lib.pipeline import gpipe_timeline
+    from course_lib.distributed.pipeline import gpipe_timeline
 
     return max(event[3] for stage in gpipe_timeline(t_forward, t_backward, m) for event in stage)
 
@@ -181,7 +181,7 @@ def check_activation_bytes(fn: Callable[..., float]) -> None:
     """Exercise 11.3: ``fn(s, b, h, a, t=1, sequence_parallel=False)`` returns the activation bytes per layer of
     Korthikanti et al. 2022 (Eqs. 1, 2 and 4), 16-bit values and 1-byte dropout masks."""
     __tracebackhide__ = True
-    from course_lib.activation_memory import korthikanti_bytes
+    from course_lib.distributed.activation_memory import korthikanti_bytes
 
     cases = [((2048, 1, 12288, 96), {}), ((2048, 1, 12288, 96), dict(t=8)),
              ((2048, 1, 12288, 96), dict(t=8, sequence_parallel=True)), ((128, 4, 64, 4), {}),

@@ -47,14 +47,14 @@ register_hint("08.3",
 
 
 def _nf4_reference(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from course_lib.quant import quantize_nf4
+    from course_lib.parts.quant import quantize_nf4
 
     return quantize_nf4(w, block_size)
 
 
 def _nf4_wrong(w: torch.Tensor, block_size: int) -> dict[str, Callable[[], torch.Tensor]]:
     """What the common mistakes return as codes on this case (diagnosed by comparing codes)."""
-    from course_lib.quant import NF4_CODEBOOK, quantize_nf4
+    from course_lib.parts.quant import NF4_CODEBOOK, quantize_nf4
 
     def with_scale(scale_of_blocks: Callable[[torch.Tensor], torch.Tensor], blocks_of: Callable[[], torch.Tensor],
                    rounding: str = "nearest") -> torch.Tensor:
@@ -179,7 +179,7 @@ def _tiny_bert(seed: int = 0):
 
 def _prompt_reference(encoder, prompt, input_ids, attention_mask, *, where="front", mask_value=1,
                       pool="all", combine="cat") -> torch.Tensor:
-    from course_lib.finetune import mean_pool
+    from course_lib.parts.finetune import mean_pool
 
     B, n = input_ids.shape[0], prompt.shape[0]
     words = encoder.get_input_embeddings()(input_ids)

@@ -87,14 +87,14 @@ def check_isoflop_vertex(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
 
     N and L are 1-D numpy float64 arrays in any order (one entry per run on one IsoFLOP line). If the
     parabola opens downward (no minimum) ``fn`` raises ``ValueError``. The reference is
-    ``course_lib.scaling.isoflop_minimum``.
+    ``course_lib.parts.scaling.isoflop_minimum``.
     """
     __tracebackhide__ = True
     import math
 
     import numpy as np
 
-    from course_lib import scaling
+    from course_lib.parts import scaling
 
     rng = np.random.default_rng(11)
     N1 = np.geomspace(1e3, 6.4e4, 7)                       # the vertex sits exactly on the 4th run
@@ -240,7 +240,7 @@ def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float
     ``params`` is a dict with keys E, A, B, alpha, beta (like ``scaling.CHINCHILLA_APPROACH3``).
     """
     __tracebackhide__ = True
-    from course_lib import scaling
+    from course_lib.parts import scaling
 
     cases = {
         "Chinchilla's printed (rounded) Approach 3 law at the Gopher budget (C=5.76e23)":
@@ -296,7 +296,7 @@ def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float
 @functools.cache
 def lab_tolerances() -> dict[str, Any]:
     """The lab's tolerances (``scaling.lab_tolerances`` of the shipped record), computed once per session."""
-    from course_lib import scaling
+    from course_lib.parts import scaling
 
     return scaling.lab_tolerances()
 
@@ -312,7 +312,7 @@ def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
     __tracebackhide__ = True
     import math
 
-    from course_lib import scaling
+    from course_lib.parts import scaling
 
     try:
         service, truth, tol = scaling.TrainingService.from_record(), scaling.lab_truth(), lab_tolerances()

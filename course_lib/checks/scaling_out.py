@@ -33,7 +33,7 @@ def check_zero_memory(fn: Callable[[float, int, int], float]) -> None:
     __tracebackhide__ = True
     import math
 
-    from course_lib.ddp import memory_per_gpu
+    from course_lib.distributed.ddp import memory_per_gpu
 
     cases = [(7.5e9, 64, 0), (7.5e9, 64, 1), (7.5e9, 64, 2), (7.5e9, 64, 3), (135e6, 1, 0), (1e9, 4, 1),
              (1e9, 4, 2), (70e9, 16, 3), (13e9, 8, 2)]

@@ -62,11 +62,11 @@ register_hint(
 
 def check_lr_schedule(fn: Callable[..., float]) -> None:
     """Exercise 04.2: ``fn(step, lr, warmup_steps, total_steps, min_lr)`` is linear warm-up then cosine
-    decay, exactly as ``course_lib.train.lr_at``."""
+    decay, exactly as ``course_lib.parts.train.lr_at``."""
     __tracebackhide__ = True
     import math
 
-    from course_lib.train import lr_at
+    from course_lib.parts.train import lr_at
 
     configs = [(1.0, 10, 50, 0.1), (3e-4, 5, 40, 3e-5), (2.0, 0, 20, 0.5), (1.0, 4, 30, 0.0)]
     for lr, W, S, m in configs:
@@ -220,7 +220,7 @@ def check_top_k(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
 
 
 def _merge(chunk: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    from course_lib.bpe import merge_pair
+    from course_lib.parts.bpe import merge_pair
 
     return merge_pair(chunk, pair, new_id)
 

@@ -149,9 +149,9 @@ def check_layer_norm(fn: Callable[..., torch.Tensor]) -> None:
 
 def check_param_count(fn: Callable[..., int]) -> None:
     """Exercise 03.4: ``fn(vocab_size, context, n_layer, d_model)`` returns the number of parameters of
-    ``course_lib.model.GPT`` with biases and tied embeddings (each shared tensor counted once)."""
+    ``course_lib.parts.model.GPT`` with biases and tied embeddings (each shared tensor counted once)."""
     __tracebackhide__ = True
-    from course_lib.model import GPT, GPTConfig, count_params, param_count_formula
+    from course_lib.parts.model import GPT, GPTConfig, count_params, param_count_formula
 
     cases = [(65, 64, 2, 64), (50257, 1024, 12, 768), (1000, 32, 1, 16), (256, 128, 6, 384)]
     for V, T, L, d in cases:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.model import Block, CausalSelfAttention, GPTConfig, MLP
+from course_lib.parts.model import Block, CausalSelfAttention, GPTConfig, MLP
 
 __all__ = ["Spec", "head_rows", "shard_qkv", "plain_chunk", "f", "g", "TensorParallelAttention",
            "TensorParallelMLP", "TensorParallelBlock", "shard_block", "shard_of", "comm_counts", "worker"]
@@ -115,7 +115,7 @@ def _param(t: torch.Tensor | None) -> nn.Parameter | None:
 
 
 class TensorParallelAttention(nn.Module):
-    """Rank ``rank``'s heads of a :class:`~course_lib.model.CausalSelfAttention`, with the same weights.
+    """Rank ``rank``'s heads of a :class:`~course_lib.parts.model.CausalSelfAttention`, with the same weights.
 
     ``split="plain"`` cuts the fused QKV rows into contiguous pieces instead of by heads: it runs, and it
     is wrong (the lesson shows by how much).
@@ -153,7 +153,7 @@ class TensorParallelAttention(nn.Module):
 
 
 class TensorParallelMLP(nn.Module):
-    """Rank ``rank``'s part of a :class:`~course_lib.model.MLP`: fc split by columns of A, proj by rows of B."""
+    """Rank ``rank``'s part of a :class:`~course_lib.parts.model.MLP`: fc split by columns of A, proj by rows of B."""
 
     def __init__(self, mlp: MLP, rank: int, world: int, group: Any = None) -> None:
         super().__init__()
@@ -211,7 +211,7 @@ def comm_counts(mode: Any) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------
-# What every rank runs (python -m course_lib.parallel tensor)
+# What every rank runs (python -m course_lib.distributed.parallel tensor)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Sharded data parallelism: ZeRO stage 1 and FSDP2 against DDP, on the same batches, bytes counted per rank.
 
 Explained in notebooks/11_model_parallelism.ipynb, part 3 (Rajbhandari et al. 2020, ZeRO, Sec. 5; the
-formula in fp32 here, the mixed-precision one in course_lib.ddp.memory_per_gpu).
+formula in fp32 here, the mixed-precision one in course_lib.distributed.ddp.memory_per_gpu).
 
 Plain DDP keeps on every one of its N ranks the weights, the gradients and Adam's two moments: in fp32
 4 + 4 + 8 = 16 bytes per parameter. ZeRO removes the copies:
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from course_lib.ddp import DDPSpec, global_batches, make_model, make_optimizer, max_abs_difference, train_single
+from course_lib.distributed.ddp import DDPSpec, global_batches, make_model, make_optimizer, max_abs_difference, train_single
 
 __all__ = ["FP32_ADAM_BYTES", "zero_bytes", "state_bytes", "Spec", "worker"]
 
@@ -69,7 +69,7 @@ def state_bytes(model: torch.nn.Module, optimizer_state: dict[Any, dict[str, Any
 
 @dataclass
 class Spec(DDPSpec):
-    """The run of course_lib.ddp (the tiny GPT, no biases, no dropout), trained three ways."""
+    """The run of course_lib.distributed.ddp (the tiny GPT, no biases, no dropout), trained three ways."""
 
 
 def _wrap(kind: str, spec: Spec, world: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
@@ -100,7 +100,7 @@ def _wrap(kind: str, spec: Spec, world: int, device: torch.device) -> tuple[torc
 def _train(kind: str, spec: Spec, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from course_lib.tensor_parallel import comm_counts
+    from course_lib.distributed.tensor_parallel import comm_counts
 
     model, wrapped, optimizer = _wrap(kind, spec, world, device)
     losses, seconds, comms = [], [], {}

@@ -39,12 +39,12 @@ POOLINGS = ("mean", "cls")
 def load_encoder(profile: Any = None, name: str = "minilm-l6-v2"):
     """``(tokenizer, encoder)`` of a pretrained encoder, the encoder on ``profile.device`` in eval mode.
 
-    ``name`` is a course asset (fetched and verified through :mod:`course_lib.assets`), a local folder,
+    ``name`` is a course asset (fetched and verified through :mod:`course_lib.tools.assets`), a local folder,
     or a Hugging Face Hub id, which ``from_pretrained`` then downloads itself.
     """
     from transformers import AutoModel, AutoTokenizer
 
-    from course_lib.assets import model_path
+    from course_lib.tools.assets import model_path
 
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be an asset name, a folder or a Hub id (a non-empty str), got {name!r}.")
@@ -95,7 +95,7 @@ class SentenceClassifier(nn.Module):
         hidden_size = getattr(getattr(encoder, "config", None), "hidden_size", None)
         if hidden_size is None:
             raise TypeError("encoder must be a transformers model with config.hidden_size "
-                            "(load one with course_lib.finetune.load_encoder).")
+                            "(load one with course_lib.parts.finetune.load_encoder).")
         self.encoder = encoder
         self.pooling = pooling
         self._pool = _pool(pooling)
@@ -448,7 +448,7 @@ def train_fixed_steps(model: nn.Module, tokenizer: Any, train_data: Any, *, lr: 
     ms (the first step, which allocates the optimiser state, left out), the mean loss of the last five
     steps and the seconds of the whole run.
     """
-    from course_lib.lora import count_trainable, optimizer_state_bytes
+    from course_lib.parts.lora import count_trainable, optimizer_state_bytes
 
     texts, labels = texts_and_labels(train_data)
     if not (isinstance(steps, int) and steps >= 1 and batch_size >= 1 and lr > 0):
@@ -507,7 +507,7 @@ def train_head_on_embeddings(model: nn.Module, e_train: torch.Tensor, y_train: A
     mode) instead of at every step; the head (dropout, then ``model.head``) trains with the loop,
     schedule and batch order of :func:`train_fixed_steps`. Returns the same fields.
     """
-    from course_lib.lora import optimizer_state_bytes
+    from course_lib.parts.lora import optimizer_state_bytes
 
     labels = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
     params = list(model.head.parameters())
@@ -712,7 +712,7 @@ class _RunCache:
                  root: Any = None) -> None:
         from pathlib import Path
 
-        from course_lib.assets import cache_dir
+        from course_lib.tools.assets import cache_dir
 
         shaping = {k: v for k, v in sizes.items() if k not in _NOT_IN_RUN_KEY}
         self.base = dict(sizes=json_ready(shaping), code=RUN_CODE_VERSION)
@@ -769,7 +769,7 @@ class _RunCache:
         return False
 
     def _compute(self, key: str, compute) -> Any:
-        from course_lib.profiles import code_version
+        from course_lib.tools.profiles import code_version
 
         try:
             value = json_ready({**compute(), "commit": code_version()})
@@ -920,8 +920,8 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     rate is reused). Every pair of methods gets a paired bootstrap interval over test examples and
     seeds (:func:`pairwise_gaps`). Extra processes can share the fine-tuning runs (:func:`is_worker`).
     """
-    from course_lib.data import load_sentiment
-    from course_lib.profiles import code_version
+    from course_lib.tools.data import load_sentiment
+    from course_lib.tools.profiles import code_version
 
     sizes = finetuning_sizes(profile, quick)
     name, profile_name = "finetuning", "quick" if quick else profile.name
@@ -1035,9 +1035,9 @@ def lora_experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dic
     """
     import copy
 
-    from course_lib import lora
-    from course_lib.data import load_sentiment
-    from course_lib.profiles import code_version
+    from course_lib.parts import lora
+    from course_lib.tools.data import load_sentiment
+    from course_lib.tools.profiles import code_version
 
     sizes = lora_sizes(profile, quick)
     name, profile_name = "lora", "quick" if quick else profile.name

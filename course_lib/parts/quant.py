@@ -300,7 +300,7 @@ class _FrozenNF4Matmul(torch.autograd.Function):
 class QLoRALinear(nn.Module):
     """QLoRA's layer (Dettmers et al. 2023, Eq. 5, with full-precision LoRA): h = dequant(W_nf4) x + b +
     (alpha/r) B A x. The NF4 base is frozen; lora_A (r, in) starts kaiming-uniform (a = sqrt 5) and
-    lora_B (out, r) at zero, exactly like :class:`course_lib.lora.LoRALinear`."""
+    lora_B (out, r) at zero, exactly like :class:`course_lib.parts.lora.LoRALinear`."""
 
     def __init__(self, base: NF4Linear, r: int, alpha: float) -> None:
         super().__init__()

@@ -6,21 +6,21 @@ Explained in notebooks/11_model_parallelism.ipynb. Each part is a module with a 
 =========  ==============================  =======================================================
 part       module                          what the processes do
 =========  ==============================  =======================================================
-tensor     course_lib.tensor_parallel      one transformer block split Megatron-style (columns, rows, heads)
-pipeline   course_lib.pipeline             the tiny GPT in stages, GPipe with micro-batches
-sharded    course_lib.sharded              DDP, ZeRO stage 1 and FSDP2 on the same batches
+tensor     course_lib.distributed.tensor_parallel      one transformer block split Megatron-style (columns, rows, heads)
+pipeline   course_lib.distributed.pipeline             the tiny GPT in stages, GPipe with micro-batches
+sharded    course_lib.distributed.sharded              DDP, ZeRO stage 1 and FSDP2 on the same batches
 fault      (this module)                   a receive that is never matched, or a rank that dies
 all        (this module)                   tensor, pipeline and sharded in one launch (for the tests)
 =========  ==============================  =======================================================
 
 The same command runs on a laptop (gloo on CPUs), on one node with N GPUs (NCCL, chosen by
-:func:`course_lib.ddp.backend_for` when every rank gets its own GPU) and on several machines::
+:func:`course_lib.distributed.ddp.backend_for` when every rank gets its own GPU) and on several machines::
 
-    torchrun --standalone --nproc_per_node=2 -m course_lib.parallel tensor --out runs/tp
-    torchrun --standalone --nproc_per_node=8 -m course_lib.parallel pipeline --out runs/pp
+    torchrun --standalone --nproc_per_node=2 -m course_lib.distributed.parallel tensor --out runs/tp
+    torchrun --standalone --nproc_per_node=8 -m course_lib.distributed.parallel pipeline --out runs/pp
     # on each of 2 machines (the same command; HEAD is the address of one of them):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HEAD:29500 \\
-        --rdzv-id=course -m course_lib.parallel sharded --out runs/fsdp
+        --rdzv-id=course -m course_lib.distributed.parallel sharded --out runs/fsdp
 
 Every process group gets a timeout (``--group-timeout``, seconds): a receive that no send matches, or a
 collective that a dead rank never joins, raises in that many seconds instead of hanging forever; each
@@ -53,15 +53,15 @@ _TORCH_IMPORTED = time.time()
 
 __all__ = ["PARTS", "ParallelJobFailed", "launch", "init", "spec_from", "describe_error", "main"]
 
-PARTS = {"tensor": "course_lib.tensor_parallel", "pipeline": "course_lib.pipeline",
-         "sharded": "course_lib.sharded", "fault": "course_lib.parallel", "all": "course_lib.parallel"}
+PARTS = {"tensor": "course_lib.distributed.tensor_parallel", "pipeline": "course_lib.distributed.pipeline",
+         "sharded": "course_lib.distributed.sharded", "fault": "course_lib.distributed.parallel", "all": "course_lib.distributed.parallel"}
 FAULTS = ("unmatched-recv", "dead-rank")
 
 
 class ParallelJobFailed(RuntimeError):
     """A multi-process job failed; the message says which rank did what, in one sentence.
 
-    ``phases`` holds where the job's seconds went (:func:`course_lib.ddp.launch_phases`; empty when
+    ``phases`` holds where the job's seconds went (:func:`course_lib.distributed.ddp.launch_phases`; empty when
     the job was stopped for running past its time limit).
     """
 
@@ -81,7 +81,7 @@ def init(group_timeout_s: float) -> tuple[int, int, torch.device]:
     Returns (rank, world size, device): one CUDA GPU per rank when there are enough of them (NCCL),
     else the CPU (gloo).
     """
-    from course_lib.ddp import _device_for_rank, backend_for
+    from course_lib.distributed.ddp import _device_for_rank, backend_for
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -131,7 +131,7 @@ def _fault_worker(mode: str, rank: int, world: int, device: torch.device) -> dic
 
 
 def _stamp(out: Path, rank: int, point: str) -> None:
-    from course_lib.ddp import stamp
+    from course_lib.distributed.ddp import stamp
 
     stamp(out, rank, point, first_line=_FIRST_LINE, torch_imported=_TORCH_IMPORTED)
 
@@ -170,7 +170,7 @@ def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) 
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="torchrun --standalone --nproc_per_node=2 -m course_lib.parallel",
+    parser = argparse.ArgumentParser(prog="torchrun --standalone --nproc_per_node=2 -m course_lib.distributed.parallel",
                                      description="One part of notebooks/11_model_parallelism.ipynb.")
     parser.add_argument("part", choices=sorted(PARTS))
     parser.add_argument("--out", required=True, type=Path, help="folder for rank*.json")
@@ -182,8 +182,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     if "RANK" not in os.environ:
-        print("course_lib.parallel runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 "
-              "-m course_lib.parallel tensor --out runs/tp", file=sys.stderr)
+        print("course_lib.distributed.parallel runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 "
+              "-m course_lib.distributed.parallel tensor --out runs/tp", file=sys.stderr)
         return 2
     args = _parse(argv)
     _run(args.part, args.out, json.loads(args.options), args.group_timeout)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"course_lib.parallel" in f.read()
+            return b"course_lib.distributed.parallel" in f.read()
     except OSError:
         return False
 
@@ -247,11 +247,11 @@ def _failure_sentence(part: str, nproc: int, out: Path, log: str) -> str:
 
 def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any] | Any | None = None,
            group_timeout_s: float = 30.0, timeout_s: float = 300.0) -> dict[str, Any]:
-    """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.parallel PART`` and collect it.
+    """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.distributed.parallel PART`` and collect it.
 
     ``options`` are the part's ``Spec`` fields (a dict or the Spec itself). Returns ``{"part", "world_size",
     "backend", "device", "seconds", "phases", "ranks": [the dict each rank's worker returned, by rank]}``;
-    ``phases`` says where the seconds went (:func:`course_lib.ddp.launch_phases`). A failure raises
+    ``phases`` says where the seconds went (:func:`course_lib.distributed.ddp.launch_phases`). A failure raises
     :class:`ParallelJobFailed` with one sentence (and the phases); no worker process is left running
     either way.
     """
@@ -270,10 +270,10 @@ def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any
                   *out.glob("stamps_rank*.json")]:
         stale.unlink()
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "--monitor-interval=0.1", "-m", "course_lib.parallel", part, "--out", str(out),
+            "--monitor-interval=0.1", "-m", "course_lib.distributed.parallel", part, "--out", str(out),
             "--options", json.dumps(options), "--group-timeout", str(group_timeout_s)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    from course_lib.ddp import launch_phases
+    from course_lib.distributed.ddp import launch_phases
 
     for attempt in (1, 2):
         start, launched = time.perf_counter(), time.time()

@@ -2,7 +2,7 @@
 
 A notebook has a few minutes; a claim such as "LoRA reaches full fine-tuning within 1 point" needs
 several seeds, a learning rate chosen on a validation split and a paired interval, which take far
-longer. So each such claim comes from a run of this script, saved by ``course_lib.results`` with its
+longer. So each such claim comes from a run of this script, saved by ``course_lib.tools.results`` with its
 provenance (command, commit, hardware, versions, date, wall time) under ``data/results/``; the
 notebook runs one seed live and shows the record beside it, labelled as recorded.
 
@@ -28,25 +28,25 @@ from typing import Any
 
 # name -> ("module:function", what it records, which notebook shows it)
 EXPERIMENTS: dict[str, tuple[str, str, str]] = {
-    "finetuning": ("course_lib.finetune:experiment",
+    "finetuning": ("course_lib.parts.finetune:experiment",
                    "probe, full fine-tuning and baselines; learning rates chosen on validation; seeds; "
                    "paired bootstrap intervals", "06_finetuning"),
-    "lora": ("course_lib.lora:experiment",
+    "lora": ("course_lib.parts.lora:experiment",
              "LoRA (rank sweep), BitFit, probe and full fine-tuning on one task; seeds; paired intervals",
              "07_lora"),
-    "peft_family": ("course_lib.peft_family:experiment",
+    "peft_family": ("course_lib.parts.peft_family:experiment",
                     "full fine-tuning, probe, BitFit, adapters, prompt and prefix tuning, LoRA, AdaLoRA, QLoRA on one "
                     "task; learning rates on validation; seeds; paired intervals; memory split", "08_peft_family"),
-    "lora_causal_lm": ("course_lib.causal_lm:experiment",
+    "lora_causal_lm": ("course_lib.parts.causal_lm:experiment",
                        "LoRA on SmolLM2-135M-Instruct vs zero-/few-shot prompting (seeds, paired intervals); "
                        "our LoRA step vs peft's, timed interleaved", "09_lora_causal_lm_gpu"),
-    "scaling": ("course_lib.scaling:experiment",
+    "scaling": ("course_lib.parts.scaling:experiment",
                 "IsoFLOP sweep of the tiny GPT on the synthetic language (Chinchilla Approach 2 and 3)",
                 "05_scaling_laws"),
-    "char_lm": ("course_lib.char_lm:experiment", "recipe search (learning rate, then batch × context at equal "
+    "char_lm": ("course_lib.parts.char_lm:experiment", "recipe search (learning rate, then batch × context at equal "
                 "tokens) of the character-level Shakespeare GPT, chosen on two tuning works; seeds",
                 "04_training_a_language_model"),
-    "positions": ("course_lib.positions:experiment", "tiny GPT with learned, sinusoidal, RoPE and no position "
+    "positions": ("course_lib.parts.positions:experiment", "tiny GPT with learned, sinusoidal, RoPE and no position "
                   "encoding; seeds; held-out loss at and past the training context", "03_transformer_block"),
 }
 
@@ -70,8 +70,8 @@ def run(name: str, profile_name: str = "cpu", *, seeds: int = 3, quick: bool = F
         out: Path | None = None) -> tuple[dict[str, Any], Path]:
     """Run experiment ``name`` and record it; returns ``(results, path written)``."""
     import course_lib
-    from course_lib import results as recorder
-    from course_lib.profiles import get_profile
+    from course_lib.tools import results as recorder
+    from course_lib.tools.profiles import get_profile
 
     if quick and out is None:
         raise ExperimentError("--quick writes a smoke result that must not replace the record: pass --out FILE.")
@@ -110,6 +110,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.name}: recorded in {result['wall_time_s']:.0f} s -> {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.model import GPT, GPTConfig
+from course_lib.parts.model import GPT, GPTConfig
 
 __all__ = ["bubble_fraction", "gpipe_timeline", "idle_fraction", "measured_idle_fraction", "Stage",
            "global_name", "gpipe_step", "message_seconds", "sum_tied_gradients", "Spec", "worker"]
@@ -102,7 +102,7 @@ def measured_idle_fraction(ranks: list[dict[str, Any]], m: int) -> list[float]:
 
 
 class Stage(nn.Module):
-    """Stage ``stage`` of ``n_stages`` of a :class:`~course_lib.model.GPT` (copies of its modules).
+    """Stage ``stage`` of ``n_stages`` of a :class:`~course_lib.parts.model.GPT` (copies of its modules).
 
     ``forward(x, targets)`` takes token ids on the first stage and activations (B, T, d) elsewhere; it
     returns activations, or the mean cross-entropy on the last stage.
@@ -229,7 +229,7 @@ def sum_tied_gradients(module: Stage, group: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# What every rank runs (python -m course_lib.parallel pipeline)
+# What every rank runs (python -m course_lib.distributed.parallel pipeline)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -237,7 +237,7 @@ def sum_tied_gradients(module: Stage, group: Any) -> None:
 class Spec:
     """The GPT, the batch, the micro-batch counts to time, and the optimiser steps compared with one process.
 
-    No biases and no dropout, as in course_lib.ddp: a key bias has an exactly-zero gradient, whose rounding
+    No biases and no dropout, as in course_lib.distributed.ddp: a key bias has an exactly-zero gradient, whose rounding
     noise Adam would blow up into full-size steps, and dropout would draw different masks per micro-batch.
     """
 

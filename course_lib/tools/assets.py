@@ -18,9 +18,9 @@ detected and fetched again.
 
 Command line (``make assets`` runs the first)::
 
-    python -m course_lib.assets fetch --all        # before class, while online
-    python -m course_lib.assets fetch minilm-l6-v2
-    python -m course_lib.assets list               # what is cached, what is missing
+    python -m course_lib.tools.assets fetch --all        # before class, while online
+    python -m course_lib.tools.assets fetch minilm-l6-v2
+    python -m course_lib.tools.assets list               # what is cached, what is missing
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from course_lib.tools.profiles import REPO
+
 MANIFEST = "MANIFEST.json"
 
 
@@ -139,7 +140,7 @@ def _asset(name: str) -> Asset:
 
 
 def _fetch_command(name: str) -> str:
-    return f"python -m course_lib.assets fetch {name}"
+    return f"python -m course_lib.tools.assets fetch {name}"
 
 
 def sha256_of(path: Path) -> str:
@@ -306,7 +307,7 @@ def _request(url: str, accept: str | None = None) -> urllib.request.Request:
     """A request for ``url``; credentials written into it (``https://user:token@host/...``) become a
     Basic authorisation header, as pip treats them."""
     parts = urllib.parse.urlsplit(url)
-    headers = {"User-Agent": "course_lib.assets (urllib)"}
+    headers = {"User-Agent": "course_lib.tools.assets (urllib)"}
     if accept:
         headers["Accept"] = accept
     if parts.username is not None:
@@ -631,7 +632,7 @@ def _write_float_copy(name: str, source: Path, staging: Path) -> None:
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     manifest = {"derived_from": name, DERIVED_KEY: _asset(name).sha256, "gguf_file": gguf,
-                "what": "float32 de-quantisation of the GGUF file, written by course_lib.assets.load_causal_lm",
+                "what": "float32 de-quantisation of the GGUF file, written by course_lib.tools.assets.load_causal_lm",
                 "files": _manifest_files(staging)}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
@@ -706,7 +707,7 @@ def status() -> list[dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.assets",
+    parser = argparse.ArgumentParser(prog="python -m course_lib.tools.assets",
                                      description="Fetch and verify the course's pinned models and corpora.")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch_parser = sub.add_parser("fetch", help="download, verify and extract assets into the cache")

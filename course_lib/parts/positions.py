@@ -2,7 +2,7 @@
 
 Explained in notebooks/03_transformer_block.ipynb ("Positions"). Attention by itself does not know
 the order of its inputs (permuting the tokens permutes its outputs the same way), so a language model
-adds position information in one of these ways (all options of ``course_lib.model.GPTConfig``):
+adds position information in one of these ways (all options of ``course_lib.parts.model.GPTConfig``):
 
 * ``"learned"``: a trained table P of shape (context, d) added to the token embeddings (GPT-2). It has
   no row for a position past ``context``, so such a model cannot even be run on longer inputs.
@@ -102,7 +102,7 @@ def char_data() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     The vocabulary is the training split's characters; a held-out character outside it (there are
     none in the course's split) would map to id 0.
     """
-    from course_lib.data import shakespeare_split
+    from course_lib.tools.data import shakespeare_split
 
     train_text, val_text = shakespeare_split()
     chars = sorted(set(train_text))
@@ -160,8 +160,8 @@ def train_and_evaluate(kind: str, settings: dict[str, Any], seed: int, train_ids
     "per_position": {length: mean loss at each position}, "train_seconds": ...}``; lengths past the
     training context are skipped for ``"learned"`` (its table ends there).
     """
-    from course_lib.model import GPT, GPTConfig
-    from course_lib.train import train
+    from course_lib.parts.model import GPT, GPTConfig
+    from course_lib.parts.train import train
 
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=vocab_size, context=settings["context"], n_layer=settings["n_layer"],
@@ -188,11 +188,11 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
 
     Runs of the same seed see the same batches in the same order and are judged on the same held-out
     windows, so the encodings are compared pairwise (paired bootstrap over seeds and windows,
-    :func:`course_lib.finetune.paired_bootstrap_gap_seeds`). One learning rate serves all encodings.
+    :func:`course_lib.parts.finetune.paired_bootstrap_gap_seeds`). One learning rate serves all encodings.
     """
     import numpy as np
 
-    from course_lib.finetune import paired_bootstrap_gap_seeds
+    from course_lib.parts.finetune import paired_bootstrap_gap_seeds
 
     settings = experiment_settings(profile)
     if quick:

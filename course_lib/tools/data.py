@@ -11,7 +11,7 @@ import configparser
 import os
 from pathlib import Path
 
-from course_lib.assets import cache_dir, fetch
+from course_lib.tools.assets import cache_dir, fetch
 
 # The VADER ground truth: one file per domain, lines "id<TAB>mean rating<TAB>text".
 SENTIMENT_FILES = {
@@ -133,7 +133,7 @@ def shakespeare_split(validation_works=VALIDATION_WORKS) -> tuple[str, str]:
 def train_bpe(text: str, vocab_size: int):
     """A byte-level BPE tokenizer (``tokenizers``) trained on ``text``: 256 byte symbols plus merges.
 
-    Notebook 04 builds the same algorithm from scratch (``course_lib.bpe``) and compares the two;
+    Notebook 04 builds the same algorithm from scratch (``course_lib.parts.bpe``) and compares the two;
     notebook 05 uses this one for the Shakespeare sweep.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -1,7 +1,7 @@
 """Byte-level byte-pair encoding (BPE) from scratch: train, encode, decode.
 
 Explained in notebooks/04_training_a_language_model.ipynb ("Byte-level BPE from scratch"); the lesson
-then keeps using Hugging Face ``tokenizers`` (``course_lib.data.train_bpe``), which is faster.
+then keeps using Hugging Face ``tokenizers`` (``course_lib.tools.data.train_bpe``), which is faster.
 
 BPE (Sennrich et al. 2016, Sec. 3.2) starts from a base alphabet and repeatedly merges the most
 frequent adjacent pair of symbols into a new symbol. GPT-2 (Radford et al. 2019, Sec. 2.2) runs it on

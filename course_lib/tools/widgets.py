@@ -19,7 +19,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from course_lib.plots import plot_attention
+from course_lib.tools.plots import plot_attention
 
 
 def show_attention(attentions: Sequence[torch.Tensor], tokens: Sequence[Sequence[str]],
@@ -151,15 +151,15 @@ def execute_notebook(path: Path | str, *, timeout: int = 1800) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m course_lib.widgets execute NOTEBOOK...`` (what ``make execute`` runs) and
-    ``python -m course_lib.widgets finish-bars NOTEBOOK...``."""
+    """``python -m course_lib.tools.widgets execute NOTEBOOK...`` (what ``make execute`` runs) and
+    ``python -m course_lib.tools.widgets finish-bars NOTEBOOK...``."""
     import sys
 
     import nbformat
 
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in ("finish-bars", "execute"):
-        print("usage: python -m course_lib.widgets execute|finish-bars NOTEBOOK.ipynb ...", file=sys.stderr)
+        print("usage: python -m course_lib.tools.widgets execute|finish-bars NOTEBOOK.ipynb ...", file=sys.stderr)
         return 2
     if args[0] == "execute":
         for name in args[1:]:

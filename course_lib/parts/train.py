@@ -2,7 +2,7 @@
 
 Explained in notebooks/04_training_a_language_model.ipynb; reused by 03 (positions), 05 (scaling laws) and 10 (DDP);
 It trains any ``nn.Module`` whose ``forward(x, y)`` returns ``(logits, loss)``, such as
-``course_lib.model.GPT``:
+``course_lib.parts.model.GPT``:
 
     history = train(model, train_tokens, val_tokens, TrainConfig(steps=600, batch_size=32, lr=1e-3))
 
@@ -38,7 +38,7 @@ __all__ = ["TrainConfig", "History", "lr_at", "get_batch", "configure_optimizer"
            "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-_FORMAT = "course_lib.train/1"
+_FORMAT = "course_lib.parts.train/1"
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks, FLOP/s, matched against torch.cuda.get_device_name()
 # (e.g. "NVIDIA H100 80GB HBM3" for the SXM board, "NVIDIA H100 NVL", "NVIDIA H100 PCIe", "NVIDIA H200",
@@ -92,9 +92,9 @@ class MFU:
 def mfu(tokens_per_s: float, flops_per_token: float, device: torch.device | str | None = None, *,
         amp: str = "bf16") -> MFU:
     """MFU = tokens/s × training FLOPs per token / the GPU's dense bf16 peak, the one definition the
-    course uses (notebooks 04, 09, 10; ``train`` and ``course_lib.bench``).
+    course uses (notebooks 04, 09, 10; ``train`` and ``course_lib.experiments.bench``).
 
-    ``flops_per_token`` counts the training FLOPs of one token (``course_lib.model.flops_per_token`` for
+    ``flops_per_token`` counts the training FLOPs of one token (``course_lib.parts.model.flops_per_token`` for
     the GPT, ≈ 6N; ≈ 4N for LoRA, where no weight gradients of the frozen base are computed).
     ``amp`` is how the run computed: "bf16" (or "auto", which is bf16 autocast on CUDA, as in ``train``)
     is scored against ``PEAK_BF16_FLOPS``; "none" (fp32 matmuls) is not held to a bf16 peak and gets
@@ -114,7 +114,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, device: torch.device | str 
     name = torch.cuda.get_device_name(device)
     found = peak_for_name(name)
     if found is None:
-        return MFU(None, None, f"{name} is not in course_lib.train.PEAK_BF16_FLOPS (add its dense bf16 "
+        return MFU(None, None, f"{name} is not in course_lib.parts.train.PEAK_BF16_FLOPS (add its dense bf16 "
                                f"peak from its datasheet)")
     key, peak = found
     return MFU(tokens_per_s * flops_per_token / peak, peak,
@@ -220,7 +220,7 @@ def _check_forward_takes_targets(model: nn.Module) -> None:
         raise TypeError(f"train() calls model(x, y) with the targets y and needs (logits, loss) back, but "
                         f"{type(model).__name__}.forward{inspect.signature(model.forward)} does not take the "
                         f"targets: give the model a forward(x, y) that returns (logits, loss), like "
-                        f"course_lib.model.GPT.") from None
+                        f"course_lib.parts.model.GPT.") from None
     except ValueError:  # no signature to inspect (some C extensions): the first call will tell
         pass
 
@@ -412,7 +412,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         if header.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a course_lib.train checkpoint (format {header.get('format')!r}).")
+            raise ValueError(f"{path} is not a course_lib.parts.train checkpoint (format {header.get('format')!r}).")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     _unwrap(model).load_state_dict(model_state)
@@ -463,7 +463,7 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
     still runs to ``config.steps``. Ctrl-C (KeyboardInterrupt) also stops cleanly: a checkpoint is
     written (when ``checkpoint_dir`` is set) and the history so far is returned.
     ``flops_per_token`` (training FLOPs) enables the MFU column (``mfu()``: None on a CPU and for
-    amp="none"); for a ``GPT`` it is computed with ``course_lib.model.flops_per_token``. The model is
+    amp="none"); for a ``GPT`` it is computed with ``course_lib.parts.model.flops_per_token``. The model is
     trained in place on ``device`` (default: where its parameters are).
     """
     from tqdm.auto import tqdm
@@ -488,7 +488,7 @@ def train(model: nn.Module, train_tokens: torch.Tensor, val_tokens: torch.Tensor
     if val_tokens is not None:
         _check_tokens(val_tokens, context, "val_tokens")
     if flops_per_token is None and model_config is not None:
-        from course_lib.model import GPTConfig, flops_per_token as gpt_flops
+        from course_lib.parts.model import GPTConfig, flops_per_token as gpt_flops
 
         if isinstance(model_config, GPTConfig):
             flops_per_token = gpt_flops(model_config, training=True, seq_len=context)

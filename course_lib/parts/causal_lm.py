@@ -278,9 +278,10 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     """The recorded run: zero-/few-shot prompting once (greedy, deterministic), then LoRA from each of
     ``seeds`` seeds, each against few-shot with a paired bootstrap interval over the test snippets;
     ours vs ``peft`` step time and memory, timed interleaved and repeated."""
-    from course_lib import assets, lora
-    from course_lib.data import load_sentiment
-    from course_lib.finetune import paired_bootstrap_gap
+    from course_lib.tools import assets
+    from course_lib.parts import lora
+    from course_lib.tools.data import load_sentiment
+    from course_lib.parts.finetune import paired_bootstrap_gap
 
     config = run_config("ci" if quick else profile.name)
     device = profile.device
@@ -323,8 +324,8 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
 def train_lora(model: Any, examples: Sequence, tokenizer: Any, config: RunConfig, *, device: torch.device,
                seed: int, n_frozen: int, progress: Callable | None = None) -> dict[str, Any]:
     """Train the LoRA parameters of ``model`` for ``config.steps`` steps; returns losses and throughput."""
-    from course_lib.finetune import warmup_linear_decay
-    from course_lib.train import mfu
+    from course_lib.parts.finetune import warmup_linear_decay
+    from course_lib.parts.train import mfu
 
     batches = Batches(examples, tokenizer.pad_token_id, device, micro_batch=config.micro_batch,
                       accumulate=config.accumulate, seed=seed)
@@ -376,8 +377,8 @@ def compare_with_peft(base: Any, examples: Sequence, tokenizer: Any, config: Run
     ``config.timing_repeats`` times after one warm-up step each; the median and the spread (min, max)."""
     import copy
 
-    from course_lib import lora
-    from course_lib.profiles import timing_section
+    from course_lib.parts import lora
+    from course_lib.tools.profiles import timing_section
 
     same = Batches(examples, tokenizer.pad_token_id, device, micro_batch=config.micro_batch,
                    accumulate=config.accumulate).step(0)

@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# The repository's root folder: course_lib/tools/profiles.py is two folders below it.
+REPO = Path(__file__).resolve().parents[2]
+
 PROFILE_NAMES = ("ci", "cpu", "gpu")
 
 # Size knobs shared by several notebooks. A notebook that needs a one-off size uses
@@ -134,7 +137,7 @@ def timing_section():
     some deterministic kernels are slower than the default ones, so a tokens/s or MFU measured with
     them on would describe the reproducible path, not the fast one. Record
     ``torch.are_deterministic_algorithms_enabled()`` *inside* the section with the timing
-    (``course_lib.bench`` does, in its provenance)::
+    (``course_lib.experiments.bench`` does, in its provenance)::
 
         with timing_section():
             tokens_per_s = measure()
@@ -173,7 +176,7 @@ def code_version() -> str:
     given = os.environ.get("COURSE_COMMIT", "").strip()
     if given:
         return f"{given} (from COURSE_COMMIT)"
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()

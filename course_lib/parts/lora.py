@@ -266,7 +266,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                for v in state.values() if isinstance(v, torch.Tensor))
 
 
-_META_KEY = "course_lib.lora"
+_META_KEY = "course_lib.parts.lora"
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
@@ -307,7 +307,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         meta_text = (f.metadata() or {}).get(_META_KEY)
         if meta_text is None:
-            raise ValueError(f"{path.name} is not an adapter written by course_lib.lora.save_adapter "
+            raise ValueError(f"{path.name} is not an adapter written by course_lib.parts.lora.save_adapter "
                              f"(its metadata has no {_META_KEY!r} entry).")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(meta_text)
@@ -345,8 +345,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 def experiment(profile, *, seeds: int = 3, quick: bool = False) -> dict:
     """The recorded comparison of notebook 07 (``python -m course_lib.experiments lora``): probe, BitFit,
     LoRA at several ranks and full fine-tuning, learning rates chosen on validation, several seeds,
-    paired intervals. It lives in :func:`course_lib.finetune.lora_experiment` with the other recorded
+    paired intervals. It lives in :func:`course_lib.parts.finetune.lora_experiment` with the other recorded
     fine-tuning runs."""
-    from course_lib.finetune import lora_experiment
+    from course_lib.parts.finetune import lora_experiment
 
     return lora_experiment(profile, seeds=seeds, quick=quick)

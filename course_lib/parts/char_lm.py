@@ -79,7 +79,7 @@ def heldout_loss(model: torch.nn.Module, tokens: torch.Tensor, context: int, bat
 
 
 def _search_data(quick: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from course_lib.data import VALIDATION_WORKS, load_shakespeare
+    from course_lib.tools.data import VALIDATION_WORKS, load_shakespeare
 
     works = load_shakespeare()
     held = set(VALIDATION_WORKS) | set(TUNING_WORKS)
@@ -95,8 +95,8 @@ def _search_data(quick: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def _run(profile: Any, train_ids: torch.Tensor, tune_ids: torch.Tensor, vocab_size: int, *, context: int,
          batch_size: int, steps: int, lr: float, warmup_steps: int, seed: int, quick: bool) -> dict[str, Any]:
-    from course_lib.model import GPT, GPTConfig, count_params
-    from course_lib.train import TrainConfig, train
+    from course_lib.parts.model import GPT, GPTConfig, count_params
+    from course_lib.parts.train import TrainConfig, train
 
     config = GPTConfig.from_profile(profile, vocab_size=vocab_size, context=context)
     if quick:
@@ -117,7 +117,7 @@ def _run(profile: Any, train_ids: torch.Tensor, tune_ids: torch.Tensor, vocab_si
 
 def _run_in_worker(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)                       # one thread per process: small matmuls scale badly
-    from course_lib.profiles import get_profile, seed_everything
+    from course_lib.tools.profiles import get_profile, seed_everything
 
     seed_everything(0)
     profile = get_profile(job.pop("profile"))

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from course_lib.profiles import Profile, code_version, cpu_name, machine_load, package_versions
+from course_lib.tools.profiles import REPO, Profile, code_version, cpu_name, machine_load, package_versions
 
-RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
+RESULTS = REPO / "data" / "results"
 
 
 def provenance(profile: Profile) -> dict[str, Any]:

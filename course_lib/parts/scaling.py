@@ -25,6 +25,8 @@ import numpy as np
 from scipy.optimize import least_squares, minimize
 from scipy.special import logsumexp
 
+from course_lib.tools.profiles import REPO
+
 __all__ = [
     "KAPLAN_2020", "CHINCHILLA_APPROACH3", "CHINCHILLA_APPROACH3_UNROUNDED", "BESIROGLU_2024",
     "ALLOCATION_EXPONENTS", "HOFFMANN_GRID", "fit_power_law", "power_law", "fit_chinchilla",
@@ -349,7 +351,7 @@ def isoflop_minimum(N: Any, L: Any) -> dict[str, float]:
 
 def load_published_laws(path: str | Path | None = None) -> dict[str, Any]:
     """Read ``data/published_laws.json`` (the published laws with their citations)."""
-    path = Path(path) if path is not None else Path(__file__).resolve().parent.parent / "data" / "published_laws.json"
+    path = Path(path) if path is not None else REPO / "data" / "published_laws.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; it ships with the course repository (data/published_laws.json).")
     return json.loads(path.read_text(encoding="utf-8"))
@@ -361,7 +363,7 @@ def load_published_laws(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def _gpt_config(vocab_size: int, context: int, d_model: int, n_layer: int) -> Any:
-    from course_lib.model import GPTConfig
+    from course_lib.parts.model import GPTConfig
 
     return GPTConfig(vocab_size=vocab_size, context=context, n_layer=n_layer,
                      n_head=max(1, d_model // 16), d_model=d_model)
@@ -371,11 +373,11 @@ def run_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int, sizes: Seq
               steps: Sequence[int], batch_size: int, context: int, lr: float = 5e-3,
               device: Any = "cpu", eval_batches: int = 10, seed: int = 0,
               progress: bool = True) -> list[dict[str, Any]]:
-    """Train one ``course_lib.model.GPT`` per (size, step budget) and return one record per run.
+    """Train one ``course_lib.parts.model.GPT`` per (size, step budget) and return one record per run.
 
     ``sizes`` holds (d_model, n_layer) pairs (n_head = max(1, d_model // 16)); every run trains for
     its number of ``steps`` on batches of ``batch_size`` windows of ``context`` tokens with
-    ``course_lib.train.train`` (warm-up, then cosine decay over exactly that many steps, so each run
+    ``course_lib.parts.train.train`` (warm-up, then cosine decay over exactly that many steps, so each run
     is a finished run, as in Hoffmann et al. 2022, not a snapshot of a longer one). A record holds
     d_model, n_layer, N (non-embedding parameters, Kaplan's count), N_total, steps, D (training
     tokens), C = 6·N·D, the final validation loss and the seconds it took.
@@ -407,14 +409,14 @@ def isoflop_sweep(train_tokens: Any, val_tokens: Any, *, vocab_size: int,
     them per budget. ``workers`` > 1 trains that many runs at once in separate processes (one thread
     each); a run's numbers do not depend on where it ran. One record per run and seed: C_budget,
     d_model, n_layer, N, N_non_embedding, steps, D, C, C_matmul (every matrix multiply counted,
-    attention and the lm head included: ``course_lib.model.flops_per_token`` · D), seed, val_loss, seconds.
+    attention and the lm head included: ``course_lib.parts.model.flops_per_token`` · D), seed, val_loss, seconds.
 
     ``reuse`` holds records of an earlier sweep made with the same data and recipe (the caller checks
     that): a job with the same budget, size, steps and seed is not trained again but returned as it was
     recorded. Training is deterministic on one machine, so this extends a recorded sweep with new runs
     without changing the old ones.
     """
-    from course_lib.model import param_count_formula
+    from course_lib.parts.model import param_count_formula
 
     if not plan:
         raise ValueError("plan is empty: give {budget C: [(d_model, n_layer), ...]}.")
@@ -519,8 +521,8 @@ def _train_one(entry: dict[str, Any], seed: int, train_tokens: Any, val_tokens: 
 
     import torch
 
-    from course_lib.model import GPT, count_params, flops_per_token
-    from course_lib.train import TrainConfig, train
+    from course_lib.parts.model import GPT, count_params, flops_per_token
+    from course_lib.parts.train import TrainConfig, train
 
     torch.manual_seed(seed)
     config = _gpt_config(vocab_size, context, entry["d_model"], entry["n_layer"])
@@ -896,7 +898,7 @@ def lab_tolerances(record: Mapping[str, Any] | None = None, *, n_resamples: int 
 
 
 def _scaling_record() -> dict[str, Any]:
-    from course_lib import results
+    from course_lib.tools import results
 
     record = results.recorded("scaling", "cpu")
     if record is None:
@@ -931,8 +933,8 @@ _QUICK_PLAN: dict[float, tuple[tuple[int, int], ...]] = {
 
 
 def sweep_language(setup: Mapping[str, Any] = SWEEP_SETUP) -> Any:
-    """The synthetic language of the sweep (``course_lib.synthetic.make_language`` with the setup's arguments)."""
-    from course_lib.synthetic import make_language
+    """The synthetic language of the sweep (``course_lib.parts.synthetic.make_language`` with the setup's arguments)."""
+    from course_lib.parts.synthetic import make_language
 
     spec = dict(setup["language"])
     return make_language(spec.pop("vocab_size"), **spec)
@@ -993,7 +995,7 @@ _SAME_RUNS = ("language", "context", "batch_size", "lr", "n_train", "n_val", "da
 
 def _reusable_record(profile: Any, setup: Mapping[str, Any]) -> dict[str, Any] | None:
     """The recorded sweep of this profile if it was made with ``setup``'s data and recipe, else None."""
-    from course_lib import results
+    from course_lib.tools import results
 
     previous = results.recorded("scaling", profile.name)
     if previous is None or any(previous["results"]["setup"].get(k) != setup[k] for k in _SAME_RUNS):

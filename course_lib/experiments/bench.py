@@ -1,16 +1,16 @@
 """Benchmarks: training throughput (tokens/s, MFU) and LoRA against ``peft`` (notebooks/10_scaling_out.ipynb).
 
-    python -m course_lib.bench train|lora|all [--out data/results/gpu_benchmarks.json] [--quick]
+    python -m course_lib.experiments.bench train|lora|all [--out data/results/gpu_benchmarks.json] [--quick]
 
-``train``  trains the course's GPT (course_lib.model) at GPT-2-small shape (12 layers, d_model 768,
-           context 1024, vocab 50257) with ``course_lib.train.train`` in bf16 and reports tokens/s and
-           MFU = tokens/s x 6N-style FLOPs per token / the GPU's dense bf16 peak (``course_lib.train.mfu``
+``train``  trains the course's GPT (course_lib.parts.model) at GPT-2-small shape (12 layers, d_model 768,
+           context 1024, vocab 50257) with ``course_lib.parts.train.train`` in bf16 and reports tokens/s and
+           MFU = tokens/s x 6N-style FLOPs per token / the GPU's dense bf16 peak (``course_lib.parts.train.mfu``
            and ``PEAK_BF16_FLOPS``), timed with deterministic algorithms off (``profiles.timing_section``,
            recorded in the provenance). Then it adds the optimisations one at a time, each
            row on top of the one before: fused AdamW, flash attention (``F.scaled_dot_product_attention``
            instead of the course's explicit softmax(QKᵀ/√d)V), ``torch.compile``, a larger batch.
 ``lora``   one optimiser step of SmolLM2-135M (course asset "smollm2-135m-instruct") with LoRA from
-           ``course_lib.lora`` and with ``peft`` -- same model, batch, rank, targets and initial A -- and full
+           ``course_lib.parts.lora`` and with ``peft`` -- same model, batch, rank, targets and initial A -- and full
            fine-tuning for reference: step time and peak GPU memory side by side.
 
 On a GPU the results go to ``data/results/gpu_benchmarks.json`` (the file notebook 10 shows). On a CPU,
@@ -39,16 +39,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from course_lib import train as course_train
-from course_lib.assets import GGUF_FILES
-from course_lib.attention import causal_mask, scaled_dot_product_attention
-from course_lib.model import GPT, CausalSelfAttention, GPTConfig, flops_per_token, param_count_formula
-from course_lib.profiles import code_version, cpu_name, machine_load, package_versions, timing_section
+from course_lib.parts import train as course_train
+from course_lib.tools.assets import GGUF_FILES
+from course_lib.parts.attention import causal_mask, scaled_dot_product_attention
+from course_lib.parts.model import GPT, CausalSelfAttention, GPTConfig, flops_per_token, param_count_formula
+from course_lib.tools.profiles import REPO, code_version, cpu_name, machine_load, package_versions, timing_section
 
 __all__ = ["GPT2_SMALL", "ExplicitAttention", "use_explicit_attention", "bench_train", "bench_lora",
            "run", "main", "DEFAULT_OUT"]
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "data" / "results" / "gpu_benchmarks.json"
 
 GPT2_SMALL = GPTConfig(vocab_size=50257, context=1024, n_layer=12, n_head=12, d_model=768)
@@ -78,7 +77,7 @@ SIZES = {
 
 
 class ExplicitAttention(CausalSelfAttention):
-    """The GPT's attention computed by ``course_lib.attention`` (scores, mask, softmax, weights @ V),
+    """The GPT's attention computed by ``course_lib.parts.attention`` (scores, mask, softmax, weights @ V),
     which materialises the (B, H, T, T) score matrix that flash attention never stores."""
 
     def forward(self, x: torch.Tensor, kv_cache=None, layer: int = 0) -> torch.Tensor:
@@ -103,7 +102,7 @@ def use_explicit_attention(model: GPT) -> GPT:
 
 @contextlib.contextmanager
 def _adamw_fused(fused: bool):
-    """``course_lib.train.train`` builds its AdamW with ``configure_optimizer``; pin its ``fused`` flag."""
+    """``course_lib.parts.train.train`` builds its AdamW with ``configure_optimizer``; pin its ``fused`` flag."""
     original = course_train.configure_optimizer
     course_train.configure_optimizer = functools.partial(original, fused=fused)
     try:
@@ -145,7 +144,7 @@ def _is_oom(error: BaseException) -> bool:
 
 def _train_variant(config: GPTConfig, *, batch: int, fused: bool, flash: bool, compile: bool,
                    warmup: int, windows: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Train a fresh GPT for ``warmup * (1 + windows)`` steps with course_lib.train; time the last windows."""
+    """Train a fresh GPT for ``warmup * (1 + windows)`` steps with course_lib.parts.train; time the last windows."""
     torch.manual_seed(seed)
     model = GPT(config)
     if not flash:
@@ -245,7 +244,7 @@ def bench_train(device: torch.device, *, quick: bool, progress: bool = True) -> 
 
 
 # ------------------------------------------------------------------------------------------------
-# LoRA: course_lib.lora vs peft vs full fine-tuning
+# LoRA: course_lib.parts.lora vs peft vs full fine-tuning
 # ------------------------------------------------------------------------------------------------
 
 
@@ -254,7 +253,7 @@ def _llama(model_name: str) -> tuple[torch.nn.Module, str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if model_name == "smollm2":
-        from course_lib import assets
+        from course_lib.tools import assets
 
         _, model = assets.load_causal_lm("smollm2-135m-instruct", dtype=torch.float32)
         return model, "SmolLM2-135M-Instruct (course asset smollm2-135m-instruct, de-quantised to fp32)"
@@ -299,10 +298,10 @@ def _lora_step_stats(model: torch.nn.Module, *, batch: torch.Tensor, warmup: int
 def bench_lora(device: torch.device, *, quick: bool, model_name: str | None = None, r: int = 8,
                alpha: float = 16, targets: tuple[str, ...] = ("q_proj", "v_proj"), progress: bool = True
                ) -> dict[str, Any]:
-    """One LoRA step with course_lib.lora and with peft (and full fine-tuning) on the same model and batch."""
+    """One LoRA step with course_lib.parts.lora and with peft (and full fine-tuning) on the same model and batch."""
     from peft import LoraConfig, get_peft_model
 
-    from course_lib.lora import apply_lora, lora_layers
+    from course_lib.parts.lora import apply_lora, lora_layers
 
     size = SIZES["quick" if quick else "full"]
     model_name = model_name or ("tiny" if quick else "smollm2")
@@ -313,7 +312,7 @@ def bench_lora(device: torch.device, *, quick: bool, model_name: str | None = No
     common = dict(batch=batch, warmup=size["lora_warmup"], steps=size["lora_steps"], device=device)
     rows: dict[str, dict[str, Any]] = {}
 
-    _say("[bench lora] course_lib.lora ...", progress)
+    _say("[bench lora] course_lib.parts.lora ...", progress)
     _reset_memory(device)
     model = apply_lora(copy.deepcopy(base), list(targets), r=r, alpha=alpha).to(device)
     initial_A = {name: layer.lora_A.detach().clone() for name, layer in lora_layers(model).items()}
@@ -368,7 +367,7 @@ def _provenance(device: torch.device, argv: list[str], reduced: bool, determinis
         props = torch.cuda.get_device_properties(device)
         hardware.update(gpu=props.name, gpu_memory_gb=props.total_memory / 1e9,
                         compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
-    return dict(command="python -m course_lib.bench " + " ".join(argv),
+    return dict(command="python -m course_lib.experiments.bench " + " ".join(argv),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 versions=package_versions(), hardware=hardware, reduced=reduced, commit=code_version(),
                 deterministic_algorithms=deterministic, **machine_load())
@@ -419,7 +418,7 @@ def _write(result: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m course_lib.experiments.bench", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["train", "lora", "all"])
     parser.add_argument("--out", type=Path, default=None,
                         help=f"JSON file to write (default on a GPU: {DEFAULT_OUT.relative_to(REPO)}; "

@@ -17,7 +17,7 @@ pass costs ≈ 2 FLOPs per weight per token (one multiply, one add) and training
 
 Positions (``GPTConfig.position``, explained in 03's "Positions"): ``"learned"`` (the table P above,
 the default), ``"sinusoidal"``, ``"rope"`` (queries and keys rotated inside attention) or ``"none"``;
-see ``course_lib.positions``.
+see ``course_lib.parts.positions``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.positions import POSITION_KINDS, apply_rope, sinusoidal_encoding
+from course_lib.parts.positions import POSITION_KINDS, apply_rope, sinusoidal_encoding
 
 __all__ = ["GPTConfig", "LayerNorm", "layer_norm_backward", "CausalSelfAttention", "MLP", "Block", "GPT", "KVCache", "count_params",
            "param_count_formula", "flops_per_token", "memory_estimate", "saved_activation_bytes",
@@ -50,7 +50,7 @@ class GPTConfig:
     bias: bool = True          # biases in the Linear layers and LayerNorms (GPT-2 has them)
     tie_weights: bool = True   # lm head shares its matrix with the token embedding (GPT-2 does)
     layer_norm_eps: float = 1e-5
-    position: str = "learned"  # "learned" (GPT-2), "sinusoidal", "rope" or "none": course_lib.positions
+    position: str = "learned"  # "learned" (GPT-2), "sinusoidal", "rope" or "none": course_lib.parts.positions
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
@@ -170,7 +170,7 @@ class CausalSelfAttention(nn.Module):
 
     ``qkv.weight`` stacks W_q, W_k, W_v (3d × d); ``proj`` is W_o. The attention itself is
     ``F.scaled_dot_product_attention(is_causal=True)``, which runs a flash-attention kernel on GPUs
-    and computes the same softmax(QKᵀ/√d_head)V as ``course_lib.attention`` (tests/test_model.py).
+    and computes the same softmax(QKᵀ/√d_head)V as ``course_lib.parts.attention`` (tests/test_model.py).
     """
 
     def __init__(self, config: GPTConfig) -> None:

@@ -9,14 +9,14 @@ the ranks before the optimiser step. With ``W`` ranks of ``b`` examples each, th
     (1/W) * sum_r grad L_r  =  grad (1/W) * sum_r L_r  =  grad L_global(W*b),
 
 the gradient of one process with batch ``W*b`` -- so every replica takes the *same* step as that one
-process would. ``python -m course_lib.ddp`` shows it for real: launched by ``torchrun`` it trains the
+process would. ``python -m course_lib.distributed.ddp`` shows it for real: launched by ``torchrun`` it trains the
 course's GPT under ``DistributedDataParallel`` and writes the final weights with safetensors;
 :func:`train_single` trains the same model on the whole batch in one process, for comparison.
 
 The backend follows the device: ``nccl`` when every rank gets its own CUDA GPU, ``gloo`` on CPUs
 (so the same script runs on a laptop, in CI and on a GPU node)::
 
-    torchrun --standalone --nproc_per_node=2 -m course_lib.ddp --out runs/ddp
+    torchrun --standalone --nproc_per_node=2 -m course_lib.distributed.ddp --out runs/ddp
 
 :func:`memory_per_gpu` is the memory arithmetic of Rajbhandari et al. 2020 (ZeRO, Sec. 3.1 and Fig. 1):
 mixed-precision Adam keeps 16 bytes per parameter (2 bf16 weights + 2 bf16 gradients + 12 for the fp32
@@ -86,8 +86,8 @@ class DDPSpec:
 
 
 def make_model(spec: DDPSpec) -> torch.nn.Module:
-    """The course's GPT (course_lib.model) at the size of ``spec``, seeded, without dropout."""
-    from course_lib.model import GPT, GPTConfig
+    """The course's GPT (course_lib.parts.model) at the size of ``spec``, seeded, without dropout."""
+    from course_lib.parts.model import GPT, GPTConfig
 
     torch.manual_seed(spec.seed)
     config = GPTConfig(vocab_size=spec.vocab_size, context=spec.context, d_model=spec.d_model,
@@ -254,7 +254,7 @@ def time_all_reduce(numels: list[int], *, repeats: int = 10, device: torch.devic
     """
     if not dist.is_initialized():
         raise RuntimeError("time_all_reduce needs a running process group: call it inside a script started "
-                           "by torchrun (python -m course_lib.ddp does).")
+                           "by torchrun (python -m course_lib.distributed.ddp does).")
     world = dist.get_world_size()
     results = []
     for numel in numels:
@@ -320,7 +320,7 @@ def _worker(spec: DDPSpec, out: Path, allreduce_numels: list[int]) -> None:
 
 
 def _parse(argv: list[str] | None) -> tuple[DDPSpec, Path, list[int]]:
-    parser = argparse.ArgumentParser(prog="torchrun --standalone --nproc_per_node=2 -m course_lib.ddp",
+    parser = argparse.ArgumentParser(prog="torchrun --standalone --nproc_per_node=2 -m course_lib.distributed.ddp",
                                      description="Train the tiny GPT with DDP and time all-reduces.")
     parser.add_argument("--out", required=True, type=Path, help="folder for weights_rank*.safetensors, result.json")
     for f in fields(DDPSpec):
@@ -333,8 +333,8 @@ def _parse(argv: list[str] | None) -> tuple[DDPSpec, Path, list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     if "RANK" not in os.environ:
-        print("course_lib.ddp runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 "
-              "-m course_lib.ddp --out runs/ddp", file=sys.stderr)
+        print("course_lib.distributed.ddp runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 "
+              "-m course_lib.distributed.ddp --out runs/ddp", file=sys.stderr)
         return 2
     spec, out, numels = _parse(argv)
     _worker(spec, out, numels)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(out: str | Path, *, nproc: int = 2, spec: DDPSpec | None = None,
            allreduce_numels: list[int] | None = None, timeout: float = 300) -> dict:
-    """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.ddp`` and return its result.json.
+    """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.distributed.ddp`` and return its result.json.
 
     Uses ``python -m torch.distributed.run`` (what the ``torchrun`` command is) with this Python, so it
     works from a notebook whose virtual environment is not on PATH. One thread per process. The result
@@ -359,7 +359,7 @@ def launch(out: str | Path, *, nproc: int = 2, spec: DDPSpec | None = None,
     spec = spec or DDPSpec()
     out = Path(out)
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "course_lib.ddp", "--out", str(out)]
+            "-m", "course_lib.distributed.ddp", "--out", str(out)]
     for key, value in asdict(spec).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     if allreduce_numels is not None:
@@ -387,7 +387,7 @@ def load_weights(out: str | Path, rank: int = 0) -> dict[str, torch.Tensor]:
 
     path = Path(out) / f"weights_rank{rank}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} in {out}: run course_lib.ddp.launch({str(out)!r}) first.")
+        raise FileNotFoundError(f"no {path.name} in {out}: run course_lib.distributed.ddp.launch({str(out)!r}) first.")
     return load_file(str(path))
 
 

@@ -2,18 +2,18 @@
 tuning, LoRA, AdaLoRA and QLoRA, with the memory each one needs.
 
 Explained in notebooks/08_peft_family.ipynb. Every method starts from the classifier of
-notebooks/06_finetuning.ipynb (:class:`course_lib.finetune.SentenceClassifier`: MiniLM, mean pooling,
+notebooks/06_finetuning.ipynb (:class:`course_lib.parts.finetune.SentenceClassifier`: MiniLM, mean pooling,
 dropout, a linear head) and changes which numbers train:
 
-* BitFit (Ben Zaken et al. 2022): only the bias vectors (``course_lib.lora.apply_bitfit``).
+* BitFit (Ben Zaken et al. 2022): only the bias vectors (``course_lib.parts.lora.apply_bitfit``).
 * :class:`Adapter` / :func:`apply_adapters` (Houlsby et al. 2019): a bottleneck h + W_up f(W_down h) after
   the attention output projection and after the feed-forward output projection of every layer.
 * :class:`PromptTuning` (Lester et al. 2021): n trainable vectors P (n, d) in front of the word embeddings;
   the sequence grows by n, and so does the pooling mask.
 * :class:`PrefixTuning` (Li & Liang 2021): trainable keys and values (n per layer) that every query of
   every layer attends to, handed to the model as if they were a cache of n earlier tokens.
-* LoRA (``course_lib.lora``), AdaLoRA through ``peft`` (:func:`apply_adalora`, :func:`adalora_ranks`),
-  QLoRA (``course_lib.quant``).
+* LoRA (``course_lib.parts.lora``), AdaLoRA through ``peft`` (:func:`apply_adalora`, :func:`adalora_ranks`),
+  QLoRA (``course_lib.parts.quant``).
 * :func:`train_method` (one training loop for all, with a per-step hook AdaLoRA needs),
   :func:`memory_split` (weights / gradients / optimiser state / activations, the last measured from what
   autograd saves), and :func:`experiment` (the recorded multi-seed comparison).
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib import finetune, lora
+from course_lib.parts import finetune, lora
 
 __all__ = [
     "load_classifier_parts", "classifier", "Adapter", "AdapterAfter", "apply_adapters", "adapter_count",
@@ -155,7 +155,7 @@ class PromptTuning(nn.Module):
     def __init__(self, base: finetune.SentenceClassifier, n_virtual: int = 10, seed: int = 0) -> None:
         super().__init__()
         if not isinstance(base, finetune.SentenceClassifier):
-            raise TypeError("PromptTuning wraps a course_lib.finetune.SentenceClassifier.")
+            raise TypeError("PromptTuning wraps a course_lib.parts.finetune.SentenceClassifier.")
         if not (isinstance(n_virtual, int) and n_virtual >= 1):
             raise ValueError(f"n_virtual (the number of soft tokens) must be a positive integer, got {n_virtual!r}.")
         self.base, self.n_virtual, self.n_classes = base, n_virtual, base.n_classes
@@ -188,7 +188,7 @@ class PrefixTuning(nn.Module):
     def __init__(self, base: finetune.SentenceClassifier, n_virtual: int = 10, seed: int = 0) -> None:
         super().__init__()
         if not isinstance(base, finetune.SentenceClassifier):
-            raise TypeError("PrefixTuning wraps a course_lib.finetune.SentenceClassifier.")
+            raise TypeError("PrefixTuning wraps a course_lib.parts.finetune.SentenceClassifier.")
         if not (isinstance(n_virtual, int) and n_virtual >= 1):
             raise ValueError(f"n_virtual (the prefix length) must be a positive integer, got {n_virtual!r}.")
         self.base, self.n_virtual, self.n_classes = base, n_virtual, base.n_classes
@@ -341,7 +341,7 @@ def build(method: str, encoder: nn.Module, *, seed: int = 0, total_steps: int = 
 
     ``on_step(step)`` must run after every optimiser step (only AdaLoRA has one). ``seed`` fixes every
     random initialisation (head, A, adapters, soft tokens)."""
-    from course_lib import quant
+    from course_lib.parts import quant
 
     base = classifier(encoder, seed)
     if method == "full fine-tuning":
@@ -502,7 +502,7 @@ def settings(profile: Any, quick: bool = False) -> dict[str, Any]:
 
 def task_data(sizes: dict[str, Any]) -> dict[str, Any]:
     """07's movie-review sentiment task: a fixed training subset, the first validation and test snippets."""
-    from course_lib.data import load_sentiment
+    from course_lib.tools.data import load_sentiment
 
     data = load_sentiment("movies")
     return dict(train=data["train"].shuffle(seed=0).select(range(sizes["n_train"])),

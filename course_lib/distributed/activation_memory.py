@@ -1,7 +1,7 @@
 """Activation memory per transformer layer: Korthikanti et al.'s count, a measurement, and recomputation.
 
 Explained in notebooks/11_model_parallelism.ipynb, part 4. The measurement is lesson 03's
-(``course_lib.model.saved_activation_bytes``: every tensor autograd packs for the backward pass).
+(``course_lib.parts.model.saved_activation_bytes``: every tensor autograd packs for the backward pass).
 
 Korthikanti et al. 2022 (Sec. 4.1, Eq. 1) count what one layer keeps for its backward pass in 16-bit,
 with 1-byte dropout masks; s = sequence length, b = micro-batch, h = hidden size, a = heads:
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.model import Block, CausalSelfAttention, GPT, GPTConfig
+from course_lib.parts.model import Block, CausalSelfAttention, GPT, GPTConfig
 
 __all__ = ["korthikanti_bytes", "ByteMaskDropout", "MegatronAttention", "paper_layer", "recompute",
            "Checkpointed", "checkpoint_blocks", "step_seconds"]
@@ -87,7 +87,7 @@ class MegatronAttention(CausalSelfAttention):
 
 
 def paper_layer(config: GPTConfig) -> Block:
-    """A :class:`~course_lib.model.Block` with the choices the paper's count assumes.
+    """A :class:`~course_lib.parts.model.Block` with the choices the paper's count assumes.
 
     Its LayerNorms are ``nn.LayerNorm`` (PyTorch's kernel keeps the input and two small per-token
     statistics; the course's from-scratch LayerNorm keeps three full tensors), its attention is
