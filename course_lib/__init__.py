@@ -47,7 +47,7 @@ def start(seed: int = 0, *, quiet: bool = False, profile=None, deterministic: bo
 
     Scripts that choose the profile themselves (``course_lib.experiments``) pass it as ``profile``.
     Deterministic algorithms are on (``deterministic=True``) so that checked numbers repeat; a cell
-    that times throughput wraps the timed code in ``course_lib.tools.profiles.timing_section()``."""
+    that times throughput wraps the timed code in ``course_lib.tools.timing.timing_section()``."""
     from course_lib.tools.profiles import describe_environment, get_profile, seed_everything
 
     import os

@@ -11,7 +11,9 @@ import torch
 
 from course_lib.tools import assets
 from course_lib.experiments import bench
-from course_lib.parts import train as course_train
+from course_lib.parts import loop
+from course_lib.parts.lm import train_lm
+from course_lib.parts.loop import make_optimizer
 from course_lib.parts.model import GPT, GPTConfig
 
 
@@ -40,14 +42,21 @@ def test_explicit_attention_computes_what_sdpa_computes():
     torch.testing.assert_close(g_explicit, model.tok_emb.weight.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_fused_flag_is_pinned_and_restored():
+def test_the_fused_flag_reaches_adamw():
+    """The bench's "+ fused AdamW" row is a setting of the loop (LoopConfig.fused), passed to make_optimizer."""
     model = torch.nn.Linear(4, 4)
-    original = course_train.configure_optimizer
-    with bench._adamw_fused(True):
-        assert course_train.configure_optimizer(model, 1e-3).defaults["fused"] is True
-    with bench._adamw_fused(False):
-        assert not course_train.configure_optimizer(model, 1e-3).defaults["fused"]
-    assert course_train.configure_optimizer is original
+    assert make_optimizer(model, 1e-3, fused=True).defaults["fused"] is True
+    assert not make_optimizer(model, 1e-3, fused=False).defaults["fused"]
+    seen = []
+    real = loop.make_optimizer
+    loop_settings = dict(steps=1, batch_size=2, context=4, progress=False, eval_every=0)
+    try:
+        loop.make_optimizer = lambda *a, **k: seen.append(a[-1]) or real(*a, **k)
+        train_lm(GPT(GPTConfig(vocab_size=8, context=4, n_layer=1, n_head=1, d_model=8)),
+                 torch.arange(40) % 8, fused=False, **loop_settings)
+    finally:
+        loop.make_optimizer = real
+    assert seen == [False]
 
 
 def test_result_schema(result):

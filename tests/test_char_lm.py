@@ -1,4 +1,5 @@
-"""course_lib.parts.char_lm: the exact held-out loss predicts every character once; recipes are well formed."""
+"""lesson 04's character model: the exact held-out loss (course_lib.parts.lm) predicts every character once; the
+recipes of the recorded search (course_lib.experiments.char_lm) are well formed."""
 
 import math
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib.parts.char_lm import RECIPES, TUNING_WORKS, heldout_loss, recipe
+from course_lib.experiments.char_lm import RECIPES, TUNING_WORKS, recipe
+from course_lib.parts.lm import heldout_loss
 from course_lib.tools.data import VALIDATION_WORKS
 from course_lib.parts.model import GPT, GPTConfig
 from course_lib.tools.profiles import get_profile
@@ -45,8 +47,8 @@ def test_recipes_fit_each_profile_and_tuning_works_are_not_held_out():
 
 
 def test_the_search_is_registered_and_the_cpu_recipe_is_its_recorded_choice():
-    from course_lib.parts import char_lm
     from course_lib import experiments
+    from course_lib.experiments import char_lm
     from course_lib.tools import results
 
     assert experiments.resolve("char_lm") is char_lm.experiment

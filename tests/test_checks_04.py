@@ -36,7 +36,7 @@ def schedule_right(step, lr, warmup_steps, total_steps, min_lr):
 
 
 def schedule_library(step, lr, warmup_steps, total_steps, min_lr):
-    from course_lib.parts.train import lr_at
+    from course_lib.parts.lm import lr_at
 
     return torch.tensor(lr_at(step, lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr))
 

@@ -371,6 +371,8 @@ def test_hints_come_in_three_levels_and_the_first_gives_no_code(exercise, capsys
 
 # ---- 05.3 check_scaling_prediction: the scaling lab, graded against the recorded sweep ----------------
 
+from course_lib.experiments import scaling as sweep  # noqa: E402
+from course_lib.experiments import scaling_lab  # noqa: E402
 from course_lib.parts import scaling  # noqa: E402
 
 
@@ -425,7 +427,7 @@ def lab_loss_not_extrapolated(service):       # the loss of the largest budget o
 
 
 def lab_floor_is_the_entropy_rate(service):    # extrapolates towards H, which the evaluation cannot reach
-    H = scaling.sweep_language().entropy_rate()
+    H = sweep.sweep_language().entropy_rate()
     C, v = _vertices(service)
     excess = scaling.fit_power_law(C, np.array([x["L_opt"] for x in v]) - H, floor=False)
     return {"N_opt": lab_two_power_laws(service)["N_opt"], "loss": H + excess["A"] * service.target_budget ** -excess["alpha"]}
@@ -437,7 +439,7 @@ def lab_best_run_not_vertex(service):          # the best run bought at each bud
         on_offer = [m for m in service.menu() if m["C"] == budget][1:6]
         losses = [service.train(m["N"], budget) for m in on_offer]
         C.append(budget), N_best.append(on_offer[int(np.argmin(losses))]["N"]), L_best.append(min(losses))
-    return scaling.extrapolate_optimum(C, [{"N_opt": n, "L_opt": l} for n, l in zip(N_best, L_best)],
+    return scaling_lab.extrapolate_optimum(C, [{"N_opt": n, "L_opt": l} for n, l in zip(N_best, L_best)],
                                        floor=service.floor, target=service.target_budget)
 
 
@@ -501,7 +503,7 @@ def test_the_lab_tolerances_follow_the_documented_rule_and_exceed_the_measured_n
     from course_lib.tools import results
 
     record = results.recorded("scaling", "cpu")
-    truth, tol = scaling.lab_truth(record), scaling.lab_tolerances(record)
+    truth, tol = scaling_lab.lab_truth(record), scaling_lab.lab_tolerances(record)
     sizes = [v for q, v in tol["naive"].values() if q == "N_opt"]
     losses = [v for q, v in tol["naive"].values() if q == "loss"]
     assert tol["N_factor"] == pytest.approx(math.exp(min(abs(math.log(v / truth["N_opt"])) for v in sizes) / 2))
@@ -518,7 +520,7 @@ def test_the_lab_tolerances_refuse_the_neighbouring_budget():
     from course_lib.tools import results
 
     record = results.recorded("scaling", "cpu")
-    truth, tol = scaling.lab_truth(record), scaling.lab_tolerances(record)
+    truth, tol = scaling_lab.lab_truth(record), scaling_lab.lab_tolerances(record)
     previous = scaling.isoflop_minima([r for r in record["results"]["runs"] if r["seed"] == 0])[-2]
     assert abs(previous["L_opt"] - truth["loss"]) > tol["loss_nats"]
     assert abs(math.log(previous["N_opt"] / truth["N_opt"])) > math.log(tol["N_factor"]) / 2
@@ -532,7 +534,7 @@ def _buy(pick_first, pick_second):
             line = [m for m in service.menu() if m["C"] == C]
             chosen = [line[i] for i in pick]
             vertices.append(scaling.isoflop_minimum([m["N"] for m in chosen], [service.train(m["N"], C) for m in chosen]))
-        return scaling.extrapolate_optimum(service.offered_budgets, vertices, floor=service.floor,
+        return scaling_lab.extrapolate_optimum(service.offered_budgets, vertices, floor=service.floor,
                                            target=service.target_budget)
     return predict
 
@@ -540,7 +542,7 @@ def _buy(pick_first, pick_second):
 def test_a_good_faith_method_passes_for_most_choices_of_runs():
     """The suggested method, on every choice of five runs per budget on sale, passes the check's tolerances
     for most choices, and for almost every choice whose runs bracket both vertices."""
-    truth, tol, choices = scaling.lab_truth(), scaling.lab_tolerances(), scaling.lab_choices()
+    truth, tol, choices = scaling_lab.lab_truth(), scaling_lab.lab_tolerances(), scaling_lab.lab_choices()
     ok = np.isfinite(choices["N_opt"])
     within = ok & (np.abs(np.log(np.where(ok, choices["N_opt"], 1.0) / truth["N_opt"])) <= math.log(tol["N_factor"]))
     within &= np.abs(np.nan_to_num(choices["loss"] - truth["loss"])) <= tol["loss_nats"]

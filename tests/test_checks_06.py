@@ -41,7 +41,7 @@ def pool_masked_fill_nanmean(hidden, mask):
 
 
 def pool_library(hidden, mask):
-    from course_lib.parts.finetune import mean_pool
+    from course_lib.parts.classifier import mean_pool
     return mean_pool(hidden, mask)
 
 
@@ -132,7 +132,7 @@ def metrics_tensors(y_true, y_pred):
 
 
 def metrics_library(y_true, y_pred):
-    from course_lib.parts.finetune import classification_metrics
+    from course_lib.parts.classifier import classification_metrics
     return classification_metrics(y_true, y_pred)
 
 
@@ -228,7 +228,7 @@ def bootstrap_differences(right_a, right_b, rng, resamples=2000):
 
 
 def bootstrap_library(right_a, right_b, rng, resamples=2000):
-    from course_lib.parts.finetune import paired_bootstrap_gap
+    from course_lib.experiments.stats import paired_bootstrap_gap
     return paired_bootstrap_gap(right_a, right_b, rng=rng, resamples=resamples)
 
 

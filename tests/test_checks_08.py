@@ -9,7 +9,7 @@ import torch
 
 from course_lib import checks
 from course_lib.checks import CheckFailed, NotAttempted
-from course_lib.parts.finetune import mean_pool
+from course_lib.parts.classifier import mean_pool
 from course_lib.parts.quant import NF4_CODEBOOK
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from course_lib.distributed import ddp
+from course_lib.distributed import ddp, launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,8 +84,8 @@ def test_spec_validation():
 
 
 def test_backend_follows_the_device():
-    assert ddp.backend_for("cpu") == "gloo"
-    assert ddp.backend_for(torch.device("cuda", 0)) == "nccl"
+    assert launch.backend_for("cpu") == "gloo"
+    assert launch.backend_for(torch.device("cuda", 0)) == "nccl"
 
 
 def test_global_batches_are_the_same_in_every_process_and_split_cleanly():
@@ -151,7 +151,7 @@ def test_ddp_on_two_processes_equals_one_process_with_twice_the_batch(tmp_path):
     assert all(row["seconds"] > 0 and row["busbw_bytes_per_s"] == pytest.approx(row["algbw_bytes_per_s"])
                for row in result["all_reduce"])  # 2 ranks: bus bandwidth = 2(W-1)/W x algbw = algbw
     phases = result["phases"]  # where the launch's seconds went, from the ranks' time stamps
-    assert list(phases) == [name for _, name in ddp.PHASES] + ["ending the job"]
+    assert list(phases) == [name for _, name in launch.PHASES] + ["ending the job"]
     assert all(s >= 0 for s in phases.values()) and phases["importing torch"] > 0.05
 
 

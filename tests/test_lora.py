@@ -16,6 +16,7 @@ from torch import nn
 
 from course_lib.parts import lora
 from course_lib.parts.lora import LoRALinear, apply_lora, count_trainable
+from course_lib.parts.loop import optimizer_state_bytes
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -290,12 +291,12 @@ def test_bitfit_and_optimizer_state_bytes():
     n_bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
     assert count_trainable(model) == n_bias + model.classifier.weight.numel()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    assert lora.optimizer_state_bytes(opt) == 0
+    assert optimizer_state_bytes(opt) == 0
     model(input_ids=ids(), labels=torch.tensor([0, 1, 1])).loss.backward()
     opt.step()
     # Adam keeps exp_avg and exp_avg_sq (float32) per parameter, plus a scalar step per tensor
     n_tensors = len(names)
-    assert lora.optimizer_state_bytes(opt) == 2 * 4 * count_trainable(model) + n_tensors * 4
+    assert optimizer_state_bytes(opt) == 2 * 4 * count_trainable(model) + n_tensors * 4
 
 
 def test_input_of_the_wrong_width_gets_one_sentence():

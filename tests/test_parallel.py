@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from course_lib.distributed import activation_memory as am
-from course_lib.distributed import parallel, pipeline, sharded, tensor_parallel as tp
+from course_lib.distributed import launch, parallel, pipeline, sharded, tensor_parallel as tp
 from course_lib.parts.model import GPT, GPTConfig, saved_activation_bytes
 
 
@@ -76,23 +76,21 @@ def test_gpipe_timeline_with_messages():
 def test_launch_phases_end_when_the_last_rank_gets_there(tmp_path):
     import json
 
-    from course_lib.distributed import ddp
-
     t0 = 1000.0
     (tmp_path / "stamps_rank0.json").write_text(json.dumps(
         dict(first_line=t0 + 2, torch_imported=t0 + 5, group_ready=t0 + 6, work_done=t0 + 9)))
     (tmp_path / "stamps_rank1.json").write_text(json.dumps(
         dict(first_line=t0 + 3, torch_imported=t0 + 4.5, group_ready=t0 + 6.5, work_done=t0 + 8)))
-    phases = ddp.launch_phases(tmp_path, t0, t0 + 10)
+    phases = launch.launch_phases(tmp_path, t0, t0 + 10)
     assert list(phases.values()) == pytest.approx([3, 2, 1.5, 2.5, 1])
-    assert list(phases) == [name for _, name in ddp.PHASES] + ["ending the job"]
-    assert ddp.describe_phases(phases).startswith("10.0 s in all: 3.0 s torchrun and the Python processes starting")
+    assert list(phases) == [name for _, name in launch.PHASES] + ["ending the job"]
+    assert launch.describe_phases(phases).startswith("10.0 s in all: 3.0 s torchrun and the Python processes starting")
     # a failed job: the work ends when the first rank gave up; a rank that died wrote no error
     (tmp_path / "stamps_rank0.json").write_text(json.dumps(
         dict(first_line=t0 + 2, torch_imported=t0 + 5, group_ready=t0 + 6, error=t0 + 9)))
     (tmp_path / "stamps_rank1.json").write_text(json.dumps(
         dict(first_line=t0 + 3, torch_imported=t0 + 4.5, group_ready=t0 + 6.5)))
-    failed = ddp.launch_phases(tmp_path, t0, t0 + 12)
+    failed = launch.launch_phases(tmp_path, t0, t0 + 12)
     assert failed["until a rank gave up"] == pytest.approx(2.5) and failed["ending the job"] == pytest.approx(3)
     assert "the work itself" not in failed
 
@@ -243,7 +241,7 @@ def test_zero1_and_fsdp_train_like_ddp_and_hold_their_share(two_processes):
 def _no_worker_left(out):
     for path in out.glob("pid_rank*"):
         pid = int(path.read_text())
-        assert not parallel._alive(pid), f"worker {pid} is still running"
+        assert not launch._alive(pid), f"worker {pid} is still running"
 
 
 @pytest.mark.parametrize("mode, sentence", [
@@ -291,7 +289,7 @@ class _FakeTorchrun:
 
 def _fake_torchrun(monkeypatch, log, worker_started):
     fake = type("Fake", (_FakeTorchrun,), {"calls": 0, "log": log, "worker_started": worker_started})
-    monkeypatch.setattr(parallel.subprocess, "Popen", fake)
+    monkeypatch.setattr(launch.subprocess, "Popen", fake)
     return fake
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.parts import finetune, lora, peft_family as pf, quant
+from course_lib.parts import lora, peft_family as pf, quant
+from course_lib.parts import classifier as finetune
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 L, D, HEADS, FF = 2, 32, 4, 64
@@ -184,15 +185,16 @@ def test_build_knows_every_method_and_refuses_others(encoder):
 
 def test_experiment_records_choices_and_paired_intervals(monkeypatch, encoder):
     """The experiment's bookkeeping, with the cheapest method twice and a tiny data set."""
+    from course_lib.experiments import peft_family as px
     from course_lib.tools.profiles import get_profile
 
     small = {"text": [f"w{i}" for i in range(16)], "label": [0, 1] * 8}
-    monkeypatch.setattr(pf, "METHODS", {"full fine-tuning": (1e-2,), "linear probe": (1e-3, 1e-2)})
-    monkeypatch.setattr(pf, "load_classifier_parts", lambda profile=None: (TinyTok(), encoder))
-    monkeypatch.setattr(pf, "task_data", lambda sizes: dict(train=small, validation=small, test=small))
+    monkeypatch.setattr(px, "METHODS", {"full fine-tuning": (1e-2,), "linear probe": (1e-3, 1e-2)})
+    monkeypatch.setattr(px, "load_classifier_parts", lambda profile=None: (TinyTok(), encoder))
+    monkeypatch.setattr(px, "task_data", lambda sizes: dict(train=small, validation=small, test=small))
     monkeypatch.setattr(finetune, "_length_sorted_batches",
                         lambda tok, texts, bs, ml: iter([(list(range(len(texts))), tok(texts, return_tensors="pt"))]))
-    result = pf.experiment(get_profile("ci"), seeds=2)
+    result = px.experiment(get_profile("ci"), seeds=2)
     probe = result["methods"]["linear probe"]
     assert set(probe["validation_accuracy_by_lr"]) == {"0.001", "0.01"} and probe["lr"] in (1e-3, 1e-2)
     assert len(probe["test_accuracy_by_seed"]) == 2

@@ -1,4 +1,4 @@
-"""course_lib.parts.positions: sinusoidal and rotary encodings against independent formulations, and the GPT's
+"""course_lib.parts.positions (and course_lib.experiments.positions): sinusoidal and rotary encodings against independent formulations, and the GPT's
 position options (tests of the recorded experiment's smoke form too)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from course_lib.parts.model import GPT, GPTConfig, count_params, param_count_formula
-from course_lib.parts.positions import (POSITION_KINDS, apply_rope, experiment_settings, per_position_loss,
-                                  rope_angles, sinusoidal_encoding)
+from course_lib.experiments.positions import experiment_settings, per_position_loss
+from course_lib.parts.positions import POSITION_KINDS, apply_rope, rope_angles, sinusoidal_encoding
 
 
 def test_sinusoidal_encoding_is_the_formula_of_vaswani_et_al():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.tools import profiles
+from course_lib.tools import profiles, timing
 from course_lib.tools.profiles import UnknownProfileError, get_profile, seed_everything
 
 
@@ -93,10 +93,10 @@ def test_timing_section_turns_deterministic_algorithms_off_and_restores_them():
     try:
         seed_everything(0)  # what course_lib.start() does
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-        with profiles.timing_section():
+        with timing.timing_section():
             assert not torch.are_deterministic_algorithms_enabled()
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-        with pytest.raises(RuntimeError, match="boom"), profiles.timing_section():
+        with pytest.raises(RuntimeError, match="boom"), timing.timing_section():
             raise RuntimeError("boom")
         assert torch.are_deterministic_algorithms_enabled(), "restored after an error too"
         seed_everything(0, deterministic=False)

@@ -18,7 +18,7 @@ bnb = pytest.importorskip("bitsandbytes.functional")
 @pytest.fixture(scope="module")
 def minilm_weights():
     """A few of MiniLM's weight matrices: attention, feed-forward (both shapes) and a slice of the embeddings."""
-    from course_lib.parts.finetune import load_encoder
+    from course_lib.parts.classifier import load_encoder
 
     _, encoder = load_encoder()
     layer = encoder.encoder.layer[0]
@@ -172,7 +172,7 @@ def test_apply_qlora_matches_peft_with_bitsandbytes_code_for_code():
     import peft
     from transformers import AutoModel, BitsAndBytesConfig
 
-    from course_lib.parts import finetune
+    from course_lib.parts import classifier as finetune
     from course_lib.tools.assets import model_path
 
     _, encoder = finetune.load_encoder()

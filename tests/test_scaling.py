@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy import optimize, special, stats
 
+from course_lib.experiments import scaling as sweep
+from course_lib.experiments import scaling_lab
 from course_lib.parts import scaling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,7 +250,7 @@ def test_run_sweep_trains_and_records_each_run():
 
     lang = make_language(8, bigram_successors=3, trigram_successors=2)
     train_tokens, val_tokens = lang.train_val(5000, 2000)
-    records = scaling.run_sweep(train_tokens, val_tokens, vocab_size=8, sizes=[(8, 1), (16, 1)], steps=[3, 6],
+    records = sweep.run_sweep(train_tokens, val_tokens, vocab_size=8, sizes=[(8, 1), (16, 1)], steps=[3, 6],
                                 batch_size=4, context=8, eval_batches=2, progress=False)
     assert len(records) == 4
     r = records[0]
@@ -283,7 +285,7 @@ def test_isoflop_sweep_spends_each_budget_and_counts_every_parameter():
     lang = make_language(8, bigram_successors=3, trigram_successors=2)
     train_tokens, val_tokens = lang.train_val(5000, 2000)
     plan = {2e7: [(8, 1), (12, 1), (16, 1)]}
-    runs = scaling.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan=plan, batch_size=4, context=8,
+    runs = sweep.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan=plan, batch_size=4, context=8,
                                  eval_batches=2, seeds={2e7: (0, 1)}, progress=False)
     assert [(r["d_model"], r["seed"]) for r in runs] == [(8, 0), (8, 1), (12, 0), (12, 1), (16, 0), (16, 1)]
     for r in runs:
@@ -294,9 +296,9 @@ def test_isoflop_sweep_spends_each_budget_and_counts_every_parameter():
         assert r["C_matmul"] == flops_per_token(model.config, training=True, seq_len=8) * r["D"]
     assert runs[0]["steps"] > runs[2]["steps"] > runs[4]["steps"]             # bigger models, fewer tokens
     with pytest.raises(ValueError, match="at least 3"):
-        scaling.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan={2e7: [(8, 1)]}, batch_size=4, context=8)
+        sweep.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan={2e7: [(8, 1)]}, batch_size=4, context=8)
     with pytest.raises(ValueError, match="less than one step"):
-        scaling.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan={1e3: [(8, 1), (12, 1), (16, 1)]},
+        sweep.isoflop_sweep(train_tokens, val_tokens, vocab_size=8, plan={1e3: [(8, 1), (12, 1), (16, 1)]},
                               batch_size=4, context=8)
 
 
@@ -319,10 +321,10 @@ def test_isoflop_sweep_gives_the_same_numbers_through_the_worker_pool(monkeypatc
     kwargs = dict(vocab_size=8, plan={5e6: [(8, 1), (12, 1), (16, 1)]},
                   batch_size=4, context=8, eval_batches=2, progress=False)
     threads = torch.get_num_threads()
-    here = scaling.isoflop_sweep(train_tokens, val_tokens, workers=1, **kwargs)
+    here = sweep.isoflop_sweep(train_tokens, val_tokens, workers=1, **kwargs)
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", ThreadPool)
     try:
-        there = scaling.isoflop_sweep(train_tokens, val_tokens, workers=2, **kwargs)
+        there = sweep.isoflop_sweep(train_tokens, val_tokens, workers=2, **kwargs)
     finally:
         torch.set_num_threads(threads)
     key = lambda r: (r["C_budget"], r["d_model"], r["seed"], r["steps"], r["val_loss"])  # noqa: E731
@@ -401,7 +403,7 @@ def _service(**overrides):
     law = {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}
     plan = {C: np.round(scaling.compute_optimal(C, law)[0] * np.geomspace(1 / 4, 4, 7)) for C in (1e10, 3e10, 3e11)}
     kwargs = dict(offered_budgets=[1e10, 3e10], flop_budget=2e11, target_budget=3e11, floor=1.3)
-    return scaling.TrainingService(_runs_from_law(law, plan), **{**kwargs, **overrides}), law
+    return scaling_lab.TrainingService(_runs_from_law(law, plan), **{**kwargs, **overrides}), law
 
 
 def test_training_service_charges_each_run_once_and_refuses_to_overspend():
@@ -416,7 +418,7 @@ def test_training_service_charges_each_run_once_and_refuses_to_overspend():
     assert service.spent == 1e10 and len(service.bought) == 1
     for m in [m for m in menu if m["C"] == 3e10][:6]:
         service.train(m["N"], m["C"])
-    with pytest.raises(scaling.FlopBudgetExceeded, match="only 1e\\+10 of your 2e\\+11 are left"):
+    with pytest.raises(scaling_lab.FlopBudgetExceeded, match="only 1e\\+10 of your 2e\\+11 are left"):
         service.train(menu[-1]["N"], 3e10)
     with pytest.raises(ValueError, match="no runs are on offer at C=3e\\+11"):
         service.train(menu[0]["N"], 3e11)
@@ -432,7 +434,7 @@ def _lab_record(runs):
 
 def test_lab_truth_is_the_vertex_of_the_target_budget():
     runs = _runs_from_law({"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}, {3e11: np.geomspace(1e4, 1e6, 7)})
-    truth = scaling.lab_truth(_lab_record(runs))
+    truth = scaling_lab.lab_truth(_lab_record(runs))
     vertex = scaling.isoflop_minimum([r["N"] for r in runs], [r["val_loss"] for r in runs])
     assert (truth["C"], truth["N_opt"], truth["loss"], truth["n_seeds"]) == (3e11, vertex["N_opt"], vertex["L_opt"], 1)
     assert truth["sd_log_N"] == truth["sd_loss"] == 0.0                      # one seed: no spread to measure
@@ -445,7 +447,7 @@ def test_lab_truth_averages_the_seeds_and_bootstraps_over_them():
     for seed in range(3):
         for r in _runs_from_law(law, {3e11: sizes}, noise=0.003, seed=seed):
             runs.append({**r, "seed": seed})
-    truth = scaling.lab_truth(_lab_record(runs), n_resamples=300)
+    truth = scaling_lab.lab_truth(_lab_record(runs), n_resamples=300)
     means = [np.mean([r["val_loss"] for r in runs if r["N"] == n]) for n in sizes]
     vertex = scaling.isoflop_minimum(sizes, means)
     assert truth["N_opt"] == pytest.approx(vertex["N_opt"]) and truth["loss"] == pytest.approx(vertex["L_opt"])
@@ -457,8 +459,8 @@ def test_lab_truth_averages_the_seeds_and_bootstraps_over_them():
 def test_recorded_runs_returns_only_the_budgets_and_seeds_asked_for():
     runs = [{"C_budget": C, "seed": s, "N": 1, "val_loss": 1.0} for C in (1e10, 3e11) for s in (0, 1)]
     record = _lab_record(runs)
-    assert [(r["C_budget"], r["seed"]) for r in scaling.recorded_runs([1e10], record=record)] == [(1e10, 0)]
-    assert len(scaling.recorded_runs([1e10], seeds=None, record=record)) == 2
+    assert [(r["C_budget"], r["seed"]) for r in scaling_lab.recorded_runs([1e10], record=record)] == [(1e10, 0)]
+    assert len(scaling_lab.recorded_runs([1e10], seeds=None, record=record)) == 2
 
 
 def test_lab_tolerances_refuse_the_nearest_naive_guess_by_one_tolerance():
@@ -466,7 +468,7 @@ def test_lab_tolerances_refuse_the_nearest_naive_guess_by_one_tolerance():
     plan = {C: np.round(scaling.compute_optimal(C, law)[0] * np.geomspace(1 / 4, 4, 7)) for C in (1e10, 3e10, 3e11)}
     runs = [{**r, "seed": s} for s in range(3) for r in _runs_from_law(law, plan, noise=0.002, seed=s)]
     record = _lab_record(runs)
-    tol, truth = scaling.lab_tolerances(record, n_resamples=200), scaling.lab_truth(record, n_resamples=200)
+    tol, truth = scaling_lab.lab_tolerances(record, n_resamples=200), scaling_lab.lab_truth(record, n_resamples=200)
     gaps_N = [abs(math.log(v / truth["N_opt"])) for q, v in tol["naive"].values() if q == "N_opt"]
     gaps_L = [abs(v - truth["loss"]) for q, v in tol["naive"].values() if q == "loss"]
     assert math.log(tol["N_factor"]) == pytest.approx(max(min(gaps_N) / 2, math.log(tol["noise_N_factor"])))
@@ -514,13 +516,13 @@ def test_isoflop_sweep_reuses_recorded_runs_and_trains_only_the_missing_ones(mon
         return [{**entry, "seed": seed, "N_total": 100 * entry["d_model"], "N_non_embedding": 1, "D": 10,
                  "C_matmul": 1.0, "val_loss": 2.0, "seconds": 0.0} for entry, seed in jobs]
 
-    monkeypatch.setattr(scaling, "_train_jobs", fake_train_jobs)
+    monkeypatch.setattr(sweep, "_train_jobs", fake_train_jobs)
     from course_lib.parts.model import GPTConfig, param_count_formula
 
     steps = {d: round(1e7 / (6 * param_count_formula(GPTConfig(vocab_size=8, context=8, n_layer=1, n_head=1, d_model=d),
                                                        non_embedding=False) * 4 * 8)) for d in (8, 12, 16)}
     old = [{"C_budget": 1e7, "d_model": 12, "n_layer": 1, "steps": steps[12], "seed": 0, "N": 1, "val_loss": 1.5}]
-    runs = scaling.isoflop_sweep(None, None, vocab_size=8, plan={1e7: [(8, 1), (12, 1), (16, 1)]}, batch_size=4,
+    runs = sweep.isoflop_sweep(None, None, vocab_size=8, plan={1e7: [(8, 1), (12, 1), (16, 1)]}, batch_size=4,
                                  context=8, seeds=(0, 1), progress=False, reuse=old)
     assert asked == [(8, 0), (8, 1), (12, 1), (16, 0), (16, 1)]             # (12, seed 0) is reused
     assert [(r["d_model"], r["seed"]) for r in runs] == [(8, 0), (8, 1), (12, 0), (12, 1), (16, 0), (16, 1)]
@@ -540,14 +542,14 @@ def test_the_sweep_language_is_the_recorded_one():
     from course_lib.tools import results
     from course_lib.parts.synthetic import make_language
 
-    lang = scaling.sweep_language()
-    spec = scaling.SWEEP_SETUP["language"]
+    lang = sweep.sweep_language()
+    spec = sweep.SWEEP_SETUP["language"]
     assert lang.P.tobytes() == make_language(spec["vocab_size"], bigram_successors=spec["bigram_successors"],
                                              trigram_successors=spec["trigram_successors"], seed=spec["seed"]).P.tobytes()
     record = results.recorded("scaling", "cpu")
     if record is None:
         pytest.skip("no recorded sweep")
     setup = record["results"]["setup"]
-    assert setup["language"] == spec and setup["context"] == scaling.SWEEP_SETUP["context"]
+    assert setup["language"] == spec and setup["context"] == sweep.SWEEP_SETUP["context"]
     assert setup["window_floor"] == pytest.approx(lang.window_floor(setup["context"]), abs=1e-12)
     assert lang.entropy_rate() < setup["window_floor"] < lang.bigram_entropy()

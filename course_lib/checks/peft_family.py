@@ -179,7 +179,7 @@ def _tiny_bert(seed: int = 0):
 
 def _prompt_reference(encoder, prompt, input_ids, attention_mask, *, where="front", mask_value=1,
                       pool="all", combine="cat") -> torch.Tensor:
-    from course_lib.parts.finetune import mean_pool
+    from course_lib.parts.classifier import mean_pool
 
     B, n = input_ids.shape[0], prompt.shape[0]
     words = encoder.get_input_embeddings()(input_ids)

@@ -295,27 +295,28 @@ def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float
 
 @functools.cache
 def lab_tolerances() -> dict[str, Any]:
-    """The lab's tolerances (``scaling.lab_tolerances`` of the shipped record), computed once per session."""
-    from course_lib.parts import scaling
+    """The lab's tolerances (``scaling_lab.lab_tolerances`` of the shipped record), computed once per session."""
+    from course_lib.experiments import scaling_lab
 
-    return scaling.lab_tolerances()
+    return scaling_lab.lab_tolerances()
 
 
 def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
     """Exercise 05.3 (the scaling lab): ``fn(service)`` buys runs from a fresh
-    ``scaling.TrainingService.from_record()`` and returns ``{"N_opt": ..., "loss": ...}`` at
-    ``service.target_budget``. Graded against the recorded runs at that budget (``scaling.lab_truth``),
-    within ``scaling.lab_tolerances``: half the distance from the answer to the nearest naive guess, and never
+    ``scaling_lab.TrainingService.from_record()`` and returns ``{"N_opt": ..., "loss": ...}`` at
+    ``service.target_budget``. Graded against the recorded runs at that budget (``scaling_lab.lab_truth``),
+    within ``scaling_lab.lab_tolerances``: half the distance from the answer to the nearest naive guess, and never
     less than twice the measured noise. A refused prediction is told which quantity missed, in which direction
     and which naive guess it resembles, never the answer; a passing one is shown the answer.
     """
     __tracebackhide__ = True
     import math
 
+    from course_lib.experiments import scaling_lab
     from course_lib.parts import scaling
 
     try:
-        service, truth, tol = scaling.TrainingService.from_record(), scaling.lab_truth(), lab_tolerances()
+        service, truth, tol = scaling_lab.TrainingService.from_record(), scaling_lab.lab_truth(), lab_tolerances()
     except FileNotFoundError as error:
         fail(str(error))
     overspent: list[str] = []
@@ -323,7 +324,7 @@ def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
     def plan(service: Any) -> Any:
         try:
             return fn(service)
-        except scaling.FlopBudgetExceeded as error:
+        except scaling_lab.FlopBudgetExceeded as error:
             overspent.append(str(error))
             return None
 

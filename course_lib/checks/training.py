@@ -62,11 +62,11 @@ register_hint(
 
 def check_lr_schedule(fn: Callable[..., float]) -> None:
     """Exercise 04.2: ``fn(step, lr, warmup_steps, total_steps, min_lr)`` is linear warm-up then cosine
-    decay, exactly as ``course_lib.parts.train.lr_at``."""
+    decay, exactly as ``course_lib.parts.lm.lr_at``."""
     __tracebackhide__ = True
     import math
 
-    from course_lib.parts.train import lr_at
+    from course_lib.parts.lm import lr_at
 
     configs = [(1.0, 10, 50, 0.1), (3e-4, 5, 40, 3e-5), (2.0, 0, 20, 0.5), (1.0, 4, 30, 0.0)]
     for lr, W, S, m in configs:

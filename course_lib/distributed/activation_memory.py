@@ -22,14 +22,13 @@ pass of the layer during the backward pass.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from course_lib.parts.model import Block, CausalSelfAttention, GPT, GPTConfig
+from course_lib.tools.timing import Stopwatch
 
 __all__ = ["korthikanti_bytes", "ByteMaskDropout", "MegatronAttention", "paper_layer", "recompute",
            "Checkpointed", "checkpoint_blocks", "step_seconds"]
@@ -166,12 +165,14 @@ def step_seconds(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, rep
 
     ``"forward_all"`` and ``"forward_backward_all"`` hold every repeat, to judge how noisy the timing was.
     """
+    device = next(model.parameters()).device
+
     def timed(fn: Any) -> list[float]:
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            with Stopwatch(device) as watch:
+                fn()
+            times.append(watch.seconds)
         return times
 
     def train_step() -> None:

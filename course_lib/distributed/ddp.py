@@ -33,19 +33,24 @@ _FIRST_LINE = time.time()  # when this module started running, before torch: see
 import argparse  # noqa: E402 (after the time stamp above, on purpose)
 import json  # noqa: E402
 import os  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import asdict, dataclass, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from course_lib.parts.lm import lm_loss  # noqa: E402
+from course_lib.parts.loop import LoopConfig, train  # noqa: E402
+from course_lib.distributed.launch import init, run_torchrun, stamp  # noqa: E402
+from course_lib.tools.timing import fastest, sync  # noqa: E402
+
 _TORCH_IMPORTED = time.time()
 
 __all__ = [
-    "DDPSpec", "backend_for", "make_model", "make_optimizer", "weights_of", "global_batches", "train_single",
-    "launch", "load_weights", "stamp", "launch_phases", "describe_phases",
+    "DDPSpec", "make_model", "make_optimizer", "weights_of", "global_batches", "train_single",
+    "launch", "load_weights",
     "max_abs_difference", "time_all_reduce", "memory_per_gpu", "gpus_needed", "BYTES_PER_PARAM",
 ]
 
@@ -113,6 +118,12 @@ def global_batches(spec: DDPSpec, world_size: int) -> list[tuple[torch.Tensor, t
     return batches
 
 
+def loop_config(spec: DDPSpec, *, time_steps: bool = False) -> LoopConfig:
+    """The course's loop with the spec's constant learning rate, no clipping, no progress bar."""
+    return LoopConfig(steps=spec.steps, lr=spec.lr, schedule="constant", grad_clip=None, log_every=spec.steps,
+                      time_steps=time_steps, progress=False)
+
+
 def make_optimizer(model: torch.nn.Module, spec: DDPSpec) -> torch.optim.Optimizer:
     """AdamW with the spec's learning rate (the for-loop implementation: the same on every device)."""
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1, foreach=False)
@@ -127,19 +138,17 @@ def train_single(spec: DDPSpec, world_size: int = 2, device: str | torch.device 
     differences are.
     """
     model = make_model(spec).to(device)
-    optimizer = make_optimizer(model, spec)
-    losses = []
     generator = torch.Generator().manual_seed(spec.seed + 2)
-    for x, y in global_batches(spec, world_size):
-        if shuffle_rows:
-            order = torch.randperm(x.shape[0], generator=generator)
-            x, y = x[order], y[order]
-        _, loss = model(x.to(device), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return weights_of(model), losses
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in global_batches(spec, world_size):
+            if shuffle_rows:
+                order = torch.randperm(x.shape[0], generator=generator)
+                x, y = x[order], y[order]
+            yield x.to(device), y.to(device)
+
+    history = train(model, batches(), lm_loss, loop_config(spec), optimizer=make_optimizer(model, spec))
+    return weights_of(model), history.losses
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -165,82 +174,10 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 # Where the seconds of a launch go: every rank writes when it reached each point
 # ------------------------------------------------------------------------------------------------
 
-# The points a rank passes, in order, and the name of the phase that ends at each of them.
-PHASES = (
-    ("first_line", "torchrun and the Python processes starting"),
-    ("torch_imported", "importing torch"),
-    ("group_ready", "forming the process group"),
-    ("work_done", "the work itself"),
-)
-
-
-def stamp(out: Path, rank: int, point: str, *, first_line: float | None = None,
-          torch_imported: float | None = None) -> None:
-    """Record that this rank reached ``point`` now (wall-clock ``time.time()``) in ``out/stamps_rank{rank}.json``.
-
-    The file is rewritten at every point, so a rank that dies keeps the points it had reached. The first
-    call also records when the running module started and when it had imported torch (module-level
-    stamps of the ``-m`` module that torchrun started; by default this module's).
-    """
-    path = Path(out) / f"stamps_rank{rank}.json"
-    stamps = json.loads(path.read_text()) if path.is_file() else {
-        "first_line": _FIRST_LINE if first_line is None else first_line,
-        "torch_imported": _TORCH_IMPORTED if torch_imported is None else torch_imported}
-    stamps[point] = time.time()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stamps))
-
-
-def launch_phases(out: Path, launched: float, finished: float) -> dict[str, float]:
-    """Seconds of each phase of a launch, from the stamps its ranks wrote (``time.time()`` of one machine).
-
-    A phase ends when the *last* rank reached its point (the job waits for the slowest). The phases are
-    those of :data:`PHASES`, then, for a job that failed, ``"until a rank gave up"`` (the first rank's
-    ``error`` point) instead of the work; the rest up to ``finished`` is ``"ending the job"`` (results
-    written, the last barrier, processes stopped). ``launched`` and ``finished`` are the launcher's
-    ``time.time()`` before starting torchrun and after it returned.
-    """
-    ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("stamps_rank*.json"))]
-    phases: dict[str, float] = {}
-    previous = launched
-    for point, name in PHASES:
-        reached = [r[point] for r in ranks if point in r]
-        if point == "work_done" and any("error" in r for r in ranks):
-            point, name, reached = "error", "until a rank gave up", [min(r["error"] for r in ranks if "error" in r)]
-        if not reached:
-            break
-        phases[name] = max(max(reached), previous) - previous
-        previous = max(max(reached), previous)
-    phases["ending the job"] = max(finished - previous, 0.0)
-    return phases
-
-
-def describe_phases(phases: dict[str, float]) -> str:
-    """``"24.5 s in all: 6.0 s torchrun and the Python processes starting, 9.1 s importing torch, ..."``"""
-    total = sum(phases.values())
-    return f"{total:.1f} s in all: " + ", ".join(f"{s:.1f} s {name}" for name, s in phases.items())
-
 
 # ------------------------------------------------------------------------------------------------
 # The distributed part: runs inside each process started by torchrun
 # ------------------------------------------------------------------------------------------------
-
-
-def backend_for(device: torch.device | str) -> str:
-    """``nccl`` for CUDA tensors, ``gloo`` for CPU tensors."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
-def _device_for_rank(local_rank: int, local_world_size: int) -> torch.device:
-    # one GPU per rank, or else all ranks on the CPU (a 1-GPU box runs the demo with gloo on CPUs)
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size:
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_all_reduce(numels: list[int], *, repeats: int = 10, device: torch.device | str = "cpu"
@@ -260,15 +197,9 @@ def time_all_reduce(numels: list[int], *, repeats: int = 10, device: torch.devic
     for numel in numels:
         tensor = torch.ones(int(numel), dtype=torch.float32, device=device)
         dist.all_reduce(tensor)  # warm-up: sets up the connections for this size
-        _sync(torch.device(device))
+        sync(device)
         dist.barrier()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            dist.all_reduce(tensor)
-            _sync(torch.device(device))
-            times.append(time.perf_counter() - start)
-        seconds = min(times)
+        seconds = fastest(lambda: dist.all_reduce(tensor), repeats=repeats, warmup=0, device=device)
         nbytes = tensor.numel() * tensor.element_size()
         algbw = nbytes / seconds
         results.append(dict(numel=int(numel), bytes=nbytes, seconds=seconds, algbw_bytes_per_s=algbw,
@@ -276,37 +207,31 @@ def time_all_reduce(numels: list[int], *, repeats: int = 10, device: torch.devic
     return results
 
 
+def _stamp(out: Path, rank: int, point: str) -> None:
+    stamp(out, rank, point, first_line=_FIRST_LINE, torch_imported=_TORCH_IMPORTED)
+
+
 def _worker(spec: DDPSpec, out: Path, allreduce_numels: list[int]) -> None:
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = _device_for_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend_for(device))
-    stamp(out, rank, "group_ready")
+    rank, world, device = init(group_timeout_s=600.0)
+    _stamp(out, rank, "group_ready")
     try:
         model = make_model(spec).to(device)  # same seed everywhere; DDP also broadcasts rank 0's weights
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = make_optimizer(ddp_model, spec)
-        losses, step_seconds = [], []
-        for x, y in global_batches(spec, world):
-            rows = slice(rank * spec.batch_per_rank, (rank + 1) * spec.batch_per_rank)  # this rank's share
-            start = time.perf_counter()
-            _, loss = ddp_model(x[rows].to(device), y[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP all-reduces (averages) the gradients here, bucket by bucket
-            optimizer.step()
-            _sync(device)
-            step_seconds.append(time.perf_counter() - start)
-            global_loss = loss.detach().clone()
-            dist.all_reduce(global_loss)
-            losses.append(global_loss.item() / world)
+        rows = slice(rank * spec.batch_per_rank, (rank + 1) * spec.batch_per_rank)  # this rank's share
+        batches = ((x[rows].to(device), y[rows].to(device)) for x, y in global_batches(spec, world))
+        # DDP all-reduces (averages) the gradients inside backward(), bucket by bucket
+        history = train(ddp_model, batches, lm_loss, loop_config(spec, time_steps=True),
+                        optimizer=make_optimizer(ddp_model, spec), device=device)
+        step_seconds = history.step_seconds
+        global_losses = torch.tensor(history.losses, device=device)
+        dist.all_reduce(global_losses)
+        losses = [loss / world for loss in global_losses.tolist()]
         n_grad = sum(p.numel() for p in model.parameters())
         timings = time_all_reduce(sorted(set(allreduce_numels) | {n_grad}), device=device)
-        stamp(out, rank, "work_done")
+        _stamp(out, rank, "work_done")
 
         save_file(weights_of(model), str(out / f"weights_rank{rank}.safetensors"))
         if rank == 0:
@@ -358,26 +283,14 @@ def launch(out: str | Path, *, nproc: int = 2, spec: DDPSpec | None = None,
         raise ValueError(f"nproc must be a positive integer (the number of processes), got {nproc!r}.")
     spec = spec or DDPSpec()
     out = Path(out)
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "course_lib.distributed.ddp", "--out", str(out)]
+    target = ["-m", "course_lib.distributed.ddp", "--out", str(out)]
     for key, value in asdict(spec).items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        target += [f"--{key.replace('_', '-')}", str(value)]
     if allreduce_numels is not None:
-        args += ["--allreduce-numels", *map(str, allreduce_numels)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("stamps_rank*.json"):
-        stale.unlink()
-    launched = time.time()
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
-    finished = time.time()
-    if done.returncode != 0:
-        lines = (done.stderr + done.stdout).strip().splitlines()
-        worker = [line for line in lines if line.startswith("[rank")]  # the workers' own tracebacks
-        tail = "\n".join((worker or lines)[-12:])
-        raise RuntimeError(f"the torchrun job failed with exit code {done.returncode}; its last lines:\n{tail}")
+        target += ["--allreduce-numels", *map(str, allreduce_numels)]
+    job = run_torchrun(target, out, nproc=nproc, timeout_s=timeout, name="'ddp'")
     result = json.loads((out / "result.json").read_text())
-    result["phases"] = launch_phases(out, launched, finished)
+    result["phases"] = job["phases"]
     return result
 
 

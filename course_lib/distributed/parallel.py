@@ -14,7 +14,7 @@ all        (this module)                   tensor, pipeline and sharded in one l
 =========  ==============================  =======================================================
 
 The same command runs on a laptop (gloo on CPUs), on one node with N GPUs (NCCL, chosen by
-:func:`course_lib.distributed.ddp.backend_for` when every rank gets its own GPU) and on several machines::
+:func:`course_lib.distributed.launch.backend_for` when every rank gets its own GPU) and on several machines::
 
     torchrun --standalone --nproc_per_node=2 -m course_lib.distributed.parallel tensor --out runs/tp
     torchrun --standalone --nproc_per_node=8 -m course_lib.distributed.parallel pipeline --out runs/pp
@@ -31,16 +31,13 @@ from __future__ import annotations
 
 import time
 
-_FIRST_LINE = time.time()  # when this module started running, before torch: see ddp.launch_phases
+_FIRST_LINE = time.time()  # when this module started running, before torch: see launch.launch_phases
 
 import argparse  # noqa: E402 (after the time stamp above, on purpose)
-import datetime  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import asdict, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -48,6 +45,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from course_lib.distributed.launch import ParallelJobFailed, init, run_torchrun, stamp  # noqa: E402,F401
+from course_lib.tools.timing import Stopwatch  # noqa: E402
 
 _TORCH_IMPORTED = time.time()
 
@@ -58,38 +58,9 @@ PARTS = {"tensor": "course_lib.distributed.tensor_parallel", "pipeline": "course
 FAULTS = ("unmatched-recv", "dead-rank")
 
 
-class ParallelJobFailed(RuntimeError):
-    """A multi-process job failed; the message says which rank did what, in one sentence.
-
-    ``phases`` holds where the job's seconds went (:func:`course_lib.distributed.ddp.launch_phases`; empty when
-    the job was stopped for running past its time limit).
-    """
-
-    def __init__(self, message: str, phases: dict[str, float] | None = None) -> None:
-        super().__init__(message)
-        self.phases = phases or {}
-
-
 # ------------------------------------------------------------------------------------------------
 # Inside each process
 # ------------------------------------------------------------------------------------------------
-
-
-def init(group_timeout_s: float) -> tuple[int, int, torch.device]:
-    """Join the process group that torchrun set up (its env variables), with a timeout in seconds.
-
-    Returns (rank, world size, device): one CUDA GPU per rank when there are enough of them (NCCL),
-    else the CPU (gloo).
-    """
-    from course_lib.distributed.ddp import _device_for_rank, backend_for
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = _device_for_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend_for(device), timeout=datetime.timedelta(seconds=group_timeout_s))
-    return rank, world, device
 
 
 def spec_from(spec_class: type, options: dict[str, Any]) -> Any:
@@ -131,8 +102,6 @@ def _fault_worker(mode: str, rank: int, world: int, device: torch.device) -> dic
 
 
 def _stamp(out: Path, rank: int, point: str) -> None:
-    from course_lib.distributed.ddp import stamp
-
     stamp(out, rank, point, first_line=_FIRST_LINE, torch_imported=_TORCH_IMPORTED)
 
 
@@ -144,7 +113,7 @@ def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) 
     try:
         rank, world, device = init(group_timeout_s)
         _stamp(out, rank, "group_ready")
-        start = time.perf_counter()
+        watch = Stopwatch(device).start()
         if part == "fault":
             result = _fault_worker(options.get("mode", "unmatched-recv"), rank, world, device)
         elif part == "all":  # options: {"tensor": {...}, "pipeline": {...}, "sharded": {...}}
@@ -156,7 +125,7 @@ def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) 
             module = importlib.import_module(PARTS[part])
             result = module.worker(spec_from(module.Spec, options), rank, world, device)
         result.update(rank=rank, world_size=world, backend=dist.get_backend(), device=device.type,
-                      worker_seconds=time.perf_counter() - start)
+                      worker_seconds=watch.stop())
         _stamp(out, rank, "work_done")
         (out / f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
@@ -202,56 +171,13 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"course_lib.distributed.parallel" in f.read()
-    except OSError:
-        return False
-
-
-def _kill_leftovers(out: Path) -> list[int]:
-    """SIGKILL every worker of this job that is still running (found by the pid files it wrote)."""
-    killed = []
-    for path in out.glob("pid_rank*"):
-        pid = int(path.read_text() or 0)
-        if pid and _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-    return killed
-
-
-def _last_error_line(log: str) -> str:
-    """The line of torchrun's output that says what went wrong: the last exception line (``SomeError: ...``)
-    if there is one, else the last line with words in it (torchrun ends with rows of '=' and '-')."""
-    lines = [line.strip() for line in log.splitlines() if re.search(r"[A-Za-z]", line)]
-    errors = [line for line in lines if re.match(r"(\[rank\d+\]:\s*)?[\w.]*(Error|Exception)\b", line)]
-    return (errors or lines or ["no output"])[-1]
-
-
-def _failure_sentence(part: str, nproc: int, out: Path, log: str) -> str:
-    lines = {int(p.stem.removeprefix("error_rank")): p.read_text().strip() for p in out.glob("error_rank*.txt")}
-    pids = {int(p.read_text() or 0): int(p.name.removeprefix("pid_rank")) for p in out.glob("pid_rank*")}
-    for code, pid in re.findall(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)", log):
-        rank = pids.get(int(pid))
-        if rank is not None and rank not in lines and int(code) > 0:
-            lines[rank] = f"rank {rank} died with exit code {code} without an error message"
-    if not lines:
-        return f"the {nproc}-process job {part!r} failed before any rank started its work: {_last_error_line(log)[:300]}"
-    def consequence(rank: int) -> int:  # the cause first: a death or an error, then a wait, then a lost link
-        return 2 if "lost its connection" in lines[rank] else 1 if " waited " in lines[rank] else 0
-
-    order = sorted(lines, key=lambda r: (consequence(r), r))
-    return f"the {nproc}-process job {part!r} failed: " + "; ".join(lines[r] for r in order) + "."
-
-
 def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any] | Any | None = None,
            group_timeout_s: float = 30.0, timeout_s: float = 300.0) -> dict[str, Any]:
     """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.distributed.parallel PART`` and collect it.
 
     ``options`` are the part's ``Spec`` fields (a dict or the Spec itself). Returns ``{"part", "world_size",
     "backend", "device", "seconds", "phases", "ranks": [the dict each rank's worker returned, by rank]}``;
-    ``phases`` says where the seconds went (:func:`course_lib.distributed.ddp.launch_phases`). A failure raises
+    ``phases`` says where the seconds went (:func:`course_lib.distributed.launch.launch_phases`). A failure raises
     :class:`ParallelJobFailed` with one sentence (and the phases); no worker process is left running
     either way.
     """
@@ -265,45 +191,12 @@ def launch(part: str, out: str | Path, *, nproc: int = 2, options: dict[str, Any
     if part == "fault" and options.get("mode", FAULTS[0]) not in FAULTS:
         raise ValueError(f"unknown fault mode {options['mode']!r}: choose one of {FAULTS}.")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("rank*.json"), *out.glob("error_rank*.txt"), *out.glob("pid_rank*"),
-                  *out.glob("stamps_rank*.json")]:
-        stale.unlink()
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "--monitor-interval=0.1", "-m", "course_lib.distributed.parallel", part, "--out", str(out),
-            "--options", json.dumps(options), "--group-timeout", str(group_timeout_s)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    from course_lib.distributed.ddp import launch_phases
-
-    for attempt in (1, 2):
-        start, launched = time.perf_counter(), time.time()
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            log, _ = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
-            try:
-                log, _ = process.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                log, _ = process.communicate()
-            _kill_leftovers(out)
-            raise ParallelJobFailed(f"the {nproc}-process job {part!r} did not finish within {timeout_s:g} s and "
-                                    f"was stopped; raise timeout_s or make the job smaller.") from None
-        finally:
-            _kill_leftovers(out)
-        seconds = time.perf_counter() - start
-        phases = launch_phases(out, launched, launched + seconds)
-        # Once, in CI, a job failed before any worker reached the course's code (torchrun's own start-up,
-        # cause not seen again in dozens of launches): such a failure gets one more try; any failure of
-        # the course's code, or a second failure, is reported.
-        if process.returncode == 0 or attempt == 2 or any(out.glob("pid_rank*")):
-            break
-    if process.returncode != 0:
-        raise ParallelJobFailed(_failure_sentence(part, nproc, out, log), phases)
+    job = run_torchrun(["-m", "course_lib.distributed.parallel", part, "--out", str(out), "--options",
+                        json.dumps(options), "--group-timeout", str(group_timeout_s)], out, nproc=nproc,
+                       timeout_s=timeout_s, name=repr(part))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     return dict(part=part, world_size=ranks[0]["world_size"], backend=ranks[0]["backend"],
-                device=ranks[0]["device"], seconds=seconds, phases=phases, ranks=ranks)
+                device=ranks[0]["device"], seconds=job["seconds"], phases=job["phases"], ranks=ranks)
 
 
 if __name__ == "__main__":

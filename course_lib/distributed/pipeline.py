@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.parts.model import GPT, GPTConfig
+from course_lib.tools.timing import clock, Stopwatch
 
 __all__ = ["bubble_fraction", "gpipe_timeline", "idle_fraction", "measured_idle_fraction", "Stage",
            "global_name", "gpipe_step", "message_seconds", "sum_tied_gradients", "Spec", "worker"]
@@ -157,7 +157,7 @@ def gpipe_step(module: Stage, idx: torch.Tensor, targets: torch.Tensor, m: int, 
     """Forward and backward of one batch in ``m`` micro-batches on this stage (gradients accumulate in .grad).
 
     Returns the loss (on the last stage; None elsewhere) and this stage's events (kind, k, start, end) in
-    ``time.perf_counter`` seconds, computation only: waiting for a message counts as idle.
+    ``course_lib.tools.timing.clock`` seconds (read after the device caught up), computation only: waiting for a message counts as idle.
     """
     if idx.shape[0] % m:
         raise ValueError(f"a batch of {idx.shape[0]} sequences cannot be cut into {m} equal micro-batches.")
@@ -171,9 +171,9 @@ def gpipe_step(module: Stage, idx: torch.Tensor, targets: torch.Tensor, m: int, 
             x = torch.empty(shape, dtype=dtype, device=device)
             dist.recv(x, src=stage - 1)                          # the previous stage's activation
             x.requires_grad_()
-        start = time.perf_counter()
+        start = clock(device)
         y = module(x, targets[k * b:(k + 1) * b] if module.last else None)
-        events.append(("F", k, start, time.perf_counter()))
+        events.append(("F", k, start, clock(device)))
         if module.last:
             y = y / m                                            # mean over the whole batch
         else:
@@ -185,9 +185,9 @@ def gpipe_step(module: Stage, idx: torch.Tensor, targets: torch.Tensor, m: int, 
         if not module.last:
             grad = torch.empty(shape, dtype=dtype, device=device)
             dist.recv(grad, src=stage + 1)                       # dLoss/d(our output) from the next stage
-        start = time.perf_counter()
+        start = clock(device)
         outputs[k].backward(grad)
-        events.append(("B", k, start, time.perf_counter()))
+        events.append(("B", k, start, clock(device)))
         if not module.first:
             pending.append(dist.isend(inputs[k].grad, dst=stage - 1))
     for work in pending:
@@ -203,15 +203,15 @@ def message_seconds(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     times = []
     for trip in range(repeats + 1):                    # the first round trip is a warm-up
         dist.barrier()
-        start = time.perf_counter()
-        if rank == 0:
-            dist.send(x, dst=1)
-            dist.recv(x, src=1)
-        elif rank == 1:
-            dist.recv(x, src=0)
-            dist.send(x, dst=0)
+        with Stopwatch(device) as watch:
+            if rank == 0:
+                dist.send(x, dst=1)
+                dist.recv(x, src=1)
+            elif rank == 1:
+                dist.recv(x, src=0)
+                dist.send(x, dst=0)
         if trip:
-            times.append(time.perf_counter() - start)
+            times.append(watch.seconds)
     seconds = torch.tensor([statistics.median(times) / 2 if rank == 0 else 0.0], dtype=torch.float64, device=device)
     dist.broadcast(seconds, src=0)                     # every rank reports rank 0's measurement
     return seconds.item()

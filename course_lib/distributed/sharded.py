@@ -18,14 +18,16 @@ All three take the same step: the gradients are averaged over the ranks either w
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from course_lib.distributed.ddp import DDPSpec, global_batches, make_model, make_optimizer, max_abs_difference, train_single
+from course_lib.distributed.ddp import (DDPSpec, global_batches, loop_config, make_model, make_optimizer,
+                                        max_abs_difference, train_single)
+from course_lib.parts.lm import lm_loss
+from course_lib.parts.loop import train
 
 __all__ = ["FP32_ADAM_BYTES", "zero_bytes", "state_bytes", "Spec", "worker"]
 
@@ -98,32 +100,35 @@ def _wrap(kind: str, spec: Spec, world: int, device: torch.device) -> tuple[torc
 
 
 def _train(kind: str, spec: Spec, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """Train one way (ddp, zero1 or fsdp) with the course's loop; this rank's share of every batch."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     from course_lib.distributed.tensor_parallel import comm_counts
 
     model, wrapped, optimizer = _wrap(kind, spec, world, device)
-    losses, seconds, comms = [], [], {}
-    for step, (x, y) in enumerate(global_batches(spec, world)):
-        rows = slice(rank * spec.batch_per_rank, (rank + 1) * spec.batch_per_rank)
-        dist.barrier()
-        start = time.perf_counter()
-        with CommDebugMode() as mode:
-            _, loss = wrapped(x[rows].to(device), y[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        seconds.append(time.perf_counter() - start)
-        comms = comm_counts(mode)
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
-    state = optimizer.optim.state if kind == "zero1" else optimizer.state
-    measured = state_bytes(model, state)
+    rows = slice(rank * spec.batch_per_rank, (rank + 1) * spec.batch_per_rank)
+    batches = ((x[rows].to(device), y[rows].to(device)) for x, y in global_batches(spec, world))
+    modes: list[CommDebugMode] = []   # one per step: the collectives each step makes
+
+    def count_collectives() -> CommDebugMode:
+        modes.append(CommDebugMode())
+        return modes[-1]
+
+    measured: dict[str, int] = {}
+
+    def measure_bytes(step: int) -> None:   # after the update, while the gradients still exist
+        state = optimizer.optim.state if kind == "zero1" else optimizer.state
+        measured.update(state_bytes(model, state))
+
+    history = train(wrapped, batches, lm_loss, loop_config(spec, time_steps=True), optimizer=optimizer,
+                    device=device, step_context=count_collectives, on_step=measure_bytes)
+    comms = comm_counts(modes[-1])
+    losses = torch.tensor(history.losses, device=device)
+    dist.all_reduce(losses)
     weights = {n: p.full_tensor().detach().cpu() if hasattr(p, "full_tensor") else p.detach().cpu()
                for n, p in model.named_parameters()}
-    return dict(bytes=measured, losses=losses, step_seconds=statistics.median(seconds), comms_per_step=comms,
-                weights=weights)
+    return dict(bytes=measured, losses=[loss / world for loss in losses.tolist()],
+                step_seconds=statistics.median(history.step_seconds), comms_per_step=comms, weights=weights)
 
 
 def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str, Any]:

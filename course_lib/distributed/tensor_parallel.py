@@ -25,7 +25,6 @@ backward pass (the two f's), each of B·T·d numbers.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.parts.model import Block, CausalSelfAttention, GPTConfig, MLP
+from course_lib.tools.timing import Stopwatch
 
 __all__ = ["Spec", "head_rows", "shard_qkv", "plain_chunk", "f", "g", "TensorParallelAttention",
            "TensorParallelMLP", "TensorParallelBlock", "shard_block", "shard_of", "comm_counts", "worker"]
@@ -252,13 +252,14 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     return t.item()
 
 
-def _fastest(fn: Any, repeats: int) -> float:
+def _fastest(fn: Any, repeats: int, device: torch.device | None = None) -> float:
+    """The fastest of ``repeats`` synchronised calls, every rank starting each one together (a barrier)."""
     times = []
     for _ in range(repeats):
         dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        with Stopwatch(device) as watch:
+            fn()
+        times.append(watch.seconds)
     return min(times)
 
 
@@ -312,9 +313,9 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
         forward_comms=comm_counts(forward_mode), backward_comms=comm_counts(backward_mode),
         params_full=sum(p.numel() for p in block.parameters()), params_this_rank=tp_params,
         dtensor_mlp=_dtensor_mlp(block, x, world, device),
-        seconds_full_block=_fastest(lambda: block(timing_x).backward(dy), spec.repeats),
-        seconds_split_block=_fastest(lambda: tp(timing_x).backward(dy), spec.repeats),
-        seconds_all_reduce=_fastest(lambda: dist.all_reduce(activation), spec.repeats),
+        seconds_full_block=_fastest(lambda: block(timing_x).backward(dy), spec.repeats, device),
+        seconds_split_block=_fastest(lambda: tp(timing_x).backward(dy), spec.repeats, device),
+        seconds_all_reduce=_fastest(lambda: dist.all_reduce(activation), spec.repeats, device),
         all_reduce_numel=activation.numel(),
     )
     return result

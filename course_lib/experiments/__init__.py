@@ -13,7 +13,7 @@ Command line::
 
 ``--quick`` is a seconds-long smoke form used by the tests: it writes to ``--out`` (a temporary file),
 never to ``data/results/``. Each experiment is a function ``run(profile, *, seeds, quick) -> dict``
-in the module that owns the idea; the table below only names it.
+in this package's module of the same name; the table below only names it.
 """
 
 from __future__ import annotations
@@ -22,31 +22,30 @@ import argparse
 import importlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 # name -> ("module:function", what it records, which notebook shows it)
 EXPERIMENTS: dict[str, tuple[str, str, str]] = {
-    "finetuning": ("course_lib.parts.finetune:experiment",
+    "finetuning": ("course_lib.experiments.finetuning:experiment",
                    "probe, full fine-tuning and baselines; learning rates chosen on validation; seeds; "
                    "paired bootstrap intervals", "06_finetuning"),
-    "lora": ("course_lib.parts.lora:experiment",
+    "lora": ("course_lib.experiments.lora:experiment",
              "LoRA (rank sweep), BitFit, probe and full fine-tuning on one task; seeds; paired intervals",
              "07_lora"),
-    "peft_family": ("course_lib.parts.peft_family:experiment",
+    "peft_family": ("course_lib.experiments.peft_family:experiment",
                     "full fine-tuning, probe, BitFit, adapters, prompt and prefix tuning, LoRA, AdaLoRA, QLoRA on one "
                     "task; learning rates on validation; seeds; paired intervals; memory split", "08_peft_family"),
-    "lora_causal_lm": ("course_lib.parts.causal_lm:experiment",
+    "lora_causal_lm": ("course_lib.experiments.lora_causal_lm:experiment",
                        "LoRA on SmolLM2-135M-Instruct vs zero-/few-shot prompting (seeds, paired intervals); "
                        "our LoRA step vs peft's, timed interleaved", "09_lora_causal_lm_gpu"),
-    "scaling": ("course_lib.parts.scaling:experiment",
+    "scaling": ("course_lib.experiments.scaling:experiment",
                 "IsoFLOP sweep of the tiny GPT on the synthetic language (Chinchilla Approach 2 and 3)",
                 "05_scaling_laws"),
-    "char_lm": ("course_lib.parts.char_lm:experiment", "recipe search (learning rate, then batch × context at equal "
+    "char_lm": ("course_lib.experiments.char_lm:experiment", "recipe search (learning rate, then batch × context at equal "
                 "tokens) of the character-level Shakespeare GPT, chosen on two tuning works; seeds",
                 "04_training_a_language_model"),
-    "positions": ("course_lib.parts.positions:experiment", "tiny GPT with learned, sinusoidal, RoPE and no position "
+    "positions": ("course_lib.experiments.positions:experiment", "tiny GPT with learned, sinusoidal, RoPE and no position "
                   "encoding; seeds; held-out loss at and past the training context", "03_transformer_block"),
 }
 
@@ -72,15 +71,16 @@ def run(name: str, profile_name: str = "cpu", *, seeds: int = 3, quick: bool = F
     import course_lib
     from course_lib.tools import results as recorder
     from course_lib.tools.profiles import get_profile
+    from course_lib.tools.timing import Stopwatch
 
     if quick and out is None:
         raise ExperimentError("--quick writes a smoke result that must not replace the record: pass --out FILE.")
     function = resolve(name)
     profile = get_profile(profile_name)
     course_lib.start(seed=0, quiet=True, profile=profile)
-    started = time.perf_counter()
-    result = function(profile, seeds=seeds, quick=quick)
-    result["wall_time_s"] = round(time.perf_counter() - started, 1)
+    with Stopwatch(profile.device) as watch:
+        result = function(profile, seeds=seeds, quick=quick)
+    result["wall_time_s"] = round(watch.seconds, 1)
     note = f"python -m course_lib.experiments {name}: {EXPERIMENTS[name][1]}"
     if out is not None:
         payload = {"name": name, "provenance": recorder.provenance(profile), "note": note, "results": result}

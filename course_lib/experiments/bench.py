@@ -3,9 +3,10 @@
     python -m course_lib.experiments.bench train|lora|all [--out data/results/gpu_benchmarks.json] [--quick]
 
 ``train``  trains the course's GPT (course_lib.parts.model) at GPT-2-small shape (12 layers, d_model 768,
-           context 1024, vocab 50257) with ``course_lib.parts.train.train`` in bf16 and reports tokens/s and
-           MFU = tokens/s x 6N-style FLOPs per token / the GPU's dense bf16 peak (``course_lib.parts.train.mfu``
-           and ``PEAK_BF16_FLOPS``), timed with deterministic algorithms off (``profiles.timing_section``,
+           context 1024, vocab 50257) with the course's loop (``course_lib.parts.lm.train_lm``) in bf16 and
+           reports tokens/s and MFU = tokens/s x 6N-style FLOPs per token / the GPU's dense bf16 peak
+           (``course_lib.tools.timing.mfu`` and ``PEAK_BF16_FLOPS``), timed with deterministic algorithms off
+           (``timing.timing_section``,
            recorded in the provenance). Then it adds the optimisations one at a time, each
            row on top of the one before: fused AdamW, flash attention (``F.scaled_dot_product_attention``
            instead of the course's explicit softmax(QKᵀ/√d)V), ``torch.compile``, a larger batch.
@@ -21,29 +22,28 @@ in code) and writes only where ``--out`` says: a reduced run never replaces the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import itertools
 import datetime as _dt
-import functools
 import gc
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from course_lib.parts import train as course_train
-from course_lib.tools.assets import GGUF_FILES
+from course_lib.parts.lm import TrainConfig, train_lm
+from course_lib.parts.loop import LoopConfig, train
 from course_lib.parts.attention import causal_mask, scaled_dot_product_attention
-from course_lib.parts.model import GPT, CausalSelfAttention, GPTConfig, flops_per_token, param_count_formula
-from course_lib.tools.profiles import REPO, code_version, cpu_name, machine_load, package_versions, timing_section
+from course_lib.parts.model import CausalSelfAttention, flops_per_token, GPT, GPTConfig, param_count_formula
+from course_lib.tools.assets import GGUF_FILES
+from course_lib.tools.profiles import code_version, cpu_name, machine_load, package_versions, REPO
+from course_lib.tools.timing import peak_flops, timing_section
 
 __all__ = ["GPT2_SMALL", "ExplicitAttention", "use_explicit_attention", "bench_train", "bench_lora",
            "run", "main", "DEFAULT_OUT"]
@@ -100,25 +100,9 @@ def use_explicit_attention(model: GPT) -> GPT:
     return model
 
 
-@contextlib.contextmanager
-def _adamw_fused(fused: bool):
-    """``course_lib.parts.train.train`` builds its AdamW with ``configure_optimizer``; pin its ``fused`` flag."""
-    original = course_train.configure_optimizer
-    course_train.configure_optimizer = functools.partial(original, fused=fused)
-    try:
-        yield
-    finally:
-        course_train.configure_optimizer = original
-
-
 # ------------------------------------------------------------------------------------------------
 # Helpers: device, memory, timing
 # ------------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_memory(device: torch.device) -> None:
@@ -144,7 +128,7 @@ def _is_oom(error: BaseException) -> bool:
 
 def _train_variant(config: GPTConfig, *, batch: int, fused: bool, flash: bool, compile: bool,
                    warmup: int, windows: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Train a fresh GPT for ``warmup * (1 + windows)`` steps with course_lib.parts.train; time the last windows."""
+    """Train a fresh GPT for ``warmup * (1 + windows)`` steps with the course's loop; time the last windows."""
     torch.manual_seed(seed)
     model = GPT(config)
     if not flash:
@@ -154,12 +138,9 @@ def _train_variant(config: GPTConfig, *, batch: int, fused: bool, flash: bool, c
     tokens = torch.randint(config.vocab_size, (max(20_000, 4 * batch * (config.context + 1)),),
                            generator=torch.Generator().manual_seed(seed))
     _reset_memory(device)
-    with _adamw_fused(fused):
-        history = course_train.train(
-            runner, tokens, None, course_train.TrainConfig(
-                steps=warmup * (1 + windows), batch_size=batch, warmup_steps=0, log_every=warmup,
-                eval_every=0, eval_batches=1, progress=False, seed=seed),
-            device=device)
+    history = train_lm(runner, tokens, None, TrainConfig(
+        steps=warmup * (1 + windows), batch_size=batch, warmup_steps=0, log_every=warmup, eval_every=0,
+        eval_batches=1, progress=False, seed=seed, fused=fused), device=device)
     # the first window holds the warm-up (CUDA kernels chosen, torch.compile compiling): left out
     speeds = history.tokens_per_s[1:]
     mfus = [m for m in history.mfu[1:] if m is not None]
@@ -233,7 +214,7 @@ def bench_train(device: torch.device, *, quick: bool, progress: bool = True) -> 
                 row["speedup_vs"] = measured[-1]["variant"]
         rows.append(row)
     best = max((r for r in rows if r.get("tokens_per_s")), key=lambda r: r["tokens_per_s"])
-    peak = course_train.peak_flops(device)
+    peak = peak_flops(device)
     flops = flops_per_token(config)
     return {
         "tiny_gpt": dict(tokens_per_s=best["tokens_per_s"], mfu=best["mfu"], variant=best["variant"],
@@ -269,30 +250,19 @@ def _llama(model_name: str) -> tuple[torch.nn.Module, str]:
 
 def _lora_step_stats(model: torch.nn.Module, *, batch: torch.Tensor, warmup: int, steps: int,
                      device: torch.device) -> dict[str, Any]:
+    """``warmup + steps`` steps of the course's loop on the same batch (constant learning rate, AdamW with
+    weight decay 0.01 on matrices); the median time of the last ``steps``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    losses, times = [], []
-    model.train()
-    for step in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(loss.item())
+    config = LoopConfig(steps=warmup + steps, lr=1e-4, schedule="constant", weight_decay=0.01, betas=(0.9, 0.999),
+                        grad_clip=None, time_steps=True, progress=False, log_every=warmup + steps)
+    history = train(model, itertools.repeat(batch), lambda m, b: m(input_ids=b, labels=b).loss, config,
+                    device=device)
     state = sum(p.numel() * p.element_size() for p in model.parameters())
     state += sum(p.numel() * p.element_size() for p in params)  # their gradients (freed by zero_grad)
-    state += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-                 if isinstance(v, torch.Tensor))
-    return dict(step_ms=1e3 * statistics.median(times), losses=losses, peak_mem_gb=_peak_gb(device),
-                trainable_params=sum(p.numel() for p in params), weights_grads_adam_gb=state / 1e9)
+    state += history.optimizer_bytes
+    return dict(step_ms=1e3 * statistics.median(history.step_seconds[warmup:]), losses=history.losses,
+                peak_mem_gb=_peak_gb(device), trainable_params=sum(p.numel() for p in params),
+                weights_grads_adam_gb=state / 1e9)
 
 
 def bench_lora(device: torch.device, *, quick: bool, model_name: str | None = None, r: int = 8,

@@ -1,8 +1,8 @@
 """LoRA on a causal chat model: the JSON sentiment task, its exact metric, training and evaluation.
 
 Explained in notebooks/09_lora_causal_lm_gpu.ipynb. The same functions make the recorded `gpu` run
-(``python -m course_lib.experiments lora_causal_lm --profile gpu``), so the notebook and the record
-run one code path.
+(``course_lib.experiments.lora_causal_lm``), so the notebook and the record run one code path; training
+goes through the course's loop (``course_lib.parts.loop``).
 
 The task: given a movie-review snippet, the model answers ``{"sentiment": "positive"}`` or
 ``{"sentiment": "negative"}`` and nothing else. A reply is *correct* only if it parses as JSON with
@@ -12,16 +12,19 @@ exactly that key and the right label, *valid* if it parses and has that shape.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from course_lib.parts.loop import LoopConfig, linear_schedule, train
+from course_lib.tools.timing import mfu, timing_section
 
 SYSTEM = "You label the sentiment of movie reviews. You reply with JSON only."
 LABELS = ("negative", "positive")
@@ -171,26 +174,6 @@ def answer_perplexity(model: Any, tokenizer: Any, texts: Sequence[str], labels: 
 # ------------------------------------------------------------------------------------------------
 
 
-def training_step(model: Any, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict]) -> float:
-    """One optimiser step over ``micro_batches`` (gradient accumulation); returns the mean loss.
-
-    Each micro-batch's loss is divided by their number, so the summed gradients are those of the mean
-    over the large batch.
-    """
-    model.train()
-    device = next(model.parameters()).device
-    total = 0.0
-    for batch in micro_batches:
-        with autocast_for(device):
-            loss = model(**batch).loss / len(micro_batches)
-        loss.backward()
-        total += loss.item()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
 class Batches:
     """Optimiser steps drawn from a fixed shuffled order of the training examples (seeded)."""
 
@@ -223,11 +206,6 @@ def set_checkpointing(model: Any, enabled: bool) -> None:
     model.config.use_cache = not enabled
     name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
     getattr(model, f"{name}_{'enable' if enabled else 'disable'}")()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,84 +252,33 @@ def balanced_shots(train: Any, n_shots: int, seed: int = 1) -> list[tuple[str, i
     return [(row["text"], row["label"]) for pair in zip(negatives, positives) for row in pair]
 
 
-def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:
-    """The recorded run: zero-/few-shot prompting once (greedy, deterministic), then LoRA from each of
-    ``seeds`` seeds, each against few-shot with a paired bootstrap interval over the test snippets;
-    ours vs ``peft`` step time and memory, timed interleaved and repeated."""
-    from course_lib.tools import assets
-    from course_lib.parts import lora
-    from course_lib.tools.data import load_sentiment
-    from course_lib.parts.finetune import paired_bootstrap_gap
-
-    config = run_config("ci" if quick else profile.name)
-    device = profile.device
-    tokenizer, base = assets.load_causal_lm("smollm2-135m-instruct")
-    data = load_sentiment("movies")
-    train = data["train"].shuffle(seed=0).select(range(min(config.n_train, len(data["train"]))))
-    test = data["test"].shuffle(seed=0).select(range(min(config.n_test, len(data["test"]))))
-    texts, labels = list(test["text"]), list(test["label"])
-    shots = balanced_shots(data["train"], config.n_shots)
-    base = base.to(device)
-    replies = {"zero-shot": generate_replies(base, tokenizer, texts),
-               f"{len(shots)}-shot": generate_replies(base, tokenizer, texts, shots)}
-    scores = {name: task_scores(r, labels) for name, r in replies.items()}
-    few = scores[f"{len(shots)}-shot"]
-    ppl_before = answer_perplexity(base, tokenizer, texts, labels)
-    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    n_frozen = sum(p.numel() for p in base.parameters())
-    examples = [encode(tokenizer, t, y) for t, y in zip(train["text"], train["label"])]
-
-    runs = []
-    for seed in range(seeds):
-        base.load_state_dict(base_state)
-        torch.manual_seed(seed)
-        model = lora.apply_lora(base, list(TARGETS), r=config.r, alpha=config.alpha, dropout=config.dropout)
-        result = train_lora(model, examples, tokenizer, config, device=device, seed=seed, n_frozen=n_frozen)
-        lora_replies = generate_replies(model, tokenizer, texts)
-        lora_scores = task_scores(lora_replies, labels)
-        gap = paired_bootstrap_gap(lora_scores["right"], few["right"])
-        runs.append(dict(seed=seed, accuracy=lora_scores["accuracy"], valid=lora_scores["valid"],
-                         minus_few_shot=gap, perplexity_after=answer_perplexity(model, tokenizer, texts, labels),
-                         **result))
-        base = lora.merge_lora(model)  # back to a plain model; the next seed restores the base weights
-    base.load_state_dict(base_state)
-    timing = compare_with_peft(base, examples, tokenizer, config, device=device)
-    return dict(config=asdict(config), steps=config.steps, n_frozen=n_frozen, shots=len(shots),
-                scores={k: {m: v for m, v in s.items() if m != "right"} for k, s in scores.items()},
-                perplexity_before=ppl_before, lora=runs, step_comparison=timing)
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own mean cross-entropy over the answer tokens (labels -100 elsewhere)."""
+    return model(**batch).loss
 
 
 def train_lora(model: Any, examples: Sequence, tokenizer: Any, config: RunConfig, *, device: torch.device,
-               seed: int, n_frozen: int, progress: Callable | None = None) -> dict[str, Any]:
-    """Train the LoRA parameters of ``model`` for ``config.steps`` steps; returns losses and throughput."""
-    from course_lib.parts.finetune import warmup_linear_decay
-    from course_lib.parts.train import mfu
-
+               seed: int, n_frozen: int, progress: bool = False) -> dict[str, Any]:
+    """Train the LoRA parameters of ``model`` for ``config.steps`` steps with the course's loop
+    (``course_lib.parts.loop``): AdamW without weight decay, warm-up over a tenth of the steps then linear
+    decay, clipping at 1, ``config.accumulate`` micro-batches of ``config.micro_batch`` per step, bf16
+    autocast on a GPU. Returns the losses, the throughput and (on a GPU) MFU and peak memory."""
     batches = Batches(examples, tokenizer.pad_token_id, device, micro_batch=config.micro_batch,
                       accumulate=config.accumulate, seed=seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=0.0)
-    warmup = max(1, config.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_linear_decay(s + 1, warmup, config.steps + 1))
+    micro_batches = (micro for step in itertools.count() for micro in batches.step(step))
+    loop_config = LoopConfig(steps=config.steps, lr=config.lr,
+                             schedule=linear_schedule(config.lr, max(1, config.steps // 10), config.steps),
+                             weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, grad_accum=config.accumulate,
+                             log_every=config.steps, progress=progress, desc="LoRA training")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    losses, tokens = [], 0
-    sync(device)
-    start = time.perf_counter()
-    for step in range(config.steps):
-        micro = batches.step(step)
-        losses.append(training_step(model, optimizer, micro))
-        schedule.step()
-        tokens += sum(count_tokens(b) for b in micro)
-        if progress is not None:
-            progress(1)
-    sync(device)
-    seconds = time.perf_counter() - start
-    utilisation = mfu(tokens / seconds, lora_flops_per_token(n_frozen), device,
+    history = train(model, micro_batches, causal_lm_loss, loop_config, tokens_in=count_tokens,
+                    flops_per_token=lora_flops_per_token(n_frozen), device=device)
+    seconds = history.seconds
+    utilisation = mfu(history.tokens_seen / seconds, lora_flops_per_token(n_frozen), device,
                       amp="bf16" if device.type == "cuda" else "none")
-    return dict(losses=losses, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
-                mfu=utilisation.value, mfu_note=str(utilisation),
+    return dict(losses=history.losses, seconds=seconds, tokens=history.tokens_seen,
+                tokens_per_s=history.tokens_seen / seconds, mfu=utilisation.value, mfu_note=str(utilisation),
                 deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
                 peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
 
@@ -370,6 +297,16 @@ def peft_lora(base: Any, *, r: int, alpha: float, targets: Sequence[str] = TARGE
                                                          target_modules=list(targets)))
 
 
+def _timed_step(model: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, torch.Tensor]],
+                device: torch.device) -> float:
+    """Seconds of one optimiser step of the course's loop over ``micro_batches`` (learning rate 0: the
+    weights do not move, so every repeat times the same model)."""
+    config = LoopConfig(steps=1, lr=1.0, schedule=lambda step: 0.0, weight_decay=0.0, betas=(0.9, 0.999),
+                        grad_clip=1.0, grad_accum=len(micro_batches), time_steps=True, progress=False)
+    history = train(model, iter(micro_batches), causal_lm_loss, config, optimizer=optimizer, device=device)
+    return history.step_seconds[0]
+
+
 def compare_with_peft(base: Any, examples: Sequence, tokenizer: Any, config: RunConfig, *,
                       device: torch.device) -> dict[str, Any]:
     """Step time (and GPU peak memory) of our LoRA, ``peft``'s, and ours with gradient checkpointing, on
@@ -378,31 +315,27 @@ def compare_with_peft(base: Any, examples: Sequence, tokenizer: Any, config: Run
     import copy
 
     from course_lib.parts import lora
-    from course_lib.tools.profiles import timing_section
 
     same = Batches(examples, tokenizer.pad_token_id, device, micro_batch=config.micro_batch,
                    accumulate=config.accumulate).step(0)
     ours = lora.apply_lora(copy.deepcopy(base), list(TARGETS), r=config.r, alpha=config.alpha, dropout=0.0)
     checkpointed = lora.apply_lora(copy.deepcopy(base), list(TARGETS), r=config.r, alpha=config.alpha, dropout=0.0)
     set_checkpointing(checkpointed, True)
-    models = {"ours": ours, "peft": peft_lora(copy.deepcopy(base), r=config.r, alpha=config.alpha), "ours + checkpointing": checkpointed}
+    models = {"ours": ours, "peft": peft_lora(copy.deepcopy(base), r=config.r, alpha=config.alpha),
+              "ours + checkpointing": checkpointed}
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0)
-                  for name, m in models.items()}  # lr 0: timing only, the weights do not move
+                  for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     peaks: dict[str, float | None] = {}
     with timing_section():  # the fast kernels, not the reproducible ones; the flag is recorded below
         deterministic = torch.are_deterministic_algorithms_enabled()
         for name, model in models.items():
-            training_step(model, optimizers[name], same)  # warm-up: allocation, kernel choice
+            _timed_step(model, optimizers[name], same, device)  # warm-up: allocation, kernel choice
         for _ in range(config.timing_repeats):
             for name, model in models.items():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sync(device)
-                start = time.perf_counter()
-                training_step(model, optimizers[name], same)
-                sync(device)
-                times[name].append(1e3 * (time.perf_counter() - start))
+                times[name].append(1e3 * _timed_step(model, optimizers[name], same, device))
                 peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tokens = sum(count_tokens(b) for b in same)
     return {name: dict(ms_median=statistics.median(t), ms_min=min(t), ms_max=max(t), repeats=len(t),

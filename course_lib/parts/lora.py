@@ -28,7 +28,7 @@ from torch import nn
 
 __all__ = [
     "LoRALinear", "apply_lora", "apply_bitfit", "lora_layers", "merge_lora", "count_trainable",
-    "trainable_parameters", "optimizer_state_bytes", "save_adapter", "load_adapter",
+    "trainable_parameters", "save_adapter", "load_adapter",
 ]
 
 
@@ -257,16 +257,7 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimiser's state (for Adam: exp_avg and exp_avg_sq, two numbers per parameter).
-
-    The state appears after the first ``step()``; call this after one.
-    """
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values()
-               for v in state.values() if isinstance(v, torch.Tensor))
-
-
-_META_KEY = "course_lib.parts.lora"
+_META_KEY = "course_lib.lora"  # the adapter format's name, kept as first written
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
@@ -340,13 +331,3 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     for n in meta["extra"]:
         params[n].requires_grad_(True)
     return model
-
-
-def experiment(profile, *, seeds: int = 3, quick: bool = False) -> dict:
-    """The recorded comparison of notebook 07 (``python -m course_lib.experiments lora``): probe, BitFit,
-    LoRA at several ranks and full fine-tuning, learning rates chosen on validation, several seeds,
-    paired intervals. It lives in :func:`course_lib.parts.finetune.lora_experiment` with the other recorded
-    fine-tuning runs."""
-    from course_lib.parts.finetune import lora_experiment
-
-    return lora_experiment(profile, seeds=seeds, quick=quick)

@@ -2,7 +2,7 @@
 tuning, LoRA, AdaLoRA and QLoRA, with the memory each one needs.
 
 Explained in notebooks/08_peft_family.ipynb. Every method starts from the classifier of
-notebooks/06_finetuning.ipynb (:class:`course_lib.parts.finetune.SentenceClassifier`: MiniLM, mean pooling,
+notebooks/06_finetuning.ipynb (:class:`course_lib.parts.classifier.SentenceClassifier`: MiniLM, mean pooling,
 dropout, a linear head) and changes which numbers train:
 
 * BitFit (Ben Zaken et al. 2022): only the bias vectors (``course_lib.parts.lora.apply_bitfit``).
@@ -14,16 +14,14 @@ dropout, a linear head) and changes which numbers train:
   every layer attends to, handed to the model as if they were a cache of n earlier tokens.
 * LoRA (``course_lib.parts.lora``), AdaLoRA through ``peft`` (:func:`apply_adalora`, :func:`adalora_ranks`),
   QLoRA (``course_lib.parts.quant``).
-* :func:`train_method` (one training loop for all, with a per-step hook AdaLoRA needs),
+* :func:`train_method` (the course's loop for all of them, with the per-step hook AdaLoRA needs) and
   :func:`memory_split` (weights / gradients / optimiser state / activations, the last measured from what
-  autograd saves), and :func:`experiment` (the recorded multi-seed comparison).
+  autograd saves). The recorded multi-seed comparison is ``course_lib.experiments.peft_family``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.parts import finetune, lora
+from course_lib.parts import classifier as classifier_parts, lora
+from course_lib.parts.loop import linear_schedule, LoopConfig, train
 
 __all__ = [
     "load_classifier_parts", "classifier", "Adapter", "AdapterAfter", "apply_adapters", "adapter_count",
     "PromptTuning", "PrefixTuning", "ClassifierWithLoss", "apply_adalora", "adalora_ranks", "ADALORA_TARGETS",
-    "build", "METHODS", "encode_batch", "train_method", "run_method", "task_data",
-    "subspace_similarity", "energy_in_top", "draw_block_map", "saved_tensor_bytes", "memory_split", "settings", "experiment",
+    "build", "METHODS", "encode_batch", "train_method",
+    "subspace_similarity", "energy_in_top", "draw_block_map", "saved_tensor_bytes", "memory_split",
 ]
 
 
@@ -50,15 +49,15 @@ __all__ = [
 def load_classifier_parts(profile: Any = None):
     """``(tokenizer, encoder)``: MiniLM without its pooler. Mean pooling never reads the pooler (a dense
     layer on the [CLS] state), so it is dropped: every parameter counted below can learn."""
-    tokenizer, encoder = finetune.load_encoder(profile)
+    tokenizer, encoder = classifier_parts.load_encoder(profile)
     encoder.pooler = None
     return tokenizer, encoder
 
 
-def classifier(encoder: nn.Module, seed: int = 0) -> finetune.SentenceClassifier:
+def classifier(encoder: nn.Module, seed: int = 0) -> classifier_parts.SentenceClassifier:
     """A fresh copy of 06's classifier around a copy of ``encoder``; ``seed`` fixes the head's initial weights."""
     torch.manual_seed(seed)
-    return finetune.SentenceClassifier(copy.deepcopy(encoder))
+    return classifier_parts.SentenceClassifier(copy.deepcopy(encoder))
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -152,10 +151,10 @@ class PromptTuning(nn.Module):
     embeddings of n random vocabulary tokens (Lester et al. 2021, Sec. 3, "sampled vocab").
     """
 
-    def __init__(self, base: finetune.SentenceClassifier, n_virtual: int = 10, seed: int = 0) -> None:
+    def __init__(self, base: classifier_parts.SentenceClassifier, n_virtual: int = 10, seed: int = 0) -> None:
         super().__init__()
-        if not isinstance(base, finetune.SentenceClassifier):
-            raise TypeError("PromptTuning wraps a course_lib.parts.finetune.SentenceClassifier.")
+        if not isinstance(base, classifier_parts.SentenceClassifier):
+            raise TypeError("PromptTuning wraps a course_lib.parts.classifier.SentenceClassifier.")
         if not (isinstance(n_virtual, int) and n_virtual >= 1):
             raise ValueError(f"n_virtual (the number of soft tokens) must be a positive integer, got {n_virtual!r}.")
         self.base, self.n_virtual, self.n_classes = base, n_virtual, base.n_classes
@@ -185,10 +184,10 @@ class PrefixTuning(nn.Module):
     activations is more stable than random). 2 L n d trainable numbers, plus the head.
     """
 
-    def __init__(self, base: finetune.SentenceClassifier, n_virtual: int = 10, seed: int = 0) -> None:
+    def __init__(self, base: classifier_parts.SentenceClassifier, n_virtual: int = 10, seed: int = 0) -> None:
         super().__init__()
-        if not isinstance(base, finetune.SentenceClassifier):
-            raise TypeError("PrefixTuning wraps a course_lib.parts.finetune.SentenceClassifier.")
+        if not isinstance(base, classifier_parts.SentenceClassifier):
+            raise TypeError("PrefixTuning wraps a course_lib.parts.classifier.SentenceClassifier.")
         if not (isinstance(n_virtual, int) and n_virtual >= 1):
             raise ValueError(f"n_virtual (the prefix length) must be a positive integer, got {n_virtual!r}.")
         self.base, self.n_virtual, self.n_classes = base, n_virtual, base.n_classes
@@ -254,7 +253,7 @@ class ClassifierWithLoss(nn.Module):
 
     returns_loss = True
 
-    def __init__(self, base: finetune.SentenceClassifier) -> None:
+    def __init__(self, base: classifier_parts.SentenceClassifier) -> None:
         super().__init__()
         self.classifier, self.n_classes = base, base.n_classes
 
@@ -275,7 +274,7 @@ MATRIX_NAMES = {"attention.self.query": "W_q", "attention.self.key": "W_k", "att
                 "attention.output.dense": "W_o", "intermediate.dense": "W_f1", "output.dense": "W_f2"}
 
 
-def apply_adalora(base: finetune.SentenceClassifier, *, total_step: int, init_r: int = 8, target_r: int = 4,
+def apply_adalora(base: classifier_parts.SentenceClassifier, *, total_step: int, init_r: int = 8, target_r: int = 4,
                   orth_reg_weight: float = 0.5, **config: Any):
     """AdaLoRA (Zhang et al. 2023) on all six matrices of every layer, through ``peft``'s AdaLoraConfig.
 
@@ -369,11 +368,12 @@ def build(method: str, encoder: nn.Module, *, seed: int = 0, total_steps: int = 
 def encode_batch(tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device | str = "cpu"
                  ) -> dict[str, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` of ``texts`` (padded to the longest), on ``device``."""
-    batch = finetune.tokenize(tokenizer, texts, max_length)
+    batch = classifier_parts.tokenize(tokenizer, texts, max_length)
     return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
-def _loss(model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def _loss(model: nn.Module, batch: tuple[dict[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    batch, labels = batch
     if getattr(model, "returns_loss", False):
         return model(**batch, labels=labels).loss  # includes AdaLoRA's orthogonality penalty
     return F.cross_entropy(model(**batch), labels)
@@ -383,58 +383,36 @@ def train_method(model: nn.Module, tokenizer: Any, data: Any, *, lr: float, step
                  max_length: int = 64, seed: int = 0, weight_decay: float = 0.0, warmup_fraction: float = 0.1,
                  clip_norm: float = 1.0, on_step: Callable[[int], None] | None = None,
                  progress: bool = False, desc: str = "training") -> dict[str, Any]:
-    """Train the trainable parameters of ``model`` for ``steps`` AdamW steps on ``data`` (text, label).
+    """Train the trainable parameters of ``model`` for ``steps`` AdamW steps on ``data`` (text, label), with
+    the course's loop (``course_lib.parts.loop``).
 
-    Linear warm-up over ``warmup_fraction`` of the steps, then linear decay to 0
-    (``finetune.warmup_linear_decay``); gradient clipping at ``clip_norm``; batches drawn from a
-    permutation seeded by ``seed``. ``on_step(step)`` runs after each optimiser step, before the gradients
-    are cleared (AdaLoRA's ``update_and_allocate`` reads them). Returns the step times (ms, forward +
-    backward + update, tokenising excluded), the losses and the optimiser state in bytes.
+    Linear warm-up over ``warmup_fraction`` of the steps, then linear decay to 0; gradient clipping at
+    ``clip_norm``; batches drawn from permutations seeded by ``seed`` (a new one whenever the last is
+    used up). ``on_step(step)`` runs after each optimiser step, before the gradients are cleared
+    (AdaLoRA's ``update_and_allocate`` reads them). Returns the step times (ms, forward + backward +
+    update, tokenising excluded), the losses and the optimiser state in bytes.
     """
-    texts, labels = finetune.texts_and_labels(data)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters.")
+    texts, labels = classifier_parts.texts_and_labels(data)
     if not (steps >= 1 and lr > 0 and batch_size >= 1):
         raise ValueError(f"need steps >= 1, lr > 0 and batch_size >= 1, got {steps}, {lr}, {batch_size}.")
-    device = finetune._device_of(model)
-    optimizer = torch.optim.AdamW(finetune.adamw_param_groups(model, weight_decay), lr=lr)
-    warmup = max(1, round(warmup_fraction * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: finetune.warmup_linear_decay(s + 1, warmup, steps + 1))
+    device = classifier_parts._device_of(model)
     generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=desc, leave=False)
-    times, losses = [], []
-    model.train()
-    for step in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(texts), generator=generator).tolist()
-        index, order = order[:batch_size], order[batch_size:]
-        batch = encode_batch(tokenizer, [texts[i] for i in index], max_length, device)
-        y = labels[index].to(device)
-        start = time.perf_counter()
-        loss = _loss(model, batch, y)
-        loss.backward()
-        if clip_norm:
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        optimizer.step()
-        schedule.step()
-        if on_step is not None:
-            on_step(step)
-        optimizer.zero_grad(set_to_none=True)
-        times.append(1000 * (time.perf_counter() - start))
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return dict(step_ms=float(np.median(times)), losses=losses, final_loss=float(np.mean(losses[-10:])),
-                optimizer_bytes=lora.optimizer_state_bytes(optimizer), trainable=lora.count_trainable(model))
+
+    def batches():
+        order: list[int] = []
+        while True:
+            if len(order) < batch_size:
+                order += torch.randperm(len(texts), generator=generator).tolist()
+            index, order = order[:batch_size], order[batch_size:]
+            yield encode_batch(tokenizer, [texts[i] for i in index], max_length, device), labels[index].to(device)
+
+    config = LoopConfig(steps=steps, lr=lr, schedule=linear_schedule(lr, max(1, round(warmup_fraction * steps)), steps),
+                        weight_decay=weight_decay, betas=(0.9, 0.999), grad_clip=clip_norm or None, log_every=steps,
+                        time_steps=True, progress=progress, desc=desc, leave=False)
+    history = train(model, batches(), _loss, config, on_step=on_step)
+    return dict(step_ms=float(np.median([1000 * s for s in history.step_seconds])), losses=history.losses,
+                final_loss=float(np.mean(history.losses[-10:])), optimizer_bytes=history.optimizer_bytes,
+                trainable=lora.count_trainable(model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +439,8 @@ def saved_tensor_bytes(model: nn.Module, batch: dict[str, torch.Tensor], labels:
     was_training = model.training
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _loss(model, batch, labels if labels is not None else torch.zeros(len(batch["input_ids"]), dtype=torch.long))
+        labels = labels if labels is not None else torch.zeros(len(batch["input_ids"]), dtype=torch.long)
+        loss = _loss(model, (batch, labels))
     del loss
     model.train(was_training)
     return sum(storages.values())
@@ -488,79 +467,6 @@ def memory_split(model: nn.Module, batch: dict[str, torch.Tensor], labels: torch
 # ----------------------------------------------------------------------------------------------
 # The recorded experiment: every method, learning rate chosen on validation, several seeds
 # ----------------------------------------------------------------------------------------------
-
-
-def settings(profile: Any, quick: bool = False) -> dict[str, Any]:
-    """Data and training sizes shared by the notebook's live run and the recorded experiment."""
-    if quick:
-        return dict(n_train=32, n_val=16, n_test=16, steps=2, batch_size=8, max_length=32)
-    return profile.pick(
-        ci=dict(n_train=64, n_val=24, n_test=24, steps=2, batch_size=8, max_length=32),
-        cpu=dict(n_train=800, n_val=200, n_test=400, steps=50, batch_size=16, max_length=64),
-        gpu=dict(n_train=8057, n_val=1007, n_test=1008, steps=1000, batch_size=32, max_length=64))
-
-
-def task_data(sizes: dict[str, Any]) -> dict[str, Any]:
-    """07's movie-review sentiment task: a fixed training subset, the first validation and test snippets."""
-    from course_lib.tools.data import load_sentiment
-
-    data = load_sentiment("movies")
-    return dict(train=data["train"].shuffle(seed=0).select(range(sizes["n_train"])),
-                validation=data["validation"].select(range(sizes["n_val"])),
-                test=data["test"].select(range(sizes["n_test"])))
-
-
-def run_method(method: str, encoder: nn.Module, tokenizer: Any, data: dict[str, Any], sizes: dict[str, Any], *,
-               lr: float, seed: int = 0, splits: Sequence[str] = ("validation", "test"),
-               progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Build, train and evaluate one method once; returns the trained model and its row."""
-    model, on_step = build(method, encoder, seed=seed, total_steps=sizes["steps"])
-    reference = encode_batch(tokenizer, data["train"]["text"][: sizes["batch_size"]], sizes["max_length"],
-                       finetune._device_of(model))
-    memory = memory_split(model, reference)
-    row = train_method(model, tokenizer, data["train"], lr=lr, steps=sizes["steps"], batch_size=sizes["batch_size"],
-                       max_length=sizes["max_length"], seed=seed, on_step=on_step, progress=progress, desc=method)
-    row |= dict(lr=lr, seed=seed, memory=memory)
-    for split in splits:
-        evaluation = finetune.evaluate(model, tokenizer, data[split], max_length=sizes["max_length"])
-        row[f"{split}_accuracy"] = evaluation["accuracy"]
-        row[f"{split}_correct"] = (evaluation["predictions"] == torch.tensor(data[split]["label"])).int().tolist()
-    return model, row
-
-
-def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:
-    """Every method of :data:`METHODS` on 07's task: each learning rate tried with seed 0 and judged on the
-    validation split, then the chosen one run with ``seeds - 1`` more seeds; test accuracy per seed and a
-    paired bootstrap interval of each method's gap to full fine-tuning (per test snippet, the fraction of
-    seeds that got it right; the same snippets resampled for both methods)."""
-    from tqdm.auto import tqdm
-
-    sizes = settings(profile, quick)
-    tokenizer, encoder = load_classifier_parts(profile)
-    data = task_data(sizes)
-    methods = {k: (v[:1] if quick else v) for k, v in METHODS.items()}  # --quick: one learning rate each
-    table: dict[str, Any] = {}
-    correct: dict[str, np.ndarray] = {}
-    for method, lrs in tqdm(methods.items(), desc="methods"):
-        tried = {lr: run_method(method, encoder, tokenizer, data, sizes, lr=lr, seed=0)[1] for lr in lrs}
-        best = max(lrs, key=lambda lr: (tried[lr]["validation_accuracy"], -lr))
-        rows = [tried[best]] + [run_method(method, encoder, tokenizer, data, sizes, lr=best, seed=s,
-                                           splits=("test",))[1] for s in range(1, seeds)]
-        correct[method] = np.array([r["test_correct"] for r in rows], dtype=float).mean(axis=0)
-        accuracies = [r["test_accuracy"] for r in rows]
-        table[method] = dict(
-            lr=best, validation_accuracy_by_lr={f"{lr:g}": tried[lr]["validation_accuracy"] for lr in lrs},
-            test_accuracy_by_seed=accuracies, test_accuracy=float(np.mean(accuracies)),
-            trainable=rows[0]["trainable"], optimizer_bytes=rows[0]["optimizer_bytes"], memory=rows[0]["memory"],
-            step_ms=float(np.median([r["step_ms"] for r in rows])))
-    reference = "full fine-tuning"
-    for method, row in table.items():
-        gap, low, high = finetune.paired_bootstrap_gap(correct[method], correct[reference],
-                                                       rng=np.random.default_rng(0))
-        row["gap_to_full_points"] = [100 * gap, 100 * low, 100 * high]
-    return dict(settings=sizes, seeds=seeds, methods=table, reference=reference,
-                lora=dict(targets=list(LORA_TARGETS), r=LORA_R, alpha=LORA_ALPHA), adapter_m=ADAPTER_M,
-                n_virtual=N_VIRTUAL)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import os
 from pathlib import Path
+from typing import Any
 
 from course_lib.tools.assets import cache_dir, fetch
 
@@ -148,3 +149,12 @@ def train_bpe(text: str, vocab_size: int):
     # chunks of 10k characters: the trainer counts words per chunk, and one huge string is slow
     tokenizer.train_from_iterator((text[i:i + 10_000] for i in range(0, len(text), 10_000)), trainer)
     return tokenizer
+
+
+def take(data: Any, n: int | None, seed: int = 0) -> Any:
+    """The first ``n`` examples of a fixed shuffle of ``data`` (all of it when ``n`` is None or too big).
+
+    Seed s of a recorded experiment trains on ``take(train, n, seed=s)``: every method of that seed sees
+    the same labelled examples, and a smaller ``n`` is a subset of a larger one.
+    """
+    return data if n is None or n >= len(data) else data.shuffle(seed=seed).select(range(n))

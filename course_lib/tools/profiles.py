@@ -16,7 +16,6 @@ notebooks are only promised on the CPU and on CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -115,7 +114,7 @@ def seed_everything(seed: int = 0, *, deterministic: bool = True) -> None:
 
     With ``deterministic`` (the default) it also asks torch for deterministic kernels where it has them
     (``warn_only`` so that an op without a deterministic version still runs); sections that time
-    throughput turn them off with :func:`timing_section`. The CPU thread count is set by
+    throughput turn them off with ``course_lib.tools.timing.timing_section``. The CPU thread count is set by
     ``course_lib.start`` from the profile, not here.
     """
     random.seed(seed)
@@ -126,29 +125,6 @@ def seed_everything(seed: int = 0, *, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=deterministic)
     os.environ["PYTHONHASHSEED"] = str(seed)
-
-
-@contextlib.contextmanager
-def timing_section():
-    """Time throughput with torch's fast kernels: deterministic algorithms off inside, the previous
-    setting (and its ``warn_only``) restored after.
-
-    ``course_lib.start()`` turns deterministic algorithms on so that checked numbers repeat; on a GPU
-    some deterministic kernels are slower than the default ones, so a tokens/s or MFU measured with
-    them on would describe the reproducible path, not the fast one. Record
-    ``torch.are_deterministic_algorithms_enabled()`` *inside* the section with the timing
-    (``course_lib.experiments.bench`` does, in its provenance)::
-
-        with timing_section():
-            tokens_per_s = measure()
-    """
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(False)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def package_versions() -> dict[str, str]:

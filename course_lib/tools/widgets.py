@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from course_lib.tools.plots import plot_attention
+from course_lib.tools.timing import Stopwatch
 
 
 def show_attention(attentions: Sequence[torch.Tensor], tokens: Sequence[Sequence[str]],
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args[0] == "execute":
         for name in args[1:]:
-            started = time.perf_counter()
+            watch = Stopwatch().start()
             execute_notebook(name)
-            print(f"{Path(name).name}: executed and saved in {time.perf_counter() - started:.0f} s")
+            print(f"{Path(name).name}: executed and saved in {watch.stop():.0f} s")
         return 0
     for name in args[1:]:
         path = Path(name)

@@ -14,12 +14,14 @@ the comparison is at equal compute (and, on one machine, nearly equal time).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
 
-__all__ = ["RECIPES", "TUNING_WORKS", "recipe", "heldout_loss", "char_vocabulary", "experiment"]
+from course_lib.parts.lm import char_vocabulary, heldout_loss
+from course_lib.tools.timing import Stopwatch
+
+__all__ = ["RECIPES", "TUNING_WORKS", "recipe", "experiment"]
 
 # The model is the profile's (cpu: 4 layers, 4 heads, d_model 128: nanoGPT's CPU shape); the rest is
 # the recipe. cpu: chosen by the recorded search (data/results/char_lm_cpu.json, 2026-11-29: 4e-3 beat
@@ -40,44 +42,6 @@ def recipe(profile: Any) -> dict[str, Any]:
     return dict(RECIPES[profile.name])
 
 
-def char_vocabulary(text: str) -> list[str]:
-    """The sorted characters of ``text``: character i gets id i."""
-    return sorted(set(text))
-
-
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, tokens: torch.Tensor, context: int, batch_size: int = 64) -> float:
-    """The mean cross-entropy (nats per token) of predicting every token of ``tokens`` but the first.
-
-    The stream is cut into consecutive windows of ``context`` tokens; every target is predicted exactly
-    once, from the tokens before it in its window. Deterministic: no sampling of windows.
-    """
-    if tokens.dim() != 1 or len(tokens) < 2:
-        raise ValueError(f"tokens must be a 1-D stream of at least 2 ids, but it has shape {tuple(tokens.shape)}.")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    n = (len(tokens) - 1) // context
-    x = tokens[: n * context].view(n, context)
-    y = tokens[1: n * context + 1].view(n, context)
-    total, count = 0.0, 0
-    try:
-        for i in range(0, n, batch_size):
-            logits, _ = model(x[i:i + batch_size].to(device))
-            total += float(torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), y[i:i + batch_size].flatten().to(device), reduction="sum"))
-            count += y[i:i + batch_size].numel()
-        rest = len(tokens) - 1 - n * context                               # the last, shorter window
-        if rest:
-            logits, _ = model(tokens[n * context: n * context + rest][None].to(device))
-            total += float(torch.nn.functional.cross_entropy(
-                logits.float()[0], tokens[n * context + 1:].to(device), reduction="sum"))
-            count += rest
-    finally:
-        model.train(was_training)
-    return total / count
-
-
 def _search_data(quick: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     from course_lib.tools.data import VALIDATION_WORKS, load_shakespeare
 
@@ -96,7 +60,7 @@ def _search_data(quick: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
 def _run(profile: Any, train_ids: torch.Tensor, tune_ids: torch.Tensor, vocab_size: int, *, context: int,
          batch_size: int, steps: int, lr: float, warmup_steps: int, seed: int, quick: bool) -> dict[str, Any]:
     from course_lib.parts.model import GPT, GPTConfig, count_params
-    from course_lib.parts.train import TrainConfig, train
+    from course_lib.parts.lm import TrainConfig, train_lm
 
     config = GPTConfig.from_profile(profile, vocab_size=vocab_size, context=context)
     if quick:
@@ -105,9 +69,9 @@ def _run(profile: Any, train_ids: torch.Tensor, tune_ids: torch.Tensor, vocab_si
     model = GPT(config).to(profile.device)
     settings = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
                            eval_every=0, eval_batches=1, log_every=max(1, steps // 20), progress=False)
-    started = time.perf_counter()
-    history = train(model, train_ids, None, settings)
-    seconds = time.perf_counter() - started
+    with Stopwatch(profile.device) as watch:
+        history = train_lm(model, train_ids, None, settings)
+    seconds = watch.seconds
     loss = heldout_loss(model, tune_ids, context)
     return {"context": context, "batch_size": batch_size, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
             "seed": seed, "tokens": steps * batch_size * context, "parameters": count_params(model, non_embedding=False),

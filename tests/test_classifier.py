@@ -1,4 +1,4 @@
-"""course_lib.parts.finetune against independent implementations: scikit-learn's metrics, transformers'
+"""course_lib.parts.classifier (and the statistics and run cache of the recorded experiments) against independent implementations: scikit-learn's metrics, transformers'
 warm-up schedule, a per-sentence loop for pooling; training on a tiny random BERT."""
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from transformers import BertConfig, BertModel, BertTokenizerFast, get_linear_schedule_with_warmup
 
-from course_lib.parts import finetune as ft
+from course_lib.experiments import cache
+from course_lib.experiments import finetuning
+from course_lib.experiments import lora
+from course_lib.experiments import stats
+from course_lib.parts import classifier as ft
 
 WORDS = ["good", "great", "fun", "bad", "awful", "dull", "the", "film", "was", "not", "but", "plot"]
 
@@ -130,29 +134,6 @@ def test_classification_metrics_bad_input():
         ft.classification_metrics(np.zeros((2, 2), dtype=int), np.zeros((2, 2), dtype=int))
 
 
-# ---- the schedule -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (10, 40), (1, 1)])
-def test_schedule_matches_transformers(warmup, total):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    theirs = get_linear_schedule_with_warmup(opt, warmup, total)
-    for step in range(total + 2):
-        assert ft.warmup_linear_decay(step, warmup, total) == pytest.approx(theirs.get_last_lr()[0]), step
-        opt.step()
-        theirs.step()
-
-
-def test_weight_decay_groups():
-    model = ft.SentenceClassifier(tiny_encoder())
-    decay, no_decay = ft.adamw_param_groups(model, 0.01)
-    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    with pytest.raises(ValueError, match="no trainable parameters"):
-        ft.adamw_param_groups(torch.nn.Linear(2, 2).requires_grad_(False), 0.01)
-
-
 # ---- training -----------------------------------------------------------------------------------
 
 
@@ -165,7 +146,10 @@ def test_fine_tuning_learns_and_restores_the_best_weights(tokenizer):
     after = ft.evaluate(model, tokenizer, val)
     assert after["accuracy"] >= 0.9 > before["accuracy"]
     assert after["accuracy"] == run.best_val_accuracy == max(run.column("val_accuracy"))
-    assert run.steps == 36 and not run.stopped_early and run.history[-1]["lr"] == pytest.approx(0.0)
+    # each row's lr is the one its step used: the schedule decays linearly to 0 *after* the last step
+    warmup = round(0.1 * 36)
+    assert run.steps == 36 and not run.stopped_early
+    assert run.history[-1]["lr"] == pytest.approx(3e-3 * (36 - 35) / (36 - warmup))
     assert after["predictions"].shape == (32,) and set(after) >= {"accuracy", "f1", "confusion", "loss"}
 
 
@@ -237,7 +221,7 @@ def test_minilm_loads_and_embeds_sensibly():
 
 
 def test_paired_bootstrap_gap_is_the_resampled_difference_of_accuracies():
-    from course_lib.parts.finetune import paired_bootstrap_gap
+    from course_lib.experiments.stats import paired_bootstrap_gap
 
     rng = np.random.default_rng(1)
     right_a = rng.random(300) < 0.8
@@ -265,7 +249,7 @@ def test_paired_bootstrap_gap_is_the_resampled_difference_of_accuracies():
 def test_seed_bootstrap_resamples_seeds_and_examples_together():
     rng = np.random.default_rng(3)
     a, b = rng.random((3, 80)) < 0.8, rng.random((3, 80)) < 0.7
-    gap, low, high = ft.paired_bootstrap_gap_seeds(a, b, rng=np.random.default_rng(0), resamples=300)
+    gap, low, high = stats.paired_bootstrap_gap_seeds(a, b, rng=np.random.default_rng(0), resamples=300)
     # the definition written out with the same draws: examples first, then seeds
     draws = np.random.default_rng(0)
     columns, rows = draws.integers(0, 80, size=(300, 80)), draws.integers(0, 3, size=(300, 3))
@@ -274,54 +258,56 @@ def test_seed_bootstrap_resamples_seeds_and_examples_together():
     assert gap == pytest.approx(d.mean())
     assert (low, high) == pytest.approx(tuple(np.percentile(gaps, [2.5, 97.5])), abs=1e-12)
     # one seed is the plain paired bootstrap
-    assert ft.paired_bootstrap_gap_seeds(a[:1], b[:1], resamples=300) == pytest.approx(
-        ft.paired_bootstrap_gap(a[0], b[0], resamples=300))
+    assert stats.paired_bootstrap_gap_seeds(a[:1], b[:1], resamples=300) == pytest.approx(
+        stats.paired_bootstrap_gap(a[0], b[0], resamples=300))
     # seeds that disagree widen the interval compared with seeds that repeat one run
-    spread = ft.paired_bootstrap_gap_seeds(np.stack([a[0], ~a[0], a[0]]), np.stack([b[0]] * 3), resamples=300)
-    same = ft.paired_bootstrap_gap_seeds(np.stack([a[0]] * 3), np.stack([b[0]] * 3), resamples=300)
+    spread = stats.paired_bootstrap_gap_seeds(np.stack([a[0], ~a[0], a[0]]), np.stack([b[0]] * 3), resamples=300)
+    same = stats.paired_bootstrap_gap_seeds(np.stack([a[0]] * 3), np.stack([b[0]] * 3), resamples=300)
     assert spread[2] - spread[1] > same[2] - same[1]
     with pytest.raises(ValueError, match="equally shaped"):
-        ft.paired_bootstrap_gap_seeds(a, b[:2])
+        stats.paired_bootstrap_gap_seeds(a, b[:2])
 
 
 def test_pairwise_gaps_and_their_sentences():
     right = {"A": [[1, 1, 1, 0]] * 3, "B": [[0, 1, 0, 0]] * 3}
-    gaps = ft.pairwise_gaps(right, resamples=200)
+    gaps = stats.pairwise_gaps(right, resamples=200)
     assert list(gaps) == ["A − B"] and gaps["A − B"]["gap"] == pytest.approx(50.0)
     assert gaps["A − B"]["per_seed"] == pytest.approx([50.0] * 3)
-    back = ft.gap_between(gaps, "B", "A")
+    back = stats.gap_between(gaps, "B", "A")
     assert back["gap"] == -50.0 and back["low"] == -gaps["A − B"]["high"]
-    assert "B is ahead" in ft.describe_gap(dict(gap=-3, low=-5, high=-1), "A", "B")
-    assert "includes 0" in ft.describe_gap(dict(gap=1, low=-1, high=3), "A", "B")
+    assert "B is ahead" in stats.describe_gap(dict(gap=-3, low=-5, high=-1), "A", "B")
+    assert "includes 0" in stats.describe_gap(dict(gap=1, low=-1, high=3), "A", "B")
     with pytest.raises(KeyError, match="no gap between"):
-        ft.gap_between(gaps, "A", "C")
+        stats.gap_between(gaps, "A", "C")
 
 
 def test_take_is_a_fixed_shuffle_and_sizes_exist_for_every_profile():
     import datasets
 
+    from course_lib.tools.data import take
+
     data = datasets.Dataset.from_dict({"text": [str(i) for i in range(50)], "label": [i % 2 for i in range(50)]})
-    assert ft.take(data, None) is data and ft.take(data, 80) is data
-    small, large = ft.take(data, 10, seed=1), ft.take(data, 20, seed=1)
-    assert small["text"] == large["text"][:10] and small["text"] != ft.take(data, 10, seed=2)["text"]
+    assert take(data, None) is data and take(data, 80) is data
+    small, large = take(data, 10, seed=1), take(data, 20, seed=1)
+    assert small["text"] == large["text"][:10] and small["text"] != take(data, 10, seed=2)["text"]
     for name in ("ci", "cpu", "gpu"):
-        assert ft.finetuning_sizes(name)["lrs"] and ft.lora_sizes(name)["search_rank"] in ft.lora_sizes(name)["ranks"]
+        assert finetuning.finetuning_sizes(name)["lrs"] and lora.lora_sizes(name)["search_rank"] in lora.lora_sizes(name)["ranks"]
     with pytest.raises(ValueError, match="no sizes for profile"):
-        ft.lora_sizes("tpu")
+        lora.lora_sizes("tpu")
 
 
 def test_run_cache_resumes_and_shares_runs_between_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_COMMIT", "abc123")
     sizes = dict(n=3, lrs=(1, 2))
-    first = ft._RunCache("demo", "cpu", sizes, root=tmp_path)
+    first = cache.RunCache("demo", "cpu", sizes, root=tmp_path)
     calls = []
     assert first.get(dict(lr=1), lambda: calls.append(1) or {"x": 1})["x"] == 1
     # a new process (a new cache object) finds the run, also when only the grid changed
-    again = ft._RunCache("demo", "cpu", dict(n=3, lrs=(1, 2, 3)), root=tmp_path)
+    again = cache.RunCache("demo", "cpu", dict(n=3, lrs=(1, 2, 3)), root=tmp_path)
     assert again.get(dict(lr=1), lambda: calls.append(2) or {"x": 2}) == {"x": 1, "commit": "abc123 (from COURSE_COMMIT)"}
     assert calls == [1]
     # a run claimed by a live process is waited for, not computed twice
-    other = ft._RunCache("demo", "cpu", sizes, root=tmp_path)
+    other = cache.RunCache("demo", "cpu", sizes, root=tmp_path)
     key = other.key(dict(lr=2))
     other._lock(key).parent.mkdir(exist_ok=True)
     other._lock(key).write_text(str(os.getpid()))  # "another process" (this one) holds it
@@ -330,9 +316,9 @@ def test_run_cache_resumes_and_shares_runs_between_processes(tmp_path, monkeypat
         f.write(json.dumps({"key": key, "value": {"x": 5}}) + "\n")
     assert other.get_many([(dict(lr=2), lambda: {"x": 6})], poll_seconds=0.01) == [{"x": 5}]
     # a lock left by a dead process is taken over
-    dead = ft._RunCache("demo", "cpu", sizes, root=tmp_path)
+    dead = cache.RunCache("demo", "cpu", sizes, root=tmp_path)
     key3 = dead.key(dict(lr=3))
     dead._lock(key3).write_text("999999999")
     assert dead.get(dict(lr=3), lambda: {"x": 7})["x"] == 7 and not dead._lock(key3).exists()
     # a shaping size is part of the key
-    assert ft._RunCache("demo", "cpu", dict(n=4), root=tmp_path).key(dict(lr=1)) != first.key(dict(lr=1))
+    assert cache.RunCache("demo", "cpu", dict(n=4), root=tmp_path).key(dict(lr=1)) != first.key(dict(lr=1))

@@ -1,4 +1,5 @@
-"""course_lib.parts.train: the schedule against torch's schedulers, batches, accumulation, checkpoints, resume."""
+"""course_lib.parts.lm (the loop with a language model's batches): the schedule against torch's schedulers,
+batches, accumulation, checkpoints, resume, MFU."""
 
 import subprocess
 import sys
@@ -10,8 +11,10 @@ from safetensors import safe_open
 from torch import nn
 
 from course_lib.parts.model import GPT, GPTConfig
-from course_lib.parts.train import (CHECKPOINT_NAME, PEAK_BF16_FLOPS, History, TrainConfig, evaluate, get_batch,
-                              load_checkpoint, lr_at, mfu, peak_flops, save_checkpoint, train)
+from course_lib.parts.lm import TrainConfig, evaluate, get_batch, lr_at, train_lm as train
+from course_lib.parts.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from course_lib.parts.loop import History
+from course_lib.tools.timing import PEAK_BF16_FLOPS, mfu, peak_flops
 
 CONFIG = GPTConfig(vocab_size=20, context=16, n_layer=2, n_head=2, d_model=32)
 TOKENS = torch.randint(0, 20, (4000,), generator=torch.Generator().manual_seed(0))
@@ -135,7 +138,7 @@ def test_resume_in_a_new_process_gives_identical_weights(tmp_path):
         import torch
         torch.set_num_threads(1)
         from course_lib.parts.model import GPT, GPTConfig
-        from course_lib.parts.train import train
+        from course_lib.parts.lm import train_lm as train
         tokens = torch.randint(0, 20, (4000,), generator=torch.Generator().manual_seed(0))
         val = torch.randint(0, 20, (800,), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(0)
@@ -242,7 +245,7 @@ def test_model_without_targets_in_forward_gets_one_sentence():
 
     with pytest.raises(TypeError) as info:
         train(LogitsOnly(), TOKENS, context=8, **QUICK)
-    assert str(info.value).startswith("train() calls model(x, y) with the targets y and needs (logits, loss) "
+    assert str(info.value).startswith("train_lm() calls model(x, y) with the targets y and needs (logits, loss) "
                                       "back, but LogitsOnly.forward(x) does not take the targets")
 
     class ReturnsLogits(LogitsOnly):
@@ -283,7 +286,7 @@ NAMES_AND_PEAKS = [  # as torch.cuda.get_device_name() reports them
 @pytest.mark.parametrize("order", ["as written", "reversed"])
 def test_peak_table_lookup_picks_the_most_specific_entry(monkeypatch, order):
     """H100 NVL and PCIe are not the SXM board; the lookup does not depend on the table's order."""
-    from course_lib.parts import train as train_module
+    from course_lib.tools import timing as train_module
 
     if order == "reversed":
         monkeypatch.setattr(train_module, "PEAK_BF16_FLOPS", dict(reversed(PEAK_BF16_FLOPS.items())))
@@ -312,7 +315,7 @@ def test_mfu_is_none_with_a_reason_where_no_bf16_peak_applies(monkeypatch):
     fp32 = mfu(10_000, 6e9, "cuda", amp="none")
     assert fp32.value is None and "fp32 (amp='none')" in fp32.reason and str(fp32).startswith("not defined: ")
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090")
-    assert "RTX 4090 is not in course_lib.parts.train.PEAK_BF16_FLOPS" in mfu(10_000, 6e9, "cuda").reason
+    assert "RTX 4090 is not in course_lib.tools.timing.PEAK_BF16_FLOPS" in mfu(10_000, 6e9, "cuda").reason
     cpu = mfu(10_000, 6e9, "cpu")
     assert cpu.value is None and "cpu device" in cpu.reason
     with pytest.raises(ValueError, match="amp must be 'auto', 'bf16' or 'none'"):
@@ -320,7 +323,7 @@ def test_mfu_is_none_with_a_reason_where_no_bf16_peak_applies(monkeypatch):
 
 
 def test_train_scores_mfu_with_its_own_amp_setting(monkeypatch):
-    from course_lib.parts import train as train_module
+    from course_lib.parts import loop as train_module
 
     seen = []
     real = train_module.mfu

@@ -1,0 +1,112 @@
+"""Comparing two methods: paired bootstrap intervals over test examples and seeds.
+
+Explained in notebooks/06_finetuning.ipynb (exercise 06.3 writes the paired bootstrap); every comparison of
+methods in lessons 03 and 06-09 and in the recorded experiments goes through this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def paired_bootstrap_gap(right_a: Any, right_b: Any, *, rng: np.random.Generator | None = None,
+                         resamples: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """Accuracy of A minus accuracy of B on the same test examples, with a paired bootstrap interval.
+
+    ``right_a`` and ``right_b`` say, per test example, whether each method got it right. The test set is
+    resampled with replacement ``resamples`` times, the same examples for both methods (that pairing is
+    what makes the interval narrow: both are judged on the same hard and easy examples), and the gap is
+    recomputed on each resample. Returns (gap, low, high) as fractions; (low, high) holds the central
+    ``level`` of the resampled gaps. Notebook 06 compares its methods this way (exercise 06.3);
+    peft_family and causal_lm reuse it.
+    """
+    a, b = np.asarray(right_a, dtype=float), np.asarray(right_b, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"right_a and right_b must be equally long 1-D arrays, one entry per test example; "
+                         f"got shapes {a.shape} and {b.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level is a coverage between 0 and 1 (e.g. 0.95), got {level}.")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    index = rng.integers(0, len(a), size=(resamples, len(a)))
+    gaps = a[index].mean(axis=1) - b[index].mean(axis=1)
+    low, high = np.percentile(gaps, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return float(a.mean() - b.mean()), float(low), float(high)
+
+
+
+def paired_bootstrap_gap_seeds(right_a: Any, right_b: Any, *, rng: np.random.Generator | None = None,
+                               resamples: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """Like :func:`paired_bootstrap_gap`, for methods run with several seeds on the same test examples.
+
+    ``right_a`` and ``right_b`` have shape (seeds, examples): row s says which test examples each method
+    got right in run s (runs of the same seed share their labelled examples and batch order, so they
+    are paired too). Each resample draws the seeds *and* the test examples with replacement, the same
+    draw for both methods, and recomputes the gap of the mean accuracies; so the interval holds both the
+    luck of the test sample and the seed-to-seed spread. With 3 seeds the seed part is crude (a
+    bootstrap over 3 values underestimates their spread by a factor of about sqrt(2/3)): the per-seed
+    gaps are worth printing beside it. Returns (gap, low, high) as fractions.
+    """
+    a, b = np.atleast_2d(np.asarray(right_a, dtype=float)), np.atleast_2d(np.asarray(right_b, dtype=float))
+    if a.ndim != 2 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"right_a and right_b must be equally shaped (seeds, examples) arrays, got shapes "
+                         f"{a.shape} and {b.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level is a coverage between 0 and 1 (e.g. 0.95), got {level}.")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    n_seeds, n = a.shape
+    d = a - b
+    columns = rng.integers(0, n, size=(resamples, n))
+    rows = rng.integers(0, n_seeds, size=(resamples, n_seeds))
+    per_seed = np.stack([d[s][columns].mean(axis=1) for s in range(n_seeds)])  # (seeds, resamples)
+    gaps = per_seed[rows, np.arange(resamples)[:, None]].mean(axis=1)
+    low, high = np.percentile(gaps, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return float(d.mean()), float(low), float(high)
+
+
+
+def pairwise_gaps(right: Mapping[str, Any], *, resamples: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> dict[str, dict[str, Any]]:
+    """:func:`paired_bootstrap_gap_seeds` for every ordered pair of methods in ``right`` (name -> (seeds,
+    examples)), keyed ``"A − B"``; each value holds the gap, its interval and the per-seed gaps, in
+    accuracy points."""
+    names, out = list(right), {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = np.atleast_2d(np.asarray(right[a], float)), np.atleast_2d(np.asarray(right[b], float))
+            gap, low, high = paired_bootstrap_gap_seeds(ra, rb, rng=np.random.default_rng(seed),
+                                                        resamples=resamples, level=level)
+            per_seed = (ra.mean(axis=1) - rb.mean(axis=1)).tolist()
+            out[f"{a} − {b}"] = dict(gap=100 * gap, low=100 * low, high=100 * high,
+                                     per_seed=[100 * g for g in per_seed])
+    return out
+
+
+
+def gap_between(gaps: Mapping[str, Mapping[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """The gap A − B from a :func:`pairwise_gaps` table, whichever order it was stored in."""
+    if f"{a} − {b}" in gaps:
+        return dict(gaps[f"{a} − {b}"])
+    if f"{b} − {a}" in gaps:
+        g = gaps[f"{b} − {a}"]
+        return dict(gap=-g["gap"], low=-g["high"], high=-g["low"], per_seed=[-x for x in g["per_seed"]])
+    raise KeyError(f"no gap between {a!r} and {b!r} in this table.")
+
+
+
+def describe_gap(g: Mapping[str, Any], a: str, b: str) -> str:
+    """One sentence: A's lead over B in points with its interval, and whether the interval excludes 0."""
+    if g["low"] > 0:
+        verdict = f"{a} is ahead"
+    elif g["high"] < 0:
+        verdict = f"{b} is ahead"
+    else:
+        verdict = "the interval includes 0: no difference this run can detect"
+    def pts(x: float) -> str:
+        return f"{round(x, 1) + 0.0:+.1f}"  # + 0.0 turns a rounded -0.0 into 0.0
+
+    seeds = ", ".join(pts(x) for x in g.get("per_seed", []))
+    return (f"{a} − {b}: {pts(g['gap'])} points (95% interval {pts(g['low'])} … {pts(g['high'])}"
+            + (f"; per seed {seeds}" if seeds else "") + f") → {verdict}")
