@@ -315,7 +315,7 @@ class Session:
 
 # ---- the simple API ------------------------------------------------------------------------------------
 
-class _PageError(OSError):
+class _PageError(Exception):
     """A source could not be read; ``kind`` is the FetchFailure list it belongs in."""
 
     def __init__(self, kind: str, reason: str) -> None:
