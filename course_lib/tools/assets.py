@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -126,7 +128,7 @@ def asset_dir(name: str) -> Path:
 
 
 def _asset(name: str) -> Asset:
-    if name not in ASSETS:
+    if not isinstance(name, str) or name not in ASSETS:
         raise UnknownAssetError(f"Unknown asset {name!r}: the course has {', '.join(sorted(ASSETS))}.")
     return ASSETS[name]
 
@@ -491,7 +493,7 @@ def load_causal_lm(name_or_hub_id: str = "smollm2-135m-instruct", *, dtype=None)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_hub_id not in GGUF_FILES:
+    if not isinstance(name_or_hub_id, str) or name_or_hub_id not in GGUF_FILES:
         path = model_path(name_or_hub_id)
         return (AutoTokenizer.from_pretrained(path),
                 AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32))
@@ -501,13 +503,32 @@ def load_causal_lm(name_or_hub_id: str = "smollm2-135m-instruct", *, dtype=None)
     return tokenizer, model
 
 
-def model_path(name_or_hub_id: str) -> str:
-    """A course asset's local folder, or, for anything else, the string unchanged.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def model_path(name_or_hub_id: str | os.PathLike) -> str:
+    """A course asset's local folder, an existing folder, or a Hugging Face Hub id ``owner/name`` unchanged.
 
     ``AutoModel.from_pretrained(model_path("minilm-l6-v2"))`` loads the course's pinned copy;
-    ``model_path("org/some-model")`` hands a Hugging Face Hub id through to ``from_pretrained``.
+    ``model_path("org/some-model")`` hands a Hub id through to ``from_pretrained``. Anything else (a
+    misspelt asset such as ``"minilm"``, a folder that does not exist) is refused here with the list
+    of assets, instead of ending in ``from_pretrained``'s attempt to reach the Hub.
     """
-    return str(fetch(name_or_hub_id)) if name_or_hub_id in ASSETS else name_or_hub_id
+    if not isinstance(name_or_hub_id, (str, os.PathLike)) or not os.fspath(name_or_hub_id):
+        raise TypeError(f"name a course asset ({', '.join(sorted(ASSETS))}), a folder or a Hub id 'owner/name' "
+                        f"(a non-empty str), got {name_or_hub_id!r}.")
+    name = os.fspath(name_or_hub_id)
+    if name in ASSETS:
+        return str(fetch(name))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if isinstance(name_or_hub_id, str) and _HUB_ID.fullmatch(name) and ".." not in name:
+        return name
+    close = [a for a in sorted(ASSETS) if name.lower() in a] or difflib.get_close_matches(name, sorted(ASSETS), 1, 0.5)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownAssetError(
+        f"{name!r} is not a course asset{guess}, an existing folder or a Hugging Face Hub id 'owner/name': the "
+        f"course's assets are {', '.join(sorted(ASSETS))}.")
 
 
 def status() -> list[dict[str, object]]:
