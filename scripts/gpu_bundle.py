@@ -135,7 +135,8 @@ def install(root: Path = REPO, target: Path = Path("/tmp/course-site")) -> list[
     for wheel in wheels:
         spec = _spec_of(wheel)
         if spec is None:
-            raise SystemExit(f"error: {wheel.name} in .whl is not a wheel gpu_bundle.py pins: remove it and pack again.")
+            raise SystemExit(f"error: {wheel.name} in .whl is not a wheel gpu_bundle.py pins: remove it and pack "
+                             f"again.")
         if _sha256(wheel.read_bytes()) != WHEELS[spec]:
             raise SystemExit(f"error: {wheel.name} does not have the SHA-256 pinned for {spec}: carry the wheels "
                              f"that `python scripts/gpu_bundle.py pack` downloads.")

@@ -91,8 +91,8 @@ def test_a_record_name_cannot_leave_data_results(results_dir, tmp_path):
 
 @pytest.mark.parametrize("value, sentence", [
     ({"seen": {1, 2}}, r"results\['seen'\] is a set, which JSON cannot hold: sorted\(\.\.\.\) gives a list\."),
-    ({"w": np.zeros(3)}, r"results\['w'\] is a ndarray of shape \(3,\); record it as a list with \.tolist\(\)\."),
-    ({"runs": [{"loss": torch.ones(2)}]}, r"results\['runs'\]\[0\]\['loss'\] is a Tensor of shape \(2,\)"),
+    ({"w": np.zeros(3)}, r"results\['w'\] is a numpy\.ndarray of shape \(3,\); record it as a list with \.tolist"),
+    ({"runs": [{"loss": torch.ones(2)}]}, r"results\['runs'\]\[0\]\['loss'\] is a torch\.Tensor of shape \(2,\)"),
     ({"where": Path("/tmp")}, r"results\['where'\] is a PosixPath, which JSON cannot hold"),
     ({("a", "b"): 1}, r"results has the key \('a', 'b'\), a tuple; JSON keys are strings or numbers"),
     ([1, 2], r"results must be a dict of what the run measured, got a list\."),
@@ -127,12 +127,13 @@ def test_decode_takes_tensors_and_arrays_of_ids():
 
 
 @pytest.mark.parametrize("call, error, sentence", [
-    (lambda t: t.decode(torch.tensor([[116, 111]])), TypeError, r"flat sequence of integer token ids.*shape \(2,\)"),
+    (lambda t: t.decode(torch.tensor([[116, 111]])), TypeError,
+     r"decode expects integer token ids \(a flat sequence of them for decode\).*shape \(2,\)"),
     (lambda t: t.decode(5), TypeError, r"for one id i use decode\(\[i\]\)"),
-    (lambda t: t.decode([1.0]), TypeError, r"one item is 1\.0"),
-    (lambda t: t.decode(torch.tensor([1.0])), TypeError, r"one item is tensor\(1\.\)"),
+    (lambda t: t.decode([1.0]), TypeError, r"but got 1\.0: pass a list of ints"),
+    (lambda t: t.decode(torch.tensor([1.0])), TypeError, r"but got tensor\(1\.\): pass a list of ints"),
     (lambda t: t.decode([300]), ValueError, r"decode got 300, which is not a token id"),
-    (lambda t: t.token_text(999), ValueError, r"999, which is not a token id"),
+    (lambda t: t.token_text(999), ValueError, r"token_text got 999, which is not a token id"),
     (lambda t: BPETokenizer([(1, 2, 3)]), ValueError, r"merge 0 is \(1, 2, 3\), but each merge is a pair"),
 ])
 def test_bpe_bad_input_is_one_sentence(call, error, sentence):
@@ -147,13 +148,13 @@ def test_codes_out_of_range_are_refused_not_packed_into_the_next_nibble():
     codes, absmax = quant.quantize_nf4(torch.randn(2, 64))
     with pytest.raises(ValueError, match=r"pack_nibbles takes 4-bit codes 0\.\.15, but one code is 16"):
         quant.pack_nibbles(torch.tensor([16, 1], dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"dequantize_nf4 takes 4-bit codes 0\.\.15, but one code is 200.*unpack_nibbles"):
+    with pytest.raises(ValueError, match=r"dequantize_nf4 takes 4-bit codes 0\.\.15, but one code is 200.*unpack"):
         quant.dequantize_nf4(torch.full_like(codes, 200), absmax)
     with pytest.raises(ValueError, match=r"32 packed bytes hold at most 64 codes, but n is 65"):
         quant.unpack_nibbles(quant.pack_nibbles(codes[0]), 65)
     with pytest.raises(TypeError, match="uint8"):
         quant.pack_nibbles(codes.float())
-    with pytest.raises(ValueError, match="offset is a probability"):
+    with pytest.raises(ValueError, match=r"offset is a probability.*got '0\.9'"):
         quant.nf4_codebook("0.9")
 
 

@@ -85,7 +85,8 @@ def _cut(data: bytes, tmp_path: Path, part_bytes: int, name: str = "fake") -> li
     return roots
 
 
-def _tar(folder: Path, cache: Path, extra: list[tarfile.TarInfo] = (), payloads: dict[str, bytes] | None = None) -> bytes:
+def _tar(folder: Path, cache: Path, extra: list[tarfile.TarInfo] = (),
+         payloads: dict[str, bytes] | None = None) -> bytes:
     import io
 
     buffer = io.BytesIO()
@@ -202,7 +203,7 @@ def test_install_refuses_a_wheel_that_is_not_the_pinned_one(tmp_path, monkeypatc
         gpu_bundle.install(root=tmp_path, target=tmp_path / "site")
     wheel.unlink()
     (tmp_path / ".whl" / "requests-2.0-py3-none-any.whl").write_bytes(b"x")
-    with pytest.raises(SystemExit, match=r"requests-2\.0-py3-none-any\.whl in \.whl is not a wheel gpu_bundle\.py pins"):
+    with pytest.raises(SystemExit, match=r"requests-2\.0-py3-none-any\.whl in \.whl is not a wheel gpu_bundle"):
         gpu_bundle.install(root=tmp_path, target=tmp_path / "site")
 
 

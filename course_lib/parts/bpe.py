@@ -225,7 +225,7 @@ class BPETokenizer:
             ids.extend(cached)
         return ids
 
-    def _token_id(self, value: object) -> int:
+    def _token_id(self, value: object, caller: str = "decode") -> int:
         """``value`` as a token id: an int, or anything that is one (a numpy integer, a 0-d integer tensor)."""
         if isinstance(value, bool) or getattr(value, "is_floating_point", lambda: False)():
             index = None
@@ -237,10 +237,10 @@ class BPETokenizer:
         if index is None:
             shape = getattr(value, "shape", None)
             what = f"a {type(value).__name__} of shape {tuple(shape)}" if shape else repr(value)
-            raise TypeError(f"decode expects a flat sequence of integer token ids, but one item is {what}: pass a "
-                            f"list of ints or a 1-D integer tensor.")
+            raise TypeError(f"{caller} expects integer token ids (a flat sequence of them for decode), but got "
+                            f"{what}: pass a list of ints or a 1-D integer tensor.")
         if not 0 <= index < self.vocab_size:
-            raise ValueError(f"decode got {index}, which is not a token id of this tokenizer (ints in "
+            raise ValueError(f"{caller} got {index}, which is not a token id of this tokenizer (ints in "
                              f"0..{self.vocab_size - 1}).")
         return index
 
@@ -257,4 +257,5 @@ class BPETokenizer:
 
     def token_text(self, token_id: int) -> str:
         """A readable form of one token, e.g. ``'␣the'`` (a space shown as ␣, partial characters as �)."""
-        return self.vocab[self._token_id(token_id)].decode("utf-8", "replace").replace(" ", "␣").replace("\n", "↵")
+        text = self.vocab[self._token_id(token_id, "token_text")].decode("utf-8", "replace")
+        return text.replace(" ", "␣").replace("\n", "↵")

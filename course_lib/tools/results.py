@@ -77,9 +77,11 @@ def _plain(value: Any, where: str) -> Any:
     if shape is not None and hasattr(value, "item") and tuple(shape) == ():  # a numpy or torch scalar
         return value.item()
     if shape is not None and hasattr(value, "tolist"):
-        raise TypeError(f"results{where} is a {type(value).__name__} of shape {tuple(value.shape)}; record it as "
-                        f"a list with .tolist().")
-    hint = "sorted(...) gives a list" if isinstance(value, (set, frozenset)) else "give a number, a string, a list or a dict"
+        kind = f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
+        raise TypeError(f"results{where} is a {kind} of shape {tuple(value.shape)}; record it as a list with "
+                        f".tolist().")
+    hint = ("sorted(...) gives a list" if isinstance(value, (set, frozenset))
+            else "give a number, a string, a list or a dict")
     raise TypeError(f"results{where} is a {type(value).__name__}, which JSON cannot hold: {hint}.")
 
 
