@@ -72,14 +72,18 @@ class FetchFailure(Exception):
 
 # ---- pip's settings ---------------------------------------------------------------------------------
 
+def _pip_config_list() -> str:
+    try:
+        return subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                              text=True, timeout=120, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""  # no pip in this Python: the PIP_* variables still apply
+
+
 def pip_settings() -> dict[str, str]:
     """pip's own configuration as ``pip download`` sees it: ``pip config list`` (its configuration files,
     ``PIP_CONFIG_FILE``, ``PIP_*`` variables), the environment over ``[download]`` over ``[global]``."""
-    try:
-        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
-                                text=True, timeout=120, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        listed = ""  # no pip in this Python: the PIP_* variables below still apply
+    listed = _pip_config_list()
     rank_of = {"global": 0, "download": 1, ":env:": 2}
     settings: dict[str, str] = {}
     ranks: dict[str, int] = {}
