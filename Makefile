@@ -48,13 +48,16 @@ nbval: nbval-solution nbval-student
 
 NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
 	-p no:cacheprovider -q -rs -n $(JOBS) --dist loadfile
+# -c /dev/null keeps tests/conftest.py away from nbval, so what it sets for the unit tests is set here for
+# the notebook kernels, which inherit this environment: the ci profile, and no Hugging Face Hub.
+NBVAL_ENV := COURSE_PROFILE=ci HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 nbval-solution:
-	cd notebooks && COURSE_PROFILE=ci ../$(PY) -m pytest $(NBVAL_FLAGS) --rootdir=. -c /dev/null \
+	cd notebooks && $(NBVAL_ENV) ../$(PY) -m pytest $(NBVAL_FLAGS) --rootdir=. -c /dev/null \
 		--nbval-sanitize-with ../tests/nbval_sanitize.cfg *.ipynb
 
 nbval-student:
-	cd student/notebooks && COURSE_PROFILE=ci ../../$(PY) -m pytest $(NBVAL_FLAGS) --rootdir=. -c /dev/null \
+	cd student/notebooks && $(NBVAL_ENV) ../../$(PY) -m pytest $(NBVAL_FLAGS) --rootdir=. -c /dev/null \
 		--nbval-sanitize-with ../../tests/nbval_sanitize.cfg *.ipynb
 
 test-browser: setup  ## JupyterLab in headless Chromium (needs scripts/install_browser.sh)

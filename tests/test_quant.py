@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -12,7 +13,10 @@ from torch import nn
 from course_lib.parts import quant
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see course_lib.start
-bnb = pytest.importorskip("bitsandbytes.functional")
+if os.environ.get("CI"):
+    import bitsandbytes.functional as bnb  # pinned in requirements.txt: under CI a broken install fails the run
+else:
+    bnb = pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +194,46 @@ def test_apply_qlora_matches_peft_with_bitsandbytes_code_for_code():
     n_peft = sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and "original_module" not in n)
     n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     assert n_ours == n_peft == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+
+
+def test_qlora_layer_adds_the_scaled_update_once_b_has_learned():
+    """h = dequant(W) x + b + (alpha / r) B A x with B != 0 (at the start B = 0 hides the scaling)."""
+    torch.manual_seed(0)
+    layer = quant.QLoRALinear(quant.NF4Linear.from_linear(nn.Linear(32, 16)), r=4, alpha=12)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 32)
+    expected = layer.base(x) + 3.0 * (x @ layer.lora_A.T @ layer.lora_B.T)  # alpha / r = 3
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+# Blocks [s, x, 0, ...] where x / s and x * (1 / s) differ in the last bit and fall on two sides of an NF4
+# midpoint (found by search; float32 values). bitsandbytes multiplies by the reciprocal.
+MIDPOINT_CASES = [(1.498769760131836, 0.30503150820732117), (0.9322684407234192, 0.18973644077777863),
+                  (1.3768839836120605, -0.4676991403102875), (1.05668044090271, 0.4113789498806),
+                  (0.8916653394699097, 0.3471364974975586)]
+
+
+def test_codes_at_a_midpoint_equal_bitsandbytes_because_both_multiply_by_the_reciprocal():
+    w = torch.zeros(len(MIDPOINT_CASES), 64)
+    for row, (s, x) in enumerate(MIDPOINT_CASES):
+        w[row, 0], w[row, 1] = s, x
+    scale = w[:, :1]
+    by_reciprocal = quant._nearest((w[:, 1] * (1.0 / scale[:, 0])), quant.NF4_CODEBOOK)
+    by_division = quant._nearest((w[:, 1] / scale[:, 0]), quant.NF4_CODEBOOK)
+    assert bool((by_reciprocal != by_division).all()), "the cases must sit where the two roundings disagree"
+    codes, _ = quant.quantize_nf4(w, 64)
+    packed, _ = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(codes.reshape(-1), quant.unpack_nibbles(packed, w.numel()))
+    assert torch.equal(codes[:, 1], by_reciprocal)
+
+
+def test_a_value_exactly_at_a_midpoint_goes_to_the_lower_level_like_bitsandbytes():
+    midpoints = (quant.NF4_CODEBOOK[:-1] + quant.NF4_CODEBOOK[1:]) / 2
+    w = torch.zeros(1, 64)
+    w[0, 0] = 1.0  # absmax 1: the scaled values are the midpoints themselves
+    w[0, 1:16] = midpoints
+    codes, _ = quant.quantize_nf4(w, 64)
+    assert torch.equal(codes[0, 1:16], torch.arange(15, dtype=torch.uint8))
+    packed, _ = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(codes.reshape(-1), quant.unpack_nibbles(packed, 64))

@@ -69,3 +69,29 @@ def test_provenance_takes_the_commit_passed_in_where_git_is_absent(monkeypatch):
     p = results.provenance(get_profile())
     assert p["commit"] == "abc1234 (from COURSE_COMMIT)"
     assert "deterministic_algorithms" in p and "load_average_1min" in p
+
+
+def test_a_record_replaces_the_old_file_whole_never_writes_into_it(results_dir, monkeypatch):
+    """Written to a temporary file and renamed over the record: a run killed while writing (here: the
+    rename fails) leaves the previous record intact and no temporary file behind."""
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    path = results.record("lora", get_profile(), {"accuracy": 0.75})
+    before, inode = path.read_text(), path.stat().st_ino
+    path_again = results.record("lora", get_profile(), {"accuracy": 0.8})
+    assert path_again.stat().st_ino != inode, "the record was rewritten in place, not replaced"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    before = path.read_text()
+    monkeypatch.setattr(results.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        results.record("lora", get_profile(), {"accuracy": 0.9})
+    assert path.read_text() == before
+    assert sorted(p.name for p in results_dir.iterdir()) == ["lora_cpu.json"], "the temporary file is removed"
+
+
+def test_describe_keeps_the_dirty_mark_of_a_shortened_commit():
+    run = {"provenance": {"profile": "cpu", "hardware": "x", "device": "cpu", "versions": {"torch": "2"},
+                          "date": "d", "commit": "0123456789abcdef0123456789abcdef01234567-dirty"}}
+    assert results.describe(run).endswith("code 0123456789-dirty")

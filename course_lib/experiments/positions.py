@@ -112,7 +112,7 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
 
     Runs of the same seed see the same batches in the same order and are judged on the same held-out
     windows, so the encodings are compared pairwise (paired bootstrap over seeds and windows,
-    :func:`course_lib.parts.finetune.paired_bootstrap_gap_seeds`). One learning rate serves all encodings.
+    :func:`course_lib.experiments.stats.paired_bootstrap_gap_seeds`). One learning rate serves all encodings.
     """
     import numpy as np
 

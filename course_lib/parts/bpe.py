@@ -23,6 +23,7 @@ counts up to date after every merge: only the pre-tokens that contain the merged
 from __future__ import annotations
 
 import heapq
+import operator
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
@@ -92,7 +93,12 @@ class BPETokenizer:
     def __init__(self, merges: Iterable[tuple[int, int]] = (), pattern: str = GPT2_PATTERN) -> None:
         self.merges: list[tuple[int, int]] = []
         self.vocab: list[bytes] = [bytes([b]) for b in range(256)]      # id -> the bytes it stands for
-        for a, b in merges:
+        for merge in merges:
+            try:
+                a, b = (operator.index(x) for x in merge)
+            except (TypeError, ValueError):
+                raise ValueError(f"merge {len(self.merges)} is {merge!r}, but each merge is a pair of token ids "
+                                 f"(a, b).") from None
             if not (0 <= a < len(self.vocab) and 0 <= b < len(self.vocab)):
                 raise ValueError(f"merge {len(self.merges)} joins ids ({a}, {b}), but only ids below "
                                  f"{len(self.vocab)} exist at that point; merges must refer to earlier ids.")
@@ -219,14 +225,31 @@ class BPETokenizer:
             ids.extend(cached)
         return ids
 
+    def _token_id(self, value: object, caller: str = "decode") -> int:
+        """``value`` as a token id: an int, or anything that is one (a numpy integer, a 0-d integer tensor)."""
+        if isinstance(value, bool) or getattr(value, "is_floating_point", lambda: False)():
+            index = None
+        else:
+            try:
+                index = operator.index(value)
+            except TypeError:
+                index = None
+        if index is None:
+            shape = getattr(value, "shape", None)
+            what = f"a {type(value).__name__} of shape {tuple(shape)}" if shape else repr(value)
+            raise TypeError(f"{caller} expects integer token ids (a flat sequence of them for decode), but got "
+                            f"{what}: pass a list of ints or a 1-D integer tensor.")
+        if not 0 <= index < self.vocab_size:
+            raise ValueError(f"{caller} got {index}, which is not a token id of this tokenizer (ints in "
+                             f"0..{self.vocab_size - 1}).")
+        return index
+
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of token ids. Ids that cut a character's UTF-8 bytes apart decode to U+FFFD (�)."""
-        ids = list(ids)
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"decode got {bad[0]!r}, which is not a token id of this tokenizer "
-                             f"(ints in 0..{self.vocab_size - 1}).")
-        data = b"".join(self.vocab[i] for i in ids)
+        """The text of token ids (a list of ints, or a 1-D integer tensor or array). Ids that cut a
+        character's UTF-8 bytes apart decode to U+FFFD (�)."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable) or getattr(ids, "ndim", 1) == 0:
+            raise TypeError(f"decode expects a sequence of token ids, got {ids!r}; for one id i use decode([i]).")
+        data = b"".join(self.vocab[self._token_id(i)] for i in ids)
         try:
             return data.decode("utf-8", _ERRORS)
         except UnicodeDecodeError:
@@ -234,4 +257,5 @@ class BPETokenizer:
 
     def token_text(self, token_id: int) -> str:
         """A readable form of one token, e.g. ``'␣the'`` (a space shown as ␣, partial characters as �)."""
-        return self.vocab[token_id].decode("utf-8", "replace").replace(" ", "␣").replace("\n", "↵")
+        text = self.vocab[self._token_id(token_id, "token_text")].decode("utf-8", "replace")
+        return text.replace(" ", "␣").replace("\n", "↵")

@@ -74,12 +74,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     *, generator: torch.Generator | None = None, restore_rng: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``,
     ``generator``); returns ``{"step": int, "metadata": dict}``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train with checkpoint_dir=... first.")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        opened = safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a safetensors checkpoint ({error}): pass the file save_checkpoint wrote "
+                         f"({CHECKPOINT_NAME} in the checkpoint_dir of the run).") from None
+    with opened as f:
         header = f.metadata() or {}
         if header.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a course_lib.train checkpoint (format {header.get('format')!r}).")

@@ -121,13 +121,14 @@ def heldout_loss(model: nn.Module, tokens: torch.Tensor, context: int, batch_siz
     once, from the tokens before it in its window. Deterministic: no sampling of windows.
     """
     if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"tokens must be a 1-D torch.Tensor of token ids, but it is a {type(tokens).__name__}; "
-                        f"use torch.tensor(ids, dtype=torch.long).")
+        raise TypeError(f"tokens must be a 1-D torch.Tensor of token ids, got a {type(tokens).__name__}: pass "
+                        f"torch.tensor(tokens).")
     if tokens.dim() != 1 or len(tokens) < 2:
         raise ValueError(f"tokens must be a 1-D stream of at least 2 ids, but it has shape {tuple(tokens.shape)}.")
     for name, value in (("context", context), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int (tokens per window / windows per batch), got {value!r}.")
+            raise ValueError(f"{name} must be a positive integer (tokens per window / windows per batch), got "
+                             f"{value!r}.")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -188,7 +188,7 @@ class PrefixTuning(nn.Module):
         super().__init__()
         if not isinstance(base, classifier_parts.SentenceClassifier):
             raise TypeError("PrefixTuning wraps a course_lib.parts.classifier.SentenceClassifier.")
-        if not (isinstance(n_virtual, int) and n_virtual >= 1):
+        if isinstance(n_virtual, bool) or not (isinstance(n_virtual, int) and n_virtual >= 1):
             raise ValueError(f"n_virtual (the prefix length) must be a positive integer, got {n_virtual!r}.")
         self.base, self.n_virtual, self.n_classes = base, n_virtual, base.n_classes
         base.encoder.requires_grad_(False)

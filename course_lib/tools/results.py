@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +48,62 @@ def _command() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def path_for(name: str, profile_name: str) -> Path:
+    """``data/results/NAME_PROFILE.json``; both parts must be plain names, so a record stays in that folder."""
+    for what, value in (("name", name), ("profile name", profile_name)):
+        if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
+            raise ValueError(f"the record's {what} must be a plain name of letters, digits, '_', '-' and '.' "
+                             f"(like 'finetuning' or 'cpu'), got {value!r}: records live in data/results/ only.")
     return RESULTS / f"{name}_{profile_name}.json"
 
 
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain JSON types (numpy and torch scalars become numbers, tuples lists), or a TypeError
+    naming the first part JSON cannot hold, e.g. ``results['seen']``."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise TypeError(f"results{where} has the key {key!r}, a {type(key).__name__}; JSON keys are "
+                                f"strings or numbers: use str(key).")
+        return {key: _plain(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "item") and tuple(shape) == ():  # a numpy or torch scalar
+        return value.item()
+    if shape is not None and hasattr(value, "tolist"):
+        kind = f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
+        raise TypeError(f"results{where} is a {kind} of shape {tuple(value.shape)}; record it as a list with "
+                        f".tolist().")
+    hint = ("sorted(...) gives a list" if isinstance(value, (set, frozenset))
+            else "give a number, a string, a list or a dict")
+    raise TypeError(f"results{where} is a {type(value).__name__}, which JSON cannot hold: {hint}.")
+
+
 def record(name: str, profile: Profile, results: dict[str, Any], *, note: str = "") -> Path:
-    """Save ``results`` of this run with its provenance; returns the file written."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Save ``results`` of this run with its provenance; returns the file written.
+
+    The file appears complete or not at all: it is written to a temporary file beside it and renamed
+    over the old record, so a run killed while writing leaves the previous record intact."""
     path = path_for(name, profile.name)
-    payload = {"name": name, "provenance": provenance(profile), "note": note, "results": results}
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(payload, indent=1, sort_keys=True, default=float) + "\n")
-    temporary.replace(path)
+    if not isinstance(results, dict):
+        raise TypeError(f"results must be a dict of what the run measured, got a {type(results).__name__}.")
+    payload = {"name": name, "provenance": provenance(profile), "note": note, "results": _plain(results, "")}
+    text = json.dumps(payload, indent=1, sort_keys=True) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", dir=RESULTS, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -66,7 +112,15 @@ def recorded(name: str, profile_name: str) -> dict[str, Any] | None:
     path = path_for(name, profile_name)
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        run = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not a readable record ({error}): restore it with git, or record the run "
+                         f"again.") from None
+    if not isinstance(run, dict) or not isinstance(run.get("provenance"), dict) or "results" not in run:
+        raise ValueError(f"{path} is not a recorded run (it lacks provenance or results): restore it with git, "
+                         f"or record the run again.")
+    return run
 
 
 def describe(run: dict[str, Any]) -> str:

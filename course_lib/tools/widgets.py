@@ -11,6 +11,7 @@ Also here: ``finish_progress_bars``, which ``make execute`` applies to a saved n
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +33,15 @@ def show_attention(attentions: Sequence[torch.Tensor], tokens: Sequence[Sequence
     if len(attentions) != len(tokens):
         raise ValueError(f"got {len(attentions)} attention tensors but {len(tokens)} token lists; give one "
                          f"(n_layer, n_head, T, T) tensor per sentence.")
+    if not 0 <= sentence < len(attentions):
+        raise ValueError(f"sentence {sentence} does not exist: there are {len(attentions)} (0..{len(attentions) - 1}).")
     weights = attentions[sentence]
     if weights.dim() != 4:
         raise ValueError(f"attentions[{sentence}] must have shape (n_layer, n_head, T, T), but it has shape "
                          f"{tuple(weights.shape)}; stack the per-layer outputs with torch.stack(...)[:, 0].")
+    for what, value, count in (("layer", layer, weights.shape[0]), ("head", head, weights.shape[1])):
+        if not 0 <= value < count:
+            raise ValueError(f"{what} {value} does not exist: the model has {count} (0..{count - 1}).")
     ax = plot_attention(weights[layer, head], tokens[sentence],
                         title=f"layer {layer}, head {head}: sentence {sentence}")
     plt.show()
@@ -150,16 +156,38 @@ def execute_notebook(path: Path | str, *, timeout: int = 1800) -> None:
     nbformat.write(notebook, path)
 
 
+_USAGE = "usage: python -m course_lib.tools.widgets execute|finish-bars NOTEBOOK.ipynb ..."
+
+
+def _notebook_problem(name: str) -> str | None:
+    """Why ``name`` cannot be run or rewritten as a notebook, in one sentence, or None."""
+    path = Path(name)
+    if not path.is_file():
+        return f"{name} does not exist (the lessons are notebooks/NN_name.ipynb)."
+    if path.suffix != ".ipynb":
+        return f"{name} is not a notebook (.ipynb)."
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        return f"{name} is not readable notebook JSON ({error}); restore it with git."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m course_lib.tools.widgets execute NOTEBOOK...`` (what ``make execute`` runs) and
-    ``python -m course_lib.tools.widgets finish-bars NOTEBOOK...``."""
+    ``python -m course_lib.tools.widgets finish-bars NOTEBOOK...``. Every notebook named is checked
+    before any runs, so a typo stops with one sentence instead of a traceback or a silent success."""
     import sys
 
     import nbformat
 
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ("finish-bars", "execute"):
-        print("usage: python -m course_lib.tools.widgets execute|finish-bars NOTEBOOK.ipynb ...", file=sys.stderr)
+    if not args or args[0] not in ("finish-bars", "execute") or len(args) < 2:
+        print(_USAGE, file=sys.stderr)
+        return 2
+    problems = [problem for problem in map(_notebook_problem, args[1:]) if problem]
+    if problems:
+        print(f"error: {problems[0]}", file=sys.stderr)
         return 2
     if args[0] == "execute":
         for name in args[1:]:
