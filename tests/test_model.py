@@ -54,6 +54,30 @@ def test_layernorm_matches_torch(shape, bias):
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 16), (2, 4, 3, 128)])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_layer_norm_from_scratch_equals_the_fused_op_the_model_uses(shape, offset):
+    """03's LayerNorm written out (course_lib.parts.model.layer_norm) is what F.layer_norm computes, values
+    and gradients; the model runs the fused op (one kernel instead of five passes)."""
+    from course_lib.parts.model import layer_norm
+
+    g = torch.Generator().manual_seed(2)
+    d = shape[-1]
+    gamma, beta = torch.randn(d, generator=g, requires_grad=True), torch.randn(d, generator=g, requires_grad=True)
+    x = (3 * torch.randn(*shape, generator=g) + offset).requires_grad_()
+    ours = layer_norm(x, gamma, beta, 1e-5)
+    fused = F.layer_norm(x, (d,), gamma, beta, 1e-5)
+    torch.testing.assert_close(ours, fused, atol=2e-4 if offset else 2e-5, rtol=1e-5)
+    dy = torch.randn(*shape, generator=g)
+    grads_ours = torch.autograd.grad(ours, (x, gamma, beta), dy)
+    grads_fused = torch.autograd.grad(fused, (x, gamma, beta), dy)
+    for a, b in zip(grads_ours, grads_fused):
+        torch.testing.assert_close(a, b, atol=1e-3 if offset else 1e-4, rtol=1e-4)
+    # far from 0, float32 loses digits of x − μ in both computations alike (offset 1e3: ~1e-4)
+    torch.testing.assert_close(layer_norm(x, gamma), F.layer_norm(x, (d,), gamma, None, 1e-5),
+                               atol=2e-4 if offset else 2e-5, rtol=1e-5)
+
+
 def test_layernorm_of_constant_vector_is_beta():
     ln = LayerNorm(4)
     with torch.no_grad():

@@ -139,8 +139,11 @@ def test_recomputation_gives_the_same_gradients_and_keeps_only_block_inputs():
     config0 = GPTConfig(vocab_size=11, context=16, d_model=32, n_layer=3, n_head=4)
     full, kept = GPT(config0), am.checkpoint_blocks(GPT(config0))
     saved = saved_activation_bytes(full, x, x) - saved_activation_bytes(kept, x, x)
-    # per block 20 B·T·d floats saved before (lesson 03; plus per-token statistics), 1 (its input) after
-    assert saved == pytest.approx(3 * (20 - 1) * 2 * 16 * 32 * 4, rel=0.02)
+    # per block ACTIVATION_UNITS_PER_BLOCK B·T·d floats saved before (lesson 03; plus per-token statistics),
+    # 1 (its input) after
+    from course_lib.parts.model import ACTIVATION_UNITS_PER_BLOCK as units
+
+    assert saved == pytest.approx(3 * (units - 1) * 2 * 16 * 32 * 4, rel=0.02)
     times = am.step_seconds(kept, x, x, repeats=2)
     assert len(times["forward_all"]) == len(times["forward_backward_all"]) == 2
     assert times["forward"] == min(times["forward_all"]) > 0

@@ -88,15 +88,13 @@ class MegatronAttention(CausalSelfAttention):
 def paper_layer(config: GPTConfig) -> Block:
     """A :class:`~course_lib.parts.model.Block` with the choices the paper's count assumes.
 
-    Its LayerNorms are ``nn.LayerNorm`` (PyTorch's kernel keeps the input and two small per-token
-    statistics; the course's from-scratch LayerNorm keeps three full tensors), its attention is
-    :class:`MegatronAttention`, and its dropouts keep 1-byte masks. ``config.dropout`` must be > 0.
+    Its LayerNorms are the model's (the fused kernel keeps the input and two small per-token statistics,
+    as the paper counts), its attention is :class:`MegatronAttention`, and its dropouts keep 1-byte masks.
+    ``config.dropout`` must be > 0.
     """
     if not config.dropout > 0:
         raise ValueError("the paper's count includes dropout masks: build the config with dropout > 0.")
     block = Block(config)
-    block.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
-    block.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
     block.attn.__class__ = MegatronAttention
     block.attn.attn_dropout = ByteMaskDropout(config.dropout)
     block.attn.resid_dropout = ByteMaskDropout(config.dropout)

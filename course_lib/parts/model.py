@@ -32,7 +32,7 @@ from torch import nn
 
 from course_lib.parts.positions import POSITION_KINDS, apply_rope, sinusoidal_encoding
 
-__all__ = ["GPTConfig", "LayerNorm", "layer_norm_backward", "CausalSelfAttention", "MLP", "Block", "GPT", "KVCache", "count_params",
+__all__ = ["GPTConfig", "LayerNorm", "layer_norm", "layer_norm_backward", "CausalSelfAttention", "MLP", "Block", "GPT", "KVCache", "count_params",
            "param_count_formula", "flops_per_token", "memory_estimate", "saved_activation_bytes",
            "top_k_filter", "top_p_filter", "gpt2_config", "load_gpt2_weights"]
 
@@ -89,14 +89,26 @@ class GPTConfig:
         return cls(vocab_size=vocab_size, **sizes)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm from scratch: normalise each vector over its last axis, then scale and shift.
+def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None = None, eps: float = 1e-5
+               ) -> torch.Tensor:
+    """LayerNorm from scratch (the one students write in 03): normalise each vector over its last axis,
+    then scale and shift.
 
         μ = mean(x),  σ² = mean((x − μ)²)   (biased: divide by d, not d − 1)
         y = γ ⊙ (x − μ) / √(σ² + ε) + β      (ε inside the square root)
 
-    Matches ``torch.nn.LayerNorm(d, eps)`` (tests/test_model.py).
+    Equal to ``torch.nn.functional.layer_norm`` to float rounding (tests/test_model.py), which the model
+    uses instead: one fused kernel rather than five elementwise passes over the activations (a quarter of
+    a training step at nanoGPT's CPU shape).
     """
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+    y = (x - mean) * torch.rsqrt(var + eps) * gamma
+    return y + beta if beta is not None else y
+
+
+class LayerNorm(nn.Module):
+    """A LayerNorm's parameters, γ (``weight``) and β (``bias``, optional), applied by the fused
+    ``F.layer_norm``; :func:`layer_norm` is the same computation written out."""
 
     def __init__(self, d: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
@@ -105,10 +117,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d)) if bias else None        # β
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
-        y = x_hat * self.weight
-        return y + self.bias if self.bias is not None else y
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 def layer_norm_backward(x: torch.Tensor, gamma: torch.Tensor, dy: torch.Tensor, eps: float = 1e-5
@@ -477,12 +486,13 @@ def flops_per_token(config: GPTConfig, training: bool = True, seq_len: int | Non
 
 # Tensors autograd keeps for the backward pass, in units of B·T·d floats, per block of this file's
 # GPT (with dropout 0; measured by saved_activation_bytes in tests/test_model.py):
-#   LayerNorm ×2: its input, x − μ and x̂                         2 × 3
+#   LayerNorm ×2: its input (the fused kernel keeps only that, and a mean and 1/σ per vector)   2 × 1
 #   attention:    the qkv input, q/k/v (one 3d buffer), the attention output   1 + 3 + 1
 #                 (the kernels return it laid out as (B, T, H, d_head), so merging the heads
 #                 is a free view and W_o's input shares that buffer)
 #   MLP:          the fc input, the GELU input (4d) and its output (4d)        1 + 4 + 4
-ACTIVATION_UNITS_PER_BLOCK = 20
+# (03's LayerNorm written out in elementwise ops would keep x − μ and x̂ too: 2 × 3 instead of 2 × 1.)
+ACTIVATION_UNITS_PER_BLOCK = 16
 
 
 def memory_estimate(config: GPTConfig, batch_size: int, seq_len: int | None = None,
@@ -492,7 +502,7 @@ def memory_estimate(config: GPTConfig, batch_size: int, seq_len: int | None = No
     * weights: 4 bytes per parameter; gradients: the same again;
     * AdamW state: two moments (exp_avg, exp_avg_sq) per parameter, 8 bytes;
     * activations kept for the backward pass: ``ACTIVATION_UNITS_PER_BLOCK``·B·T·d values per block,
-      the final LayerNorm (3·B·T·d) and the lm-head input (B·T·d), and two B·T·V tensors for the
+      the final LayerNorm's input (B·T·d) and the lm-head input (B·T·d), and two B·T·V tensors for the
       logits and their log-softmax inside the cross-entropy.
 
     Ignores allocator rounding, temporary buffers of the backward pass and the framework itself.
@@ -502,7 +512,7 @@ def memory_estimate(config: GPTConfig, batch_size: int, seq_len: int | None = No
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {T}.")
     P = param_count_formula(config, non_embedding=False)
     B, d, V, L = batch_size, config.d_model, config.vocab_size, config.n_layer
-    activations = (L * ACTIVATION_UNITS_PER_BLOCK + 4) * B * T * d + 2 * B * T * V
+    activations = (L * ACTIVATION_UNITS_PER_BLOCK + 2) * B * T * d + 2 * B * T * V
     estimate = {"weights": P * bytes_per_value, "gradients": P * bytes_per_value,
                 "adam_states": 2 * P * bytes_per_value, "activations": activations * bytes_per_value}
     estimate["total"] = sum(estimate.values())
