@@ -39,6 +39,7 @@ from pathlib import Path
 import nbformat
 
 from course_lib.checks import DEFAULT_POINTS, EXERCISES, NotAttempted, not_attempted_message, stub_message
+from course_lib.grading import grade_id
 from course_lib.tools.profiles import REPO
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
@@ -126,18 +127,6 @@ def student_notebook(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookN
         elif BEGIN in cell.source:
             raise EditionError(f"{where}: '{BEGIN}' appears in a cell not tagged `exercise`.")
     return nb
-
-
-def grade_id(exercise: str, kind: str) -> str:
-    """nbgrader's id of an exercise's cells (letters, digits, - and _ only): ``exercise-01_1`` (the answer),
-    ``check-01_1`` (the grade cell)."""
-    return f"{kind}-{exercise.replace('.', '_')}"
-
-
-def exercise_of_grade_id(grade_id_: str) -> str | None:
-    """``check-01_1`` -> ``01.1``; None for any other cell."""
-    match = re.fullmatch(r"check-(\d{2})_(\d+)", grade_id_ or "")
-    return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
 def grading_notebook(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:

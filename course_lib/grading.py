@@ -35,6 +35,7 @@ import csv
 import functools
 import importlib
 import importlib.util
+import io
 import logging
 import os
 import re
@@ -45,10 +46,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from course_lib.tools.profiles import REPO
-
+# The repository, as course_lib.tools.profiles.REPO says, without importing torch through it: nbgrader imports this
+# module (nbgrader_config.py names its preprocessors) in every command, feedback and export included.
+REPO = Path(__file__).resolve().parent.parent
 GRADING = REPO / "grading"            # nbgrader's course folder (CourseDirectory.root in nbgrader_config.py)
 VERDICT = "graded {exercise}: "       # the line grade() prints last; GradingRules requires it
+
+
+def grade_id(exercise: str, kind: str) -> str:
+    """nbgrader's id of an exercise's cells (letters, digits, - and _ only): ``exercise-01_1`` (the answer),
+    ``check-01_1`` (the grade cell)."""
+    return f"{kind}-{exercise.replace('.', '_')}"
+
+
+def exercise_of_grade_id(grade_id_: str) -> str | None:
+    """``check-01_1`` -> ``01.1``; None for any other cell."""
+    match = re.fullmatch(r"check-(\d{2})_(\d+)", grade_id_ or "")
+    return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +313,6 @@ def is_student_cell(cell: Any) -> bool:
 def tampering(nb: Any) -> dict[str, str]:
     """Exercise -> one sentence, for every graded exercise of ``nb`` that a student cell touches."""
     from course_lib.checks import EXERCISES
-    from course_lib.editions import exercise_of_grade_id
 
     graded = {e: EXERCISES[e] for cell in nb.cells
               if (e := exercise_of_grade_id(cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", "")))
@@ -328,8 +341,6 @@ def _preprocessors() -> dict[str, type]:
     from nbconvert.preprocessors import Preprocessor as Disabled
     from traitlets import Bool
 
-    from course_lib.editions import exercise_of_grade_id, student_notebook
-
     class Preprocessor(Disabled):
         enabled = Bool(True)     # nbconvert's preprocessors start disabled; nbgrader's lists mean "run these"
 
@@ -342,6 +353,8 @@ def _preprocessors() -> dict[str, type]:
         for every exercise, matched by substring) and ClearOutput."""
 
         def preprocess(self, nb: Any, resources: Any) -> tuple[Any, Any]:
+            from course_lib.editions import student_notebook
+
             name = resources.get("unique_key", "notebook") + ".ipynb"
             return student_notebook(nb, name), resources
 
@@ -469,14 +482,20 @@ def collect(lesson: str, folder: Path, root: Path = GRADING) -> list[str]:
 
 
 def gradebook(lesson: str, root: Path = GRADING) -> Path:
-    """Write ``root/gradebook/LESSON.csv``: one row per student, one column per exercise, then the total."""
+    """Write ``root/gradebook/LESSON.csv`` (one row per student, one column per exercise, then the total) and
+    nbgrader's ``root/grades.csv`` (every assignment's totals)."""
     from nbgrader.api import Gradebook
-
-    from course_lib.editions import exercise_of_grade_id
+    from nbgrader.plugins import CsvExportPlugin
 
     out = root / "gradebook" / f"{lesson}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
+        # nbgrader's own grades.csv (what `nbgrader export` writes: one row per student and assignment), here
+        # rather than in one more nbgrader process
+        exporter = CsvExportPlugin()
+        exporter.to = str(root / "grades.csv")
+        with contextlib.redirect_stdout(io.StringIO()):
+            exporter.export(gb)
         assignment = gb.find_assignment(lesson)
         cells = [(nb.name, cell.name, cell.max_score) for nb in assignment.notebooks for cell in nb.grade_cells]
         several = len(assignment.notebooks) > 1
@@ -506,7 +525,6 @@ def grade_class(lesson: str, submissions: Path | None, root: Path = GRADING) -> 
         _nbgrader("collect", lesson, "--update", root=root)
     _nbgrader("autograde", lesson, "--force", root=root)
     _nbgrader("generate_feedback", lesson, "--force", root=root)
-    _nbgrader("export", f"--to={root / 'grades.csv'}", root=root)
     table = gradebook(lesson, root)
     print(f"feedback: {root / 'feedback'}/STUDENT/{lesson}/{lesson}.html\ngrades:   {root / 'grades.csv'} "
           f"(nbgrader's totals) and {table} (per exercise)")

@@ -49,9 +49,8 @@ def exercise_cells(nb: nbformat.NotebookNode) -> dict[str, tuple[nbformat.Notebo
 
 
 def excerpt(picks: list[tuple[str, str]]) -> nbformat.NotebookNode:
-    """A solution-edition notebook holding the exercises ``picks`` ((lesson, exercise id), ...): the course's
-    first code cell, the import statements of their lessons that the picked cells use, then each exercise
-    and its check."""
+    """A solution-edition notebook holding the exercises ``picks`` ((lesson, exercise id), ...): the import
+    statements of their lessons that the picked cells use, then each exercise and its check."""
     used: set[str] = set()
     pairs, imports = [], {}
     for lesson, exercise in picks:
@@ -68,11 +67,9 @@ def excerpt(picks: list[tuple[str, str]]) -> nbformat.NotebookNode:
                         line = (f"from {node.module} import {alias.name}" if isinstance(node, ast.ImportFrom)
                                 else f"import {alias.name}") + (f" as {alias.asname}" if alias.asname else "")
                         imports.setdefault(name, line)
-    first = solution_notebook(picks[0][0]).cells
-    start = next(c for c in first if c.cell_type == "code")
+    # No course_lib.start(): it adds 1.6 s per graded notebook (ten here), and no check depends on the profile.
     needed = sorted({line for name, line in imports.items() if name in used})
     cells = [nbformat.v4.new_markdown_cell("# An excerpt of the course for the grading test"),
-             nbformat.v4.new_code_cell(start.source),
              nbformat.v4.new_code_cell("\n".join(needed))]
     for exercise_cell, check_cell in pairs:
         for cell in (exercise_cell, check_cell):
@@ -291,9 +288,11 @@ FORBIDDEN_LATER = {
     "06.3": "from course_lib.parts.finetune import paired_bootstrap_gap\n"
             "def paired_bootstrap(right_a, right_b, rng, resamples=2000):\n"
             "    return paired_bootstrap_gap(right_a, right_b, rng=rng, resamples=resamples)",
-    "07.4": "def inject_lora(model, target_modules, r, alpha):\n    return lora.apply_lora(model, target_modules, r, alpha)",
+    "07.4": "from course_lib.parts import lora\ndef inject_lora(model, target_modules, r, alpha):\n"
+            "    return lora.apply_lora(model, target_modules, r, alpha)",
     "08.3": "from course_lib.parts.peft_family import subspace_similarity",
-    "09.3": "def lora_trainable(config, r, targets):\n    from transformers import LlamaForCausalLM\n"
+    "09.3": "from course_lib.parts import lora\ndef lora_trainable(config, r, targets):\n"
+            "    from transformers import LlamaForCausalLM\n"
             "    return lora.count_trainable(lora.apply_lora(LlamaForCausalLM(config), list(targets), r, r))",
     "10.3": "from course_lib.distributed.ddp import memory_per_gpu\ndef zero_memory_gb(n_params, n_gpus, zero_stage):\n"
             "    return memory_per_gpu(n_params, data=n_gpus, zero_stage=zero_stage)['total'] / 1e9",
@@ -301,7 +300,7 @@ FORBIDDEN_LATER = {
             "def activation_bytes(s, b, h, a, t=1, sequence_parallel=False):\n"
             "    return kb(s, b, h, a, t=t, sequence_parallel=sequence_parallel)",
 }
-TIMEOUT = 20     # seconds per cell: the excerpt's slowest cell (the first: torch) takes ~3 s on a busy 2-core machine
+TIMEOUT = 8      # seconds per cell: the excerpt's slowest cell (its imports) takes ~2-4 s on a busy 2-core machine
 
 
 def submission(release: nbformat.NotebookNode, answers: dict[str, str], solutions: dict[str, str],
@@ -337,7 +336,9 @@ def kinds(solutions: dict[str, str]) -> dict[str, tuple[dict[str, str], dict[str
     return {
         "correct": ({}, None, full),
         "wrong": (WRONG, None, {e: 0 for e in NAMES}),
-        "loops_forever": ({"01.1": "def softmax(z, dim=-1):\n    while True:\n        pass"}, None, {**full, "01.1": 0}),
+        # a loop that sleeps: the same timeout and interrupt as a busy one, without burning a shared CPU for TIMEOUT s
+        "loops_forever": ({"01.1": "import time\ndef softmax(z, dim=-1):\n    while True:\n        time.sleep(0.05)"}, None,
+                          {**full, "01.1": 0}),
         "raises": ({e: f"def {n}(*args, **kwargs):\n    raise ValueError('no idea')" for e, n in NAMES.items()}, None,
                    {e: 0 for e in NAMES}),
         "calls_reference": (REFERENCE, None, {e: 0 for e in NAMES}),
@@ -384,9 +385,6 @@ def graded_class(tmp_path_factory):
         expected[kind] = scores
     (folder / "later_correct").mkdir()
     nbformat.write(submission(release["later_exercises"], {}, solutions), folder / "later_correct" / "later_exercises.ipynb")
-    (folder / "later_reference").mkdir()
-    nbformat.write(submission(release["later_exercises"], FORBIDDEN_LATER, solutions),
-                   folder / "later_reference" / "later_exercises.ipynb")
     result = run("grade", "excerpt", str(folder))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with (root / "gradebook" / "excerpt.csv").open() as handle:
@@ -419,7 +417,19 @@ def test_a_later_exercise_of_every_lesson(graded_class):
     _, rows, _, _, _, _ = graded_class
     for exercise in [e for _, e in LATER]:
         assert float(rows["later_correct"][f"later_exercises:{exercise}"]) == EXERCISES[exercise].points, exercise
-        assert float(rows["later_reference"][f"later_exercises:{exercise}"]) == 0, exercise
+
+
+@pytest.mark.parametrize("exercise", [e for _, e in LATER])
+def test_grading_refuses_the_reference_in_a_later_exercise_of_every_lesson(exercise):
+    # what the end-to-end test's grade cells run, on answers that call each later exercise's reference
+    lesson = dict((e, name) for name, e in LATER)[exercise]
+    notebook = excerpt([(lesson, exercise)])
+    namespace: dict = {}
+    exec(notebook.cells[1].source, namespace)                          # the excerpt's imports
+    exec(FORBIDDEN_LATER[exercise], namespace)
+    answer = grading.answer_of(exercise_cells(solution_notebook(lesson))[exercise][1].source)
+    with pytest.raises(AssertionError, match=r"^your answer calls "):
+        grading.grade(exercise, namespace[answer])
 
 
 def test_feedback_and_grades_csv_for_every_student(graded_class):
