@@ -51,6 +51,9 @@ c.GenerateAssignment.preprocessors = [
     CheckCellMetadata,
 ]
 
+# A grade cell the student deleted comes back (and is graded) instead of silently missing from the gradebook.
+c.OverwriteCells.add_missing_cells = True
+
 # Autograding: grade cells run course_lib.grading.grade (a fresh copy of the checks), and after execution the
 # grading rules give 0 to every exercise a student's cell tampered with (README, "Grading a class").
 c.Autograde.sanitize_preprocessors = [

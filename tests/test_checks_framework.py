@@ -228,3 +228,32 @@ def test_every_exercise_is_registered_with_points_and_forbidden_callables_that_e
                 for part in qualname.split("."):
                     target = getattr(target, part)    # a renamed reference fails here, not silently in class
             assert checks.framework._module_file(module), spec
+
+
+@pytest.fixture
+def demo_exercises():
+    """Checks registered for one test only (exercise ids 99.*), removed afterwards."""
+    yield checks.exercise
+    for key in [k for k in EXERCISES if k.startswith("99.")]:
+        del EXERCISES[key]
+
+
+def test_a_callback_the_check_hands_over_may_use_the_reference(demo_exercises):
+    @demo_exercises("99.1", forbid=("course_lib.parts.losses:softmax",))
+    def check_demo(fn):
+        return checks.call_student(fn, lambda z: saved_softmax(z))     # the check's own callback
+
+    assert check_demo(lambda callback: callback(torch.zeros(3))).sum() == 1
+    with pytest.raises(ReferenceCalled):
+        check_demo(lambda callback: saved_softmax(torch.zeros(3)))     # the answer itself may not
+
+
+def test_a_block_of_student_code_watches_the_answer_itself(demo_exercises):
+    @demo_exercises("99.2", forbid=("course_lib.parts.losses:softmax",))
+    def check_demo(fn):
+        with checks.student_code():
+            return fn(torch.zeros(3))
+
+    with pytest.raises(ReferenceCalled):
+        check_demo(lambda z: saved_softmax(z))
+    assert check_demo(lambda z: torch.softmax(z, -1)).sum() == 1

@@ -304,10 +304,10 @@ TIMEOUT = 8      # seconds per cell: the excerpt's slowest cell (its imports) ta
 
 
 def submission(release: nbformat.NotebookNode, answers: dict[str, str], solutions: dict[str, str],
-               extra_before_check: dict[str, str] | None = None) -> nbformat.NotebookNode:
+               extra_before_check: dict[str, str] | None = None, deleted: tuple[str, ...] = ()) -> nbformat.NotebookNode:
     """The release with each exercise cell's stub replaced: answers[e] ("solution": the solution edition's,
     "stub": left as released, else code under the exercise's header line); ``extra_before_check[e]`` is a cell
-    the student adds just before exercise e's grade cell."""
+    the student adds just before exercise e's grade cell; the grade cells of ``deleted`` are deleted."""
     nb = nbformat.reads(nbformat.writes(release), as_version=4)
     cells = []
     for c in nb.cells:
@@ -319,17 +319,20 @@ def submission(release: nbformat.NotebookNode, answers: dict[str, str], solution
                 c.source = solutions[exercise]
             elif answer != "stub":
                 c.source = c.source.splitlines()[0] + "\n" + answer
-        if grade_id.startswith("check-") and extra_before_check:
+        if grade_id.startswith("check-"):
             exercise = grade_id[len("check-"):].replace("_", ".")
-            if exercise in extra_before_check:
+            if exercise in (extra_before_check or {}):
                 cells.append(nbformat.v4.new_code_cell(extra_before_check[exercise]))
+            if exercise in deleted:
+                continue
         cells.append(c)
     nb.cells = cells
     return nb
 
 
 def kinds(solutions: dict[str, str]) -> dict[str, tuple[dict[str, str], dict[str, str] | None, dict[str, float]]]:
-    """The eight kinds of submission of issue 24: name -> (answers, added cells, expected score per exercise)."""
+    """The eight kinds of submission of issue 24: name -> (answers, added cells, expected score per exercise).
+    ("warns" has also deleted the grade cell of 01.2: nbgrader puts it back and grades it.)"""
     full = dict(POINTS_01)
     warn = {e: "import warnings\n" + solutions[e].replace(
         "    # BEGIN SOLUTION", "    warnings.warn('deprecated, but right')\n    # BEGIN SOLUTION", 1) for e in NAMES}
@@ -381,7 +384,8 @@ def graded_class(tmp_path_factory):
     expected = {}
     for kind, (answers, added, scores) in kinds(solutions).items():
         (folder / kind).mkdir(parents=True)
-        nbformat.write(submission(release["01_attention"], answers, solutions, added), folder / kind / "01_attention.ipynb")
+        nbformat.write(submission(release["01_attention"], answers, solutions, added,
+                                  deleted=("01.2",) if kind == "warns" else ()), folder / kind / "01_attention.ipynb")
         expected[kind] = scores
     (folder / "later_correct").mkdir()
     nbformat.write(submission(release["later_exercises"], {}, solutions), folder / "later_correct" / "later_exercises.ipynb")

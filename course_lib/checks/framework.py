@@ -150,8 +150,7 @@ def exercise(exercise_id: str, *, points: int = DEFAULT_POINTS, forbid: Iterable
             rule = _Rule(exercise_id, forbidden)
             _ACTIVE.append(rule)
             try:
-                with warnings.catch_warnings(record=True):
-                    warnings.simplefilter("default")
+                with warnings.catch_warnings(record=True):     # the filters stay: what would show is recorded
                     return check(*args, **kwargs)
             finally:
                 _ACTIVE.remove(rule)
@@ -293,14 +292,15 @@ def _sentence(kind: str, name: str) -> str:
     return f"your answer calls the course's reference `{name}`; write it yourself."
 
 
-class student_code:  # noqa: N801 -- used like a function: ``with student_code(fn): fn(...)``
+class student_code:  # noqa: N801 -- used like a function: ``with student_code(*args): fn(*args)``
     """Run the student's code with the exercise's forbidden callables out of reach.
 
     A profiling hook (``sys.setprofile``, and ``threading.setprofile`` for threads the code starts) sees every
     Python function the student's code enters; entering a forbidden one is recorded -- not raised, so that a
     ``try``/``except`` in the answer cannot swallow it -- and the check fails on leaving this block with one
-    sentence naming what was called. Code reached through a callback the check hands over (``exempt``, and
-    any function passed as an argument) is not the student's. Warnings are recorded, not printed.
+    sentence naming what was called. ``handed_over`` are the arguments the check gives the student's code:
+    code reached through a function among them, or through ``exempt``, is the check's, not the student's
+    (never pass the student's own function here). Warnings are recorded, not printed.
     Outside a registered check (no forbidden list) it only records warnings.
     """
 
@@ -323,7 +323,6 @@ class student_code:  # noqa: N801 -- used like a function: ``with student_code(f
         self.boundary = sys._getframe(1)
         self._warnings = warnings.catch_warnings(record=True)
         self.caught = self._warnings.__enter__()
-        warnings.simplefilter("default")
         if self.rule is None:
             return self
         table = _watch_table(self.rule.forbidden)
