@@ -167,9 +167,12 @@ def answer_of(check_source: str) -> str | None:
 # Outside the kernel: which exercises a student's cells touched
 # ----------------------------------------------------------------------------------------------
 
-_DYNAMIC = {"exec", "eval", "compile", "__import__", "get_ipython"}    # code the scan cannot read, the kernel
-_HOOKS = {"setprofile", "settrace"}                                    # the hooks the checks' rule runs on
+_CODE = {"exec", "eval", "compile"}          # code in a string: read when it is a literal, refused otherwise
+_DYNAMIC = {"__import__", "get_ipython"}      # a module named at run time, the kernel itself (its error display)
+_HOOKS = {"setprofile", "settrace"}           # the hooks the checks' rule runs on
 _NAMESPACES = {"globals", "vars", "locals"}
+# Calls whose result is a module or a namespace: an attribute assigned on it is a patch (`__import__("torch").x = ...`)
+_HANDLES = _NAMESPACES | {"__import__", "getattr", "importlib.import_module", "sys.modules.get", "get_ipython"}
 _INTERPRETER = {"sys", "builtins", "__builtins__", "threading", "importlib"}
 _SETTINGS = ("torch.backends.", "matplotlib.", "pandas.options.")   # configuration, not code: may be set
 
@@ -245,7 +248,12 @@ def _findings(source: str, course: dict[str, str], imported: dict[str, str]) -> 
                                                     [t.value] if isinstance(t, ast.Starred) else [t])]
         for target in targets:
             for leaf in (target,):
-                if isinstance(leaf, ast.Attribute) and (hit := patched(leaf)):
+                base = leaf
+                while isinstance(base, (ast.Attribute, ast.Subscript)):
+                    base = base.value
+                if isinstance(leaf, ast.Attribute) and isinstance(base, ast.Call) and _dotted(base.func) in _HANDLES:
+                    yield "patches", f"{_dotted(base.func)}(...).{_dotted(leaf) or leaf.attr}"
+                elif isinstance(leaf, ast.Attribute) and (hit := patched(leaf)):
                     yield "patches", hit
                 elif isinstance(leaf, ast.Subscript):
                     inner = leaf.value
@@ -255,7 +263,11 @@ def _findings(source: str, course: dict[str, str], imported: dict[str, str]) -> 
                         yield "patches", hit                   # sys.modules[...], course_lib.x.__dict__[...]
         if isinstance(node, ast.Call):
             name = _dotted(node.func) or ""
-            if name in _DYNAMIC or name.split(".")[-1] in _HOOKS or name.startswith(("sys.modules.", "importlib.")):
+            literal = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else None
+            if name in _CODE and isinstance(literal, str):
+                yield from _findings(literal, course, imported)        # exec("...") is read like a cell
+            elif name in _CODE or (name == "__import__" and not isinstance(literal, str)) or name == "get_ipython" \
+                    or name.split(".")[-1] in _HOOKS or name.startswith(("sys.modules.", "importlib.")):
                 yield "calls", name
             elif name in ("setattr", "delattr") and node.args and (hit := patched(node.args[0])):
                 attribute = node.args[1] if len(node.args) > 1 else None

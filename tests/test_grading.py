@@ -213,8 +213,11 @@ def graded_notebook(*student_cells):
     ("import sys\nsys.modules['course_lib.grading'] = None", {"01.1", "01.2", "01.3", "01.4"}, "sys.modules"),
     ("setattr(checks, 'check_softmax', print)", {"01.1"}, "course_lib.checks"),
     ("globals()['checks'] = None", {"01.1", "01.2", "01.3", "01.4"}, "globals()"),
-    ("exec('checks.check_softmax = print')", {"01.1", "01.2", "01.3", "01.4"}, "calls `exec`"),
-    ("get_ipython().showtraceback = print", {"01.1", "01.2", "01.3", "01.4"}, "calls `get_ipython`"),
+    ("exec('checks.check_softmax = print')", {"01.1"}, "patches `course_lib.checks.check_softmax`"),
+    ("code = 'checks.check_softmax = print'\nexec(code)", {"01.1", "01.2", "01.3", "01.4"}, "calls `exec`"),
+    ("__import__('torch').allclose = all", {"01.1", "01.2", "01.3", "01.4"}, "patches `__import__(...)"),
+    ("get_ipython().showtraceback = print", {"01.1", "01.2", "01.3", "01.4"}, "get_ipython"),
+    ("ip = get_ipython()", {"01.1", "01.2", "01.3", "01.4"}, "calls `get_ipython`"),
     ("import sys\nsys.setprofile(None)", {"01.1", "01.2", "01.3", "01.4"}, "calls `sys.setprofile`"),
 ])
 def test_a_student_cell_that_tampers_earns_nothing_for_what_it_touches(source, touched, words):
@@ -235,6 +238,8 @@ def test_a_cell_the_student_added_is_read_too():
     "def softmax(z, dim=-1):\n    checks = 1\n    return z",  # a local named like the module
     "torch.backends.cudnn.deterministic = True",             # settings, not code
     "import matplotlib.pyplot as plt\nplt.rcParams['figure.dpi'] = 80",
+    "total = eval('1 + 2')\nnp = __import__('numpy')",                    # literal code that patches nothing
+    "model.get_submodule('encoder').query = None",                       # an attribute of the student's object
 ])
 def test_ordinary_student_code_is_not_tampering(source):
     assert grading.tampering(graded_notebook(cell(source, solution=True, grade_id="exercise-01_1"))) == {}
