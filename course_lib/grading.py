@@ -20,8 +20,8 @@ the repository wires this module into nbgrader:
   loaded from disk, and builds the check's other arguments (the tokenizer) itself. The checks' rule refuses
   an answer that calls the course's reference. After execution, outside the kernel,
   :class:`GradingRules` gives 0 to every exercise a student cell touches (:func:`tampering`: rebinding
-  ``checks``, a check, a reference module, patching a library, the interpreter's hooks, dynamic code) and to a
-  grade cell that printed no verdict (its error display was switched off).
+  ``checks`` or a check, patching a reference module or a library, the interpreter's hooks, code built at run
+  time) and to a grade cell that printed no verdict (its error display was switched off).
 * **Stderr.** nbgrader gives 0 to a grade cell with any stderr output. The checks keep warnings out of it;
   :func:`grade` also sends what the check's libraries write to stderr (logging) to stdout.
 """
