@@ -391,8 +391,18 @@ def count_by_formula(vocab_size, context, n_layer, d_model):
                                         d_model=d_model), non_embedding=False)
 
 
+from course_lib.parts.model import LayerNorm as Norm  # noqa: E402
+
+
+def ln_under_another_name(x, gamma, beta, eps=1e-5):
+    layer = Norm(x.shape[-1], eps=eps).to(x.dtype)
+    layer.weight.data, layer.bias.data = gamma, beta
+    return layer(x).detach()
+
+
 REFERENCE_CALLS = {
     "03.1 the course's LayerNorm": (checks.check_layer_norm, ln_library, "course_lib.parts.model.LayerNorm"),
+    "03.1 under another name": (checks.check_layer_norm, ln_under_another_name, "course_lib.parts.model.LayerNorm"),
     "03.2 directly": (checks.check_layer_norm_backward, lnb_library, "course_lib.parts.model.layer_norm_backward"),
     "03.2 under another name": (checks.check_layer_norm_backward, lambda x, g, dy, eps=1e-5: ln_backward(x, g, dy, eps),
                                 "course_lib.parts.model.layer_norm_backward"),

@@ -564,9 +564,16 @@ def grads_by_backward(x, A, B, alpha, r, g):
     return A_.grad, B_.grad
 
 
+def forward_through_the_module(x, W0, A, B, alpha, r):
+    layer = lora.LoRALinear(nn.Linear(W0.shape[1], W0.shape[0], bias=False), r, alpha)
+    layer.base.weight.data, layer.lora_A.data, layer.lora_B.data = W0, A, B
+    return layer(x).detach()
+
+
 REFERENCE_CALLS = {
-    "07.1 the course's layer": (checks.check_lora_forward, forward_through_the_course_layer,
-                                "course_lib.parts.lora.LoRALinear"),
+    "07.1 the course's layer under another name": (checks.check_lora_forward, forward_through_the_course_layer,
+                                                   "course_lib.parts.lora.LoRALinear"),
+    "07.1 the course's layer": (checks.check_lora_forward, forward_through_the_module, "course_lib.parts.lora.LoRALinear"),
     "07.2 torch.autograd.grad": (checks.check_lora_grads, grads_autograd, "torch.autograd.grad"),
     "07.2 Tensor.backward": (checks.check_lora_grads, grads_by_backward, "Tensor.backward"),
     "07.3 the course's class": (checks.check_lora_linear, lora.LoRALinear, "course_lib.parts.lora.LoRALinear"),

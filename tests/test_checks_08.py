@@ -276,9 +276,17 @@ def nf4_through_a_quantised_layer(w, block_size=64):
     return quant.unpack_nibbles(layer.packed, w.numel()).reshape(w.shape), layer.absmax
 
 
+def prompt_under_another_name(encoder, prompt, input_ids, attention_mask):
+    base = SimpleNamespace(encoder=encoder, head=torch.nn.Identity(), dropout=torch.nn.Identity(), _pool=mean_pool)
+    soft_prompt = peft_family.PromptTuning.forward                     # saved under another name
+    return soft_prompt(SimpleNamespace(base=base, n_virtual=prompt.shape[0], prompt=prompt), input_ids, attention_mask)
+
+
 REFERENCE_CALLS = {
     "08.1 the course's PromptTuning": (checks.check_prompt_forward, prompt_through_the_course_class,
                                        "course_lib.parts.peft_family.PromptTuning"),
+    "08.1 under another name": (checks.check_prompt_forward, prompt_under_another_name,
+                                "course_lib.parts.peft_family.PromptTuning"),
     "08.2 directly": (checks.check_quantize_nf4, nf4_library, "course_lib.parts.quant.quantize_nf4"),
     "08.2 under another name": (checks.check_quantize_nf4, lambda w, block_size=64: to_nf4(w, block_size),
                                 "course_lib.parts.quant.quantize_nf4"),

@@ -321,6 +321,12 @@ def count_with_the_course_lora(config, r, targets):
     return count_trainable(inject(LlamaForCausalLM(config), list(targets), r=r, alpha=r))
 
 
+def count_with_the_course_count(config, r, targets):
+    from course_lib.parts import lora as lora_module
+
+    return count_right(config, r, targets) + 0 * lora_module.count_trainable(torch.nn.Linear(1, 1))
+
+
 REFERENCE_CALLS = {
     "09.1 apply_chat_template": (checks.check_render_chat, render_with_the_template,
                                  "transformers.tokenization_utils_base.PreTrainedTokenizerBase.apply_chat_template"),
@@ -336,8 +342,10 @@ REFERENCE_CALLS = {
     "09.2 the reference's pieces": (checks.check_prompt_masking, lambda tokenizer: lambda tok, text, label: (
         (p := causal_lm.prompt_ids(tok, text)) + (a := causal_lm.answer_ids(tok, label)), [-100] * len(p) + a),
         "course_lib.parts.causal_lm.prompt_ids"),
-    "09.3 the course's LoRA": (checks.check_lora_param_count, lambda tokenizer: count_with_the_course_lora,
-                               "course_lib.parts.lora.apply_lora"),
+    "09.3 the course's LoRA under other names": (checks.check_lora_param_count, lambda tokenizer: count_with_the_course_lora,
+                                                "course_lib.parts.lora.apply_lora"),
+    "09.3 the course's count": (checks.check_lora_param_count, lambda tokenizer: count_with_the_course_count,
+                                "course_lib.parts.lora.count_trainable"),
 }
 
 

@@ -280,9 +280,22 @@ def ring_by_calling_the_check(grads, send):
     return ring_all_reduce(grads, send)
 
 
+from course_lib.checks.scaling_out import check_all_reduce_time as verify_time  # noqa: E402 -- another name
+
+
+def ring_by_the_check_under_another_name(grads, send):
+    verify = checks.scaling_out.check_ring_all_reduce
+    verify(ring_all_reduce)
+    return ring_all_reduce(grads, send)
+
+
 REFERENCE_CALLS = {
     "10.1 the check's own code": (checks.check_ring_all_reduce, ring_by_calling_the_check,
                                   "course_lib.checks.scaling_out.check_ring_all_reduce"),
+    "10.1 the check under another name": (checks.check_ring_all_reduce, ring_by_the_check_under_another_name,
+                                          "course_lib.checks.scaling_out.check_ring_all_reduce"),
+    "10.2 the check under another name": (checks.check_all_reduce_time, lambda n, W, a, b: (
+        verify_time(ring_time), ring_time(n, W, a, b))[1], "course_lib.checks.scaling_out.check_all_reduce_time"),
     "10.2 the check's own code": (checks.check_all_reduce_time, lambda n, W, a, b: (
         checks.scaling_out.check_all_reduce_time(ring_time), ring_time(n, W, a, b))[1],
         "course_lib.checks.scaling_out.check_all_reduce_time"),

@@ -175,6 +175,9 @@ def test_the_check_code_is_out_of_reach_too():
     # 00.1 has no library reference; the checks' own code is forbidden in every exercise
     with pytest.raises(ReferenceCalled, match="`course_lib.checks.setup.check_mse`"):
         check_mse(lambda p, t: (checks.setup.check_mse(mse_reference), mse_reference(p, t))[1])
+    verify = check_mse                                                   # the same, under another name
+    with pytest.raises(ReferenceCalled, match="`course_lib.checks.setup.check_mse`"):
+        check_mse(lambda p, t: (verify(mse_reference), mse_reference(p, t))[1])
 
 
 def test_the_profiler_that_was_there_is_restored_after_a_pass_and_a_failure(capsys):
