@@ -447,9 +447,9 @@ def _nbgrader(*args: str, root: Path) -> None:
 def release(lesson: str, root: Path = GRADING, *, to_exchange: bool = True, write_source: bool = True) -> Path:
     """Write the nbgrader source of ``lesson`` (unless ``write_source`` is False: an assignment an instructor
     put in ``root/source`` by hand), generate its release and (``to_exchange``) put it in the exchange."""
-    from course_lib.editions import write_grading_source
-
     if write_source:
+        from course_lib.editions import write_grading_source    # imports the checks, and torch: only when needed
+
         write_grading_source([lesson], REPO / "notebooks", root / "source")
     _nbgrader("generate_assignment", lesson, "--force", root=root)
     if to_exchange:
