@@ -172,7 +172,9 @@ _DYNAMIC = {"__import__", "get_ipython"}      # a module named at run time, the 
 _HOOKS = {"setprofile", "settrace"}           # the hooks the checks' rule runs on
 _NAMESPACES = {"globals", "vars", "locals"}
 # Calls whose result is a module or a namespace: an attribute assigned on it is a patch (`__import__("torch").x = ...`)
-_HANDLES = _NAMESPACES | {"__import__", "getattr", "importlib.import_module", "sys.modules.get", "get_ipython"}
+_HANDLES = _NAMESPACES | {"__import__", "getattr", "importlib.import_module", "sys.modules.get", "get_ipython", "type"}
+# Attributes that reach a class, a function's code or a namespace from any object (`tokenizer.__class__.x = ...`)
+_DUNDER_PATHS = {"__class__", "__dict__", "__code__", "__globals__", "__func__", "__self__", "__module__", "__bases__"}
 _INTERPRETER = {"sys", "builtins", "__builtins__", "threading", "importlib"}
 _SETTINGS = ("torch.backends.", "matplotlib.", "pandas.options.")   # configuration, not code: may be set
 
@@ -251,10 +253,13 @@ def _findings(source: str, course: dict[str, str], imported: dict[str, str]) -> 
                 base = leaf
                 while isinstance(base, (ast.Attribute, ast.Subscript)):
                     base = base.value
+                chain = ast.unparse(leaf) if isinstance(leaf, (ast.Attribute, ast.Subscript)) else ""
                 if isinstance(leaf, ast.Attribute) and isinstance(base, ast.Call) and _dotted(base.func) in _HANDLES:
                     yield "patches", f"{_dotted(base.func)}(...).{_dotted(leaf) or leaf.attr}"
                 elif isinstance(leaf, ast.Attribute) and (hit := patched(leaf)):
                     yield "patches", hit
+                elif any(f".{name}" in chain for name in _DUNDER_PATHS):
+                    yield "patches", chain
                 elif isinstance(leaf, ast.Subscript):
                     inner = leaf.value
                     if isinstance(inner, ast.Call) and _dotted(inner.func) in _NAMESPACES:

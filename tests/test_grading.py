@@ -216,6 +216,8 @@ def graded_notebook(*student_cells):
     ("exec('checks.check_softmax = print')", {"01.1"}, "patches `course_lib.checks.check_softmax`"),
     ("code = 'checks.check_softmax = print'\nexec(code)", {"01.1", "01.2", "01.3", "01.4"}, "calls `exec`"),
     ("__import__('torch').allclose = all", {"01.1", "01.2", "01.3", "01.4"}, "patches `__import__(...)"),
+    ("type(tokenizer).apply_chat_template = print", {"01.1", "01.2", "01.3", "01.4"}, "patches `type(...)"),
+    ("tokenizer.__class__.apply_chat_template = print", {"01.1", "01.2", "01.3", "01.4"}, "__class__"),
     ("get_ipython().showtraceback = print", {"01.1", "01.2", "01.3", "01.4"}, "get_ipython"),
     ("ip = get_ipython()", {"01.1", "01.2", "01.3", "01.4"}, "calls `get_ipython`"),
     ("import sys\nsys.setprofile(None)", {"01.1", "01.2", "01.3", "01.4"}, "calls `sys.setprofile`"),
