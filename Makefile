@@ -10,7 +10,8 @@ NB          ?=
 PROFILE     ?= cpu
 JOBS        ?= 2
 
-.PHONY: lab test test-browser test-latest setup kernel assets nbval nbval-solution nbval-student student execute execute-all clean-cache
+.PHONY: lab test test-browser test-latest setup kernel assets nbval nbval-solution nbval-student student execute execute-all clean-cache \
+	grade-setup release grade
 
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
@@ -19,7 +20,7 @@ LAB_ARGS ?=
 lab: setup  ## open the course in JupyterLab
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
 
-test: setup student  ## unit tests, then nbval of both editions under the ci profile
+test: setup student grade-setup  ## unit tests (the grading test needs .venv-grade), then nbval of both editions under the ci profile
 	COURSE_PROFILE=ci $(PY) -m pytest -q -rs tests -p no:cacheprovider -n $(JOBS) --dist loadfile
 	$(MAKE) nbval
 
@@ -75,3 +76,29 @@ execute-all:
 
 clean-cache:
 	rm -rf data/cache
+
+# ---- Grading a class with nbgrader (README, "Grading a class"): instructors only --------------------------
+# .venv-grade holds nbgrader (requirements-instructor.txt) and sees .venv's packages through a .pth file, so
+# nothing is installed twice and a student's .venv (make lab) never holds nbgrader.
+GRADE_VENV  := .venv-grade
+GRADE_PY    := $(GRADE_VENV)/bin/python
+GRADE_STAMP := $(GRADE_VENV)/.installed
+LESSON      ?=
+SUBMISSIONS ?=
+
+grade-setup: $(GRADE_STAMP)  ## create .venv-grade with nbgrader beside the course's packages
+
+$(GRADE_STAMP): requirements-instructor.txt $(STAMP)
+	@test -x $(GRADE_PY) || $(PY) -m venv $(GRADE_VENV)
+	@$(PY) -c "import sysconfig; print('import site; site.addsitedir(' + repr(sysconfig.get_path('purelib')) + ')')" \
+		> "$$($(GRADE_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_course_venv.pth"
+	$(GRADE_PY) -m pip install --quiet -r requirements-instructor.txt
+	touch $(GRADE_STAMP)
+
+release: setup $(GRADE_STAMP)  ## the nbgrader release of one lesson, in the exchange: make release LESSON=01_attention
+	@test -n "$(LESSON)" || { echo "usage: make release LESSON=01_attention"; exit 2; }
+	$(GRADE_PY) -m course_lib.grading release $(LESSON)
+
+grade: setup $(GRADE_STAMP)  ## autograde, feedback, gradebook: make grade LESSON=01_attention SUBMISSIONS=folder
+	@test -n "$(LESSON)" || { echo "usage: make grade LESSON=01_attention [SUBMISSIONS=folder of notebooks]"; exit 2; }
+	$(GRADE_PY) -m course_lib.grading grade $(LESSON) $(SUBMISSIONS)

@@ -15,10 +15,17 @@ How exercises are marked (explained in notebooks/00_setup.ipynb, "How an exercis
 
 ``python -m course_lib.editions student`` (``make student``) writes ``student/notebooks/``: each solution
 becomes ``raise NotImplementedError("Exercise NN.K is not done yet")`` at the marker's indentation,
-the exercise cell loses its outputs, and the check cell gets the friendly error the student will see
-as its stored output, plus nbval's ``raises-exception`` tag, so that nbval proves that exactly this
-error, and no other, comes out. Everything else is copied unchanged: exercises are leaves, so the rest
-of the notebook runs the same in both editions.
+the exercise's first line states its points (``# Exercise 01.1 (1 point): ...``, from the ``points`` its
+check is registered with in ``course_lib.checks``), the exercise cell loses its outputs, and the check
+cell gets the friendly error the student will see as its stored output, plus nbval's ``raises-exception``
+tag, so that nbval proves that exactly this error, and no other, comes out. Everything else is copied
+unchanged: exercises are leaves, so the rest of the notebook runs the same in both editions.
+
+``python -m course_lib.editions grading`` writes the same notebooks as an nbgrader *source*
+(``grading/source/NN_name/NN_name.ipynb``, see ``course_lib/grading.py``): the solution edition with the
+points stated, and nbgrader's cell metadata -- exercise cells are solution cells, check cells locked grade
+cells worth the exercise's points, every other cell read-only. ``nbgrader generate_assignment`` turns it
+into a release equal in content to the student edition (tests/test_grading.py compares them).
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ from pathlib import Path
 
 import nbformat
 
-from course_lib.checks import NotAttempted, not_attempted_message, stub_message
+from course_lib.checks import DEFAULT_POINTS, EXERCISES, NotAttempted, not_attempted_message, stub_message
+from course_lib.grading import grade_id
 from course_lib.tools.profiles import REPO
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
-EXERCISE_ID = re.compile(r"^#\s*Exercise\s+(\d{2}\.\d+)\s*:", re.MULTILINE)
+# "# Exercise 01.1: ..." in the solution edition, "# Exercise 01.1 (1 point): ..." once the points are stated
+EXERCISE_ID = re.compile(r"^#\s*Exercise\s+(\d{2}\.\d+)\s*(?:\(\d+ points?\))?\s*:", re.MULTILINE)
 
 
 class EditionError(ValueError):
@@ -52,6 +61,18 @@ def exercise_id(cell: nbformat.NotebookNode, where: str) -> str:
         raise EditionError(f"{where}: an `exercise` cell must start with a comment like "
                            f"'# Exercise 01.2: ...' naming the exercise.")
     return match.group(1)
+
+
+def points_of(exercise: str) -> int:
+    """The points of an exercise: what its check is registered with (``@exercise(..., points=N)``), else the default."""
+    return EXERCISES[exercise].points if exercise in EXERCISES else DEFAULT_POINTS
+
+
+def state_points(source: str, exercise: str) -> str:
+    """``# Exercise 01.1: what to write`` -> ``# Exercise 01.1 (1 point): what to write`` (idempotent)."""
+    points = points_of(exercise)
+    label = f"({points} point{'s' if points != 1 else ''})"
+    return EXERCISE_ID.sub(lambda m: f"# Exercise {m.group(1)} {label}:", source, count=1)
 
 
 def strip_solutions(source: str, exercise: str, where: str) -> str:
@@ -91,7 +112,7 @@ def student_notebook(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookN
             if BEGIN not in cell.source:
                 raise EditionError(f"{where}: an `exercise` cell has no '{BEGIN}' block to replace.")
             pending = exercise_id(cell, where)
-            cell.source = strip_solutions(cell.source, pending, where)
+            cell.source = state_points(strip_solutions(cell.source, pending, where), pending)
             cell.outputs = []
         elif "check" in tags:
             if pending is None:
@@ -106,6 +127,51 @@ def student_notebook(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookN
         elif BEGIN in cell.source:
             raise EditionError(f"{where}: '{BEGIN}' appears in a cell not tagged `exercise`.")
     return nb
+
+
+def grading_notebook(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
+    """The nbgrader source of one solution notebook: points stated, nbgrader's metadata on every cell.
+
+    Exercise cells become solution cells, check cells locked grade cells worth the exercise's points, and every
+    other cell read-only (locked: ``nbgrader autograde`` restores it from the gradebook, so a student's edit
+    of the lesson's code cannot change what a check sees).
+    """
+    student_notebook(nb, name)                 # the same conventions, enforced the same way
+    nb = copy.deepcopy(nb)
+    stem = Path(name).stem
+    pending: str | None = None
+    for index, cell in enumerate(nb.cells):
+        tags = _tags(cell)
+        meta = {"grade": False, "solution": False, "locked": True, "grade_id": f"{stem}-{index:03d}",
+                "schema_version": 3, "cell_type": cell.cell_type}
+        if cell.cell_type == "code" and "exercise" in tags:
+            pending = exercise_id(cell, f"{name}, cell {index}")
+            cell.source = state_points(cell.source, pending)
+            meta.update(solution=True, locked=False, grade_id=grade_id(pending, "exercise"))
+        elif cell.cell_type == "code" and "check" in tags and pending is not None:
+            meta.update(grade=True, points=points_of(pending), grade_id=grade_id(pending, "check"))
+            pending = None
+        cell.metadata["nbgrader"] = meta
+    return nb
+
+
+def write_grading_source(lessons: list[str], source_dir: Path = REPO / "notebooks",
+                         target_dir: Path = REPO / "grading" / "source") -> list[Path]:
+    """Write ``target_dir/NN_name/NN_name.ipynb`` (one nbgrader assignment per lesson) and the files it reads."""
+    written = []
+    for lesson in lessons:
+        path = source_dir / f"{Path(lesson).stem}.ipynb"
+        if not path.is_file():
+            known = ", ".join(p.stem for p in sorted(source_dir.glob("[0-9][0-9]_*.ipynb")))
+            raise EditionError(f"there is no lesson {lesson!r}; the lessons are: {known}.")
+        folder = target_dir / path.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        nbformat.write(grading_notebook(nbformat.read(path, as_version=4), path.name), folder / path.name)
+        for extra in source_dir.iterdir():
+            if extra.is_file() and extra.suffix in {".py", ".cfg", ".txt", ".json"}:
+                (folder / extra.name).write_bytes(extra.read_bytes())
+        written.append(folder / path.name)
+    return written
 
 
 AGENTS_MD = """\
@@ -155,17 +221,25 @@ def write_student_edition(source_dir: Path = REPO / "notebooks", target_dir: Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.editions",
-                                     description="Write the student edition of the course notebooks.")
-    parser.add_argument("edition", choices=["student"])
+                                     description="Write the student edition of the course notebooks, or their "
+                                                 "nbgrader source (grading).")
+    parser.add_argument("edition", choices=["student", "grading"])
+    parser.add_argument("lessons", nargs="*", help="grading: the lessons, e.g. 01_attention (default: all)")
     parser.add_argument("--source", type=Path, default=REPO / "notebooks")
-    parser.add_argument("--target", type=Path, default=REPO / "student" / "notebooks")
+    parser.add_argument("--target", type=Path, default=None)
     args = parser.parse_args(argv)
     try:
-        written = write_student_edition(args.source, args.target)
+        if args.edition == "student":
+            target = args.target or REPO / "student" / "notebooks"
+            written = write_student_edition(args.source, target)
+        else:
+            target = args.target or REPO / "grading" / "source"
+            lessons = args.lessons or [p.stem for p in sorted(args.source.glob("[0-9][0-9]_*.ipynb"))]
+            written = write_grading_source(lessons, args.source, target)
     except EditionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote the student edition of {len(written)} notebooks to {args.target}")
+    print(f"wrote the {args.edition} edition of {len(written)} notebooks to {target}")
     return 0
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from course_lib import checks
 from course_lib.parts.attention import scaled_dot_product_attention
-from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled, StudentCodeError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The use of `x.T`:UserWarning")  # the k.T mistake below
 
@@ -194,8 +194,7 @@ def attention_with_torch_sdpa(q, k, v, mask=None):
     return out, F.softmax(scores, dim=-1)
 
 
-@pytest.mark.parametrize("fn", [attention_manual, attention_big_negative, attention_with_torch_sdpa,
-                                scaled_dot_product_attention])
+@pytest.mark.parametrize("fn", [attention_manual, attention_big_negative, attention_with_torch_sdpa])
 def test_check_attention_accepts(fn, capsys):
     checks.check_attention(fn)
     assert "check_attention passed" in capsys.readouterr().out
@@ -298,7 +297,7 @@ def backward_library(q, k, v, d_out, mask=None):
     return attention_backward(q, k, v, d_out, mask)
 
 
-@pytest.mark.parametrize("fn", [backward_manual, backward_by_autograd, backward_jacobian_explicit, backward_library])
+@pytest.mark.parametrize("fn", [backward_manual, backward_jacobian_explicit])
 def test_check_attention_backward_accepts(fn, capsys):
     checks.check_attention_backward(fn)
     assert "check_attention_backward passed" in capsys.readouterr().out
@@ -398,3 +397,67 @@ def test_hints_registered(capsys):
         assert len(checks.HINTS[exercise]) == 3
         checks.hint(exercise, level=3)
     assert capsys.readouterr().out.count("the key line") == 4
+
+
+# --------------------------------------------- answers that call the course's reference are refused
+
+import course_lib.parts.attention as attention_module  # noqa: E402
+from course_lib.parts.attention import attention_backward as backward_by_the_book  # noqa: E402 -- another name
+from course_lib.parts.attention import causal_mask as lower_triangle  # noqa: E402
+from course_lib.parts.attention import scaled_dot_product_attention as attend  # noqa: E402
+from course_lib.parts.losses import softmax as stable_softmax  # noqa: E402
+
+
+def softmax_library(z, dim=-1):
+    from course_lib.parts.losses import softmax
+    return softmax(z, dim)
+
+
+def backward_by_tensor_backward(q, k, v, d_out, mask=None):
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * d_out).sum().backward()
+    return q.grad, k.grad, v.grad
+
+
+def backward_by_torch_func(q, k, v, d_out, mask=None):
+    _, pull = torch.func.vjp(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask), q, k, v)
+    return pull(d_out)
+
+
+REFERENCE_CALLS = {
+    "01.1 directly": (checks.check_softmax, softmax_library, "course_lib.parts.losses.softmax"),
+    "01.1 under another name": (checks.check_softmax, lambda z, dim=-1: stable_softmax(z, dim),
+                                "course_lib.parts.losses.softmax"),
+    "01.1 the reference itself": (checks.check_softmax, stable_softmax, "course_lib.parts.losses.softmax"),
+    "01.1 the check's own helper": (checks.check_softmax, lambda z, dim=-1: checks.attention._softmax64(z, dim).to(z.dtype),
+                                    "course_lib.checks.attention._softmax64"),
+    "01.2 directly": (checks.check_causal_mask, lambda T: attention_module.causal_mask(T),
+                      "course_lib.parts.attention.causal_mask"),
+    "01.2 under another name": (checks.check_causal_mask, lambda T: lower_triangle(T),
+                                "course_lib.parts.attention.causal_mask"),
+    "01.3 the reference itself": (checks.check_attention, scaled_dot_product_attention,
+                                  "course_lib.parts.attention.scaled_dot_product_attention"),
+    "01.3 under another name": (checks.check_attention, lambda q, k, v, mask=None: attend(q, k, v, mask),
+                                "course_lib.parts.attention.scaled_dot_product_attention"),
+    "01.4 directly": (checks.check_attention_backward, backward_library, "course_lib.parts.attention.attention_backward"),
+    "01.4 under another name": (checks.check_attention_backward, lambda *args: backward_by_the_book(*args),
+                                "course_lib.parts.attention.attention_backward"),
+    "01.4 torch.autograd.grad": (checks.check_attention_backward, backward_by_autograd, "torch.autograd.grad"),
+    "01.4 Tensor.backward": (checks.check_attention_backward, backward_by_tensor_backward, "Tensor.backward"),
+    "01.4 torch.func.vjp": (checks.check_attention_backward, backward_by_torch_func, "torch.autograd.grad"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CALLS)
+def test_an_answer_that_calls_the_reference_is_refused(name):
+    check, fn, called = REFERENCE_CALLS[name]
+    with pytest.raises(ReferenceCalled) as info:
+        check(fn)
+    message = str(info.value)
+    assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")
+
+
+def test_the_attention_backward_may_use_the_forward_reference(capsys):
+    # 01.4 forbids the backward pass and autograd, not the forward pass of 01.3 (backward_jacobian_explicit uses it)
+    checks.check_attention_backward(backward_jacobian_explicit)
+    assert "check_attention_backward passed" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib import checks
-from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled, StudentCodeError
 
 
 def refused(check, fn, *phrases):
@@ -58,7 +58,7 @@ def schedule_torch(step, lr, warmup_steps, total_steps, min_lr):
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("fn", [schedule_right, schedule_library, schedule_torch])
+@pytest.mark.parametrize("fn", [schedule_right, schedule_torch])
 def test_lr_schedule_accepts(fn, capsys):
     accepted(checks.check_lr_schedule, fn, capsys)
 
@@ -120,7 +120,7 @@ def topk_library(logits, k):
     return top_k_filter(logits, k)
 
 
-@pytest.mark.parametrize("fn", [topk_right, topk_scatter, topk_log_probs, topk_library])
+@pytest.mark.parametrize("fn", [topk_right, topk_scatter, topk_log_probs])
 def test_top_k_accepts(fn, capsys):
     accepted(checks.check_top_k, fn, capsys)
 
@@ -256,7 +256,7 @@ def merge_step_library(chunks, new_id):
     return pair, [merge_pair(c, pair, new_id) for c in chunks]
 
 
-@pytest.mark.parametrize("fn", [merge_step_right, merge_step_most_common, merge_step_last_tie, merge_step_library])
+@pytest.mark.parametrize("fn", [merge_step_right, merge_step_most_common, merge_step_last_tie])
 def test_merge_step_accepts(fn, capsys):
     accepted(checks.check_merge_step, fn, capsys)
 
@@ -392,7 +392,7 @@ def cache_step_library(q, k, v, k_cache, v_cache):
     return F.scaled_dot_product_attention(q, K, V), K, V
 
 
-@pytest.mark.parametrize("fn", [cache_step_right, cache_step_by_hand, cache_step_course_attention, cache_step_library])
+@pytest.mark.parametrize("fn", [cache_step_right, cache_step_by_hand, cache_step_course_attention])
 def test_kv_cache_step_accepts(fn, capsys):
     accepted(checks.check_kv_cache_step, fn, capsys)
 
@@ -489,3 +489,41 @@ def test_hints_exist_in_three_levels(capsys):
         for level in (1, 2, 3):
             checks.hint(exercise, level=level)
     assert capsys.readouterr().out.count("for exercise 04.") == 12
+
+
+# --------------------------------------------- answers that call the course's reference are refused
+
+from course_lib.parts import bpe  # noqa: E402
+from course_lib.parts.bpe import merge_pair as replace_pair  # noqa: E402 -- bound under another name
+from course_lib.parts.model import KVCache as Cache  # noqa: E402
+from course_lib.parts.model import top_k_filter as keep_top  # noqa: E402
+from course_lib.parts.lm import lr_at as schedule  # noqa: E402
+
+
+REFERENCE_CALLS = {
+    "04.1 directly": (checks.check_merge_step, merge_step_library, "course_lib.parts.bpe.merge_pair"),
+    "04.1 under another name": (checks.check_merge_step, lambda chunks, new_id: (
+        (pair := min(_count(chunks), key=lambda p: (-_count(chunks)[p], p))),
+        [replace_pair(c, pair, new_id) for c in chunks]), "course_lib.parts.bpe.merge_pair"),
+    "04.1 anything of the course's tokenizer": (checks.check_merge_step, lambda chunks, new_id: (
+        bpe.byte_symbols(), merge_step_right(chunks, new_id))[1], "course_lib.parts.bpe.byte_symbols"),
+    "04.2 directly": (checks.check_lr_schedule, schedule_library, "course_lib.parts.lm.lr_at"),
+    "04.2 under another name": (checks.check_lr_schedule, lambda step, lr, warmup_steps, total_steps, min_lr: schedule(
+        step, lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr), "course_lib.parts.lm.lr_at"),
+    "04.3 directly": (checks.check_top_k, topk_library, "course_lib.parts.model.top_k_filter"),
+    "04.3 under another name": (checks.check_top_k, lambda logits, k: keep_top(logits, k),
+                                "course_lib.parts.model.top_k_filter"),
+    "04.4 the course's KVCache": (checks.check_kv_cache_step, cache_step_library, "course_lib.parts.model.KVCache"),
+    "04.4 under another name": (checks.check_kv_cache_step, lambda q, k, v, kc, vc: (
+        (K := Cache(1).update(0, torch.cat([kc, k], -2), torch.cat([vc, v], -2)))
+        and (F.scaled_dot_product_attention(q, *K), *K)), "course_lib.parts.model.KVCache"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CALLS)
+def test_an_answer_that_calls_the_reference_is_refused(name):
+    check, fn, called = REFERENCE_CALLS[name]
+    with pytest.raises(ReferenceCalled) as info:
+        check(fn)
+    message = str(info.value)
+    assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")

@@ -10,7 +10,7 @@ import torch
 from scipy import optimize, stats
 
 from course_lib import checks
-from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled, StudentCodeError
 
 
 def refused(check, fn) -> str:
@@ -53,7 +53,7 @@ def vertex_library(N, L):
     return found["N_opt"], found["L_opt"]
 
 
-@pytest.mark.parametrize("fn", [vertex_polyfit, vertex_log10, vertex_torch_lstsq, vertex_library])
+@pytest.mark.parametrize("fn", [vertex_polyfit, vertex_log10, vertex_torch_lstsq])
 def test_isoflop_vertex_accepts_correct_answers(fn, capsys):
     checks.check_isoflop_vertex(fn)
     assert "check_isoflop_vertex passed" in capsys.readouterr().out
@@ -554,4 +554,58 @@ def test_a_good_faith_method_passes_for_most_choices_of_runs():
                                    ((0, 2, 3, 4, 6), (0, 2, 3, 4, 6))])
 def test_the_check_accepts_good_faith_predictions_from_other_runs(picks, capsys):
     checks.check_scaling_prediction(_buy(*picks))
+    assert "check_scaling_prediction passed" in capsys.readouterr().out
+
+
+# --------------------------------------------- answers that call the course's reference are refused
+
+from course_lib.parts.scaling import compute_optimal as allocate  # noqa: E402 -- bound under another name
+from course_lib.parts.scaling import fit_power_law as straight_line  # noqa: E402
+from course_lib.parts.scaling import isoflop_minimum as vertex_of  # noqa: E402
+from course_lib.parts.scaling import lab_truth as the_answer  # noqa: E402
+
+
+def lab_reads_the_answer(service):
+    truth = the_answer()
+    service.train(service.menu()[0]["N"], service.menu()[0]["C"])
+    return {"N_opt": truth["N_opt"], "loss": truth["loss"]}
+
+
+def lab_reads_the_record(service):
+    runs = scaling.recorded_runs([service.target_budget], seeds=None)
+    service.train(service.menu()[0]["N"], service.menu()[0]["C"])
+    best = min(runs, key=lambda r: r["val_loss"])
+    return {"N_opt": best["N"], "loss": best["val_loss"]}
+
+
+REFERENCE_CALLS = {
+    "05.1 directly": (checks.check_isoflop_vertex, vertex_library, "course_lib.parts.scaling.isoflop_minimum"),
+    "05.1 under another name": (checks.check_isoflop_vertex, lambda N, L: tuple(vertex_of(N, L)[k] for k in ("N_opt", "L_opt")),
+                                "course_lib.parts.scaling.isoflop_minimum"),
+    "05.2 the course's fit": (checks.check_power_law_fit, lambda N, L: (
+        (fit := straight_line(N, L, floor=False))["A"], fit["alpha"]), "course_lib.parts.scaling.fit_power_law"),
+    "05.2 the course's exponent fit": (checks.check_power_law_fit, lambda N, L: (
+        (fit := scaling.fit_exponent(N, L))["k"], -fit["a"]), "course_lib.parts.scaling.fit_exponent"),
+    "05.3 the recorded answer": (checks.check_scaling_prediction, lab_reads_the_answer, "course_lib.parts.scaling.lab_truth"),
+    "05.3 the record itself": (checks.check_scaling_prediction, lab_reads_the_record,
+                               "course_lib.parts.scaling.recorded_runs"),
+    "05.4 directly": (checks.check_compute_optimal, lambda C, params: scaling.compute_optimal(C, params),
+                      "course_lib.parts.scaling.compute_optimal"),
+    "05.4 under another name": (checks.check_compute_optimal, lambda C, params: allocate(C, params),
+                                "course_lib.parts.scaling.compute_optimal"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CALLS)
+def test_an_answer_that_calls_the_reference_is_refused(name):
+    check, fn, called = REFERENCE_CALLS[name]
+    with pytest.raises(ReferenceCalled) as info:
+        check(fn)
+    message = str(info.value)
+    assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")
+
+
+def test_the_lab_may_use_the_course_fits_on_its_own_runs(capsys):
+    # 05.3 forbids the recorded answer, not the fitting tools of 05.1-05.2 (the notebook's solution uses them)
+    checks.check_scaling_prediction(lab_two_power_laws)
     assert "check_scaling_prediction passed" in capsys.readouterr().out

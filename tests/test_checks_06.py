@@ -9,7 +9,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from course_lib import checks
 from course_lib.checks.finetuning import _binary_counts, _metric_cases
-from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled, StudentCodeError
 
 
 def refused(check, fn) -> str:
@@ -45,7 +45,7 @@ def pool_library(hidden, mask):
     return mean_pool(hidden, mask)
 
 
-@pytest.mark.parametrize("fn", [pool_manual, pool_loop, pool_einsum, pool_masked_fill_nanmean, pool_library])
+@pytest.mark.parametrize("fn", [pool_manual, pool_loop, pool_einsum, pool_masked_fill_nanmean])
 def test_mean_pooling_accepts(fn, capsys):
     checks.check_mean_pooling(fn)
     assert "✅ check_mean_pooling passed" in capsys.readouterr().out
@@ -136,7 +136,7 @@ def metrics_library(y_true, y_pred):
     return classification_metrics(y_true, y_pred)
 
 
-@pytest.mark.parametrize("fn", [metrics_counts, metrics_sklearn, metrics_tensors, metrics_library])
+@pytest.mark.parametrize("fn", [metrics_counts, metrics_sklearn, metrics_tensors])
 def test_precision_recall_f1_accepts(fn, capsys):
     checks.check_precision_recall_f1(fn)
     assert "✅ check_precision_recall_f1 passed" in capsys.readouterr().out
@@ -232,7 +232,7 @@ def bootstrap_library(right_a, right_b, rng, resamples=2000):
     return paired_bootstrap_gap(right_a, right_b, rng=rng, resamples=resamples)
 
 
-@pytest.mark.parametrize("fn", [bootstrap_vectorised, bootstrap_loop, bootstrap_differences, bootstrap_library])
+@pytest.mark.parametrize("fn", [bootstrap_vectorised, bootstrap_loop, bootstrap_differences])
 def test_paired_bootstrap_accepts(fn, capsys):
     checks.check_paired_bootstrap(fn)
     assert "✅ check_paired_bootstrap passed" in capsys.readouterr().out
@@ -328,3 +328,34 @@ def test_hints_have_three_levels_and_match_their_exercise(capsys):
     assert "same" in checks.HINTS["06.3"][0]
     for exercise in ("06.1", "06.2", "06.3"):             # the idea never hands out the key line
         assert checks.HINTS[exercise][2] not in checks.HINTS[exercise][0]
+
+
+# --------------------------------------------- answers that call the course's reference are refused
+
+from course_lib.experiments import stats  # noqa: E402
+from course_lib.parts.classifier import classification_metrics as report  # noqa: E402 -- bound under another name
+from course_lib.parts.classifier import mean_pool as pool  # noqa: E402
+from course_lib.experiments.stats import paired_bootstrap_gap as interval  # noqa: E402
+
+REFERENCE_CALLS = {
+    "06.1 directly": (checks.check_precision_recall_f1, metrics_library, "course_lib.parts.classifier.classification_metrics"),
+    "06.1 under another name": (checks.check_precision_recall_f1, lambda y_true, y_pred: report(y_true, y_pred),
+                                "course_lib.parts.classifier.classification_metrics"),
+    "06.2 directly": (checks.check_mean_pooling, pool_library, "course_lib.parts.classifier.mean_pool"),
+    "06.2 under another name": (checks.check_mean_pooling, lambda hidden, mask: pool(hidden, mask),
+                                "course_lib.parts.classifier.mean_pool"),
+    "06.3 directly": (checks.check_paired_bootstrap, bootstrap_library, "course_lib.experiments.stats.paired_bootstrap_gap"),
+    "06.3 under another name": (checks.check_paired_bootstrap, lambda a, b, rng, resamples=2000: interval(
+        a, b, rng=rng, resamples=resamples), "course_lib.experiments.stats.paired_bootstrap_gap"),
+    "06.3 the seeds variant": (checks.check_paired_bootstrap, lambda a, b, rng, resamples=2000: stats.paired_bootstrap_gap_seeds(
+        a, b, rng=rng, resamples=resamples), "course_lib.experiments.stats.paired_bootstrap_gap_seeds"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CALLS)
+def test_an_answer_that_calls_the_reference_is_refused(name):
+    check, fn, called = REFERENCE_CALLS[name]
+    with pytest.raises(ReferenceCalled) as info:
+        check(fn)
+    message = str(info.value)
+    assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")

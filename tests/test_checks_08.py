@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from course_lib import checks
-from course_lib.checks import CheckFailed, NotAttempted
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled
 from course_lib.parts.classifier import mean_pool
 from course_lib.parts.quant import NF4_CODEBOOK
 
@@ -44,7 +44,7 @@ def nf4_library(w, block_size=64):
     return quantize_nf4(w, block_size)
 
 
-@pytest.mark.parametrize("fn", [nf4_argmin, nf4_midpoints, nf4_library])
+@pytest.mark.parametrize("fn", [nf4_argmin, nf4_midpoints])
 def test_quantize_nf4_accepts_correct(fn, capsys):
     checks.check_quantize_nf4(fn)
     assert "check_quantize_nf4 passed" in capsys.readouterr().out
@@ -250,3 +250,64 @@ def test_hints_have_three_levels(capsys):
             checks.hint(exercise, level=level)
     out = capsys.readouterr().out
     assert out.count("Hint 3/3") == 3
+
+
+# --------------------------------------------- answers that call the course's reference are refused
+
+from types import SimpleNamespace  # noqa: E402
+
+from course_lib.parts import peft_family, quant  # noqa: E402
+from course_lib.parts.peft_family import PromptTuning  # noqa: E402
+from course_lib.parts.peft_family import subspace_similarity as phi_of  # noqa: E402 -- bound under another name
+from course_lib.parts.quant import quantize_nf4 as to_nf4  # noqa: E402
+
+
+def prompt_through_the_course_class(encoder, prompt, input_ids, attention_mask):
+    base = SimpleNamespace(encoder=encoder, head=torch.nn.Identity(), dropout=torch.nn.Identity(), _pool=mean_pool)
+    return PromptTuning.forward(SimpleNamespace(base=base, n_virtual=prompt.shape[0], prompt=prompt), input_ids,
+                                attention_mask)
+
+
+def nf4_through_a_quantised_layer(w, block_size=64):
+    linear = torch.nn.Linear(w.shape[-1], w.numel() // w.shape[-1], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w.reshape(linear.weight.shape))
+    layer = quant.NF4Linear.from_linear(linear, block_size)
+    return quant.unpack_nibbles(layer.packed, w.numel()).reshape(w.shape), layer.absmax
+
+
+def prompt_under_another_name(encoder, prompt, input_ids, attention_mask):
+    base = SimpleNamespace(encoder=encoder, head=torch.nn.Identity(), dropout=torch.nn.Identity(), _pool=mean_pool)
+    soft_prompt = peft_family.PromptTuning.forward                     # saved under another name
+    return soft_prompt(SimpleNamespace(base=base, n_virtual=prompt.shape[0], prompt=prompt), input_ids, attention_mask)
+
+
+REFERENCE_CALLS = {
+    "08.1 the course's PromptTuning": (checks.check_prompt_forward, prompt_through_the_course_class,
+                                       "course_lib.parts.peft_family.PromptTuning"),
+    "08.1 under another name": (checks.check_prompt_forward, prompt_under_another_name,
+                                "course_lib.parts.peft_family.PromptTuning"),
+    "08.2 directly": (checks.check_quantize_nf4, nf4_library, "course_lib.parts.quant.quantize_nf4"),
+    "08.2 under another name": (checks.check_quantize_nf4, lambda w, block_size=64: to_nf4(w, block_size),
+                                "course_lib.parts.quant.quantize_nf4"),
+    "08.2 a quantised layer": (checks.check_quantize_nf4, nf4_through_a_quantised_layer, "course_lib.parts.quant.NF4Linear"),
+    "08.3 directly": (checks.check_subspace_similarity, lambda A1, A2, i, j: peft_family.subspace_similarity(A1, A2, i, j),
+                      "course_lib.parts.peft_family.subspace_similarity"),
+    "08.3 under another name": (checks.check_subspace_similarity, lambda A1, A2, i, j: phi_of(A1, A2, i, j),
+                                "course_lib.parts.peft_family.subspace_similarity"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CALLS)
+def test_an_answer_that_calls_the_reference_is_refused(name):
+    check, fn, called = REFERENCE_CALLS[name]
+    with pytest.raises(ReferenceCalled) as info:
+        check(fn)
+    message = str(info.value)
+    assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")
+
+
+def test_the_prompt_forward_may_pool_with_the_course_mean_pool(capsys):
+    # 08.1 forbids PromptTuning, not 06's mean_pool (the notebook's solution pools with it)
+    checks.check_prompt_forward(prompt_cat)
+    assert "check_prompt_forward passed" in capsys.readouterr().out

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from course_lib import checks
-from course_lib.parts.causal_lm import answer, answer_ids, chat, prompt_ids
-from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
+from course_lib.parts.causal_lm import answer, chat
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled, StudentCodeError
 
 DEFAULT = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
@@ -128,6 +128,14 @@ def test_render_chat_stub_and_crash(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------- 09.2
+
+
+def prompt_ids(tokenizer, text):          # written out here: course_lib.parts.causal_lm's is the reference of 09.2
+    return list(tokenizer.apply_chat_template(chat(text), add_generation_prompt=True)["input_ids"])
+
+
+def answer_ids(tokenizer, label):
+    return tokenizer(answer(label) + "<|im_end|>", add_special_tokens=False)["input_ids"]
 
 
 def encode_right(tokenizer, text, label):
@@ -274,3 +282,83 @@ def test_hints_have_three_levels(capsys):
         for level in (1, 2, 3):
             checks.hint(exercise, level=level)
     assert capsys.readouterr().out.count("for exercise 09.") == 9
+
+
+# --------------------------------------------- answers that call the course's reference are refused
+
+from course_lib.parts import causal_lm  # noqa: E402
+from course_lib.parts.causal_lm import encode as encode_by_the_book  # noqa: E402 -- bound under another name
+from course_lib.parts.lora import apply_lora as inject, count_trainable  # noqa: E402
+
+
+def render_with_the_template(tokenizer):
+    def render_chat(messages, add_generation_prompt=True):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return render_chat
+
+
+def render_with_a_saved_method(tokenizer):
+    template = tokenizer.apply_chat_template          # bound before the check runs
+
+    def render_chat(messages, add_generation_prompt=True):
+        return template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return render_chat
+
+
+def render_with_the_jinja_helper(tokenizer):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render_chat(messages, add_generation_prompt=True):
+        rendered, _ = render_jinja_template([messages], chat_template=tokenizer.chat_template,
+                                            add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+        return rendered[0]
+    return render_chat
+
+
+def count_with_the_course_lora(config, r, targets):
+    from transformers import LlamaForCausalLM
+
+    return count_trainable(inject(LlamaForCausalLM(config), list(targets), r=r, alpha=r))
+
+
+def count_with_the_course_count(config, r, targets):
+    from course_lib.parts import lora as lora_module
+
+    return count_right(config, r, targets) + 0 * lora_module.count_trainable(torch.nn.Linear(1, 1))
+
+
+REFERENCE_CALLS = {
+    "09.1 apply_chat_template": (checks.check_render_chat, render_with_the_template,
+                                 "transformers.tokenization_utils_base.PreTrainedTokenizerBase.apply_chat_template"),
+    "09.1 apply_chat_template saved under another name": (
+        checks.check_render_chat, render_with_a_saved_method,
+        "transformers.tokenization_utils_base.PreTrainedTokenizerBase.apply_chat_template"),
+    "09.1 transformers' jinja helper": (checks.check_render_chat, render_with_the_jinja_helper,
+                                        "transformers.utils.chat_template_utils.render_jinja_template"),
+    "09.2 directly": (checks.check_prompt_masking, lambda tokenizer: causal_lm.encode,
+                      "course_lib.parts.causal_lm.encode"),
+    "09.2 under another name": (checks.check_prompt_masking, lambda tokenizer: lambda tok, text, label: encode_by_the_book(
+        tok, text, label), "course_lib.parts.causal_lm.encode"),
+    "09.2 the reference's pieces": (checks.check_prompt_masking, lambda tokenizer: lambda tok, text, label: (
+        (p := causal_lm.prompt_ids(tok, text)) + (a := causal_lm.answer_ids(tok, label)), [-100] * len(p) + a),
+        "course_lib.parts.causal_lm.prompt_ids"),
+    "09.3 the course's LoRA under other names": (checks.check_lora_param_count, lambda tokenizer: count_with_the_course_lora,
+                                                "course_lib.parts.lora.apply_lora"),
+    "09.3 the course's count": (checks.check_lora_param_count, lambda tokenizer: count_with_the_course_count,
+                                "course_lib.parts.lora.count_trainable"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CALLS)
+def test_an_answer_that_calls_the_reference_is_refused(name, tokenizer):
+    check, make, called = REFERENCE_CALLS[name]
+    with pytest.raises(ReferenceCalled) as info:
+        check(make(tokenizer), *([tokenizer] if check is not checks.check_lora_param_count else []))
+    message = str(info.value)
+    assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")
+
+
+def test_the_masking_exercise_may_use_the_chat_template(tokenizer, capsys):
+    # 09.2 forbids the course's encode and its pieces, not the tokenizer's chat template (the notebook's solution)
+    checks.check_prompt_masking(encode_right, tokenizer)
+    assert "✅ check_prompt_masking passed" in capsys.readouterr().out

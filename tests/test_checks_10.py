@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from course_lib import checks
-from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled, StudentCodeError
 
 
 def refused(fn) -> str:
@@ -267,3 +267,52 @@ def test_three_hint_levels_and_the_idea_does_not_give_the_line_away(exercise, ca
     for level in (1, 2, 3):
         checks.hint(exercise, level=level)
         assert f"Hint {level}/3 for exercise {exercise}" in capsys.readouterr().out
+
+
+# --------------------------------------------- answers that call the course's reference are refused
+
+from course_lib.distributed import ddp, sharded  # noqa: E402
+from course_lib.distributed.ddp import memory_per_gpu as per_gpu  # noqa: E402 -- bound under another name
+
+
+def ring_by_calling_the_check(grads, send):
+    checks.scaling_out.check_ring_all_reduce(ring_all_reduce)   # re-entering the check is the check's code
+    return ring_all_reduce(grads, send)
+
+
+from course_lib.checks.scaling_out import check_all_reduce_time as verify_time  # noqa: E402 -- another name
+
+
+def ring_by_the_check_under_another_name(grads, send):
+    verify = checks.scaling_out.check_ring_all_reduce
+    verify(ring_all_reduce)
+    return ring_all_reduce(grads, send)
+
+
+REFERENCE_CALLS = {
+    "10.1 the check's own code": (checks.check_ring_all_reduce, ring_by_calling_the_check,
+                                  "course_lib.checks.scaling_out.check_ring_all_reduce"),
+    "10.1 the check under another name": (checks.check_ring_all_reduce, ring_by_the_check_under_another_name,
+                                          "course_lib.checks.scaling_out.check_ring_all_reduce"),
+    "10.2 the check under another name": (checks.check_all_reduce_time, lambda n, W, a, b: (
+        verify_time(ring_time), ring_time(n, W, a, b))[1], "course_lib.checks.scaling_out.check_all_reduce_time"),
+    "10.2 the check's own code": (checks.check_all_reduce_time, lambda n, W, a, b: (
+        checks.scaling_out.check_all_reduce_time(ring_time), ring_time(n, W, a, b))[1],
+        "course_lib.checks.scaling_out.check_all_reduce_time"),
+    "10.3 directly": (checks.check_zero_memory, lambda n, N, s: ddp.memory_per_gpu(n, data=N, zero_stage=s)["total"] / 1e9,
+                      "course_lib.distributed.ddp.memory_per_gpu"),
+    "10.3 under another name": (checks.check_zero_memory, lambda n, N, s: per_gpu(n, data=N, zero_stage=s)["total"] / 1e9,
+                                "course_lib.distributed.ddp.memory_per_gpu"),
+    "10.3 the sharded module's bytes": (checks.check_zero_memory, lambda n, N, s: (sharded.zero_bytes(n, N, s),
+                                                                                  by_parts(n, N, s))[1],
+                                        "course_lib.distributed.sharded.zero_bytes"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CALLS)
+def test_an_answer_that_calls_the_reference_is_refused(name):
+    check, fn, called = REFERENCE_CALLS[name]
+    with pytest.raises(ReferenceCalled) as info:
+        check(fn)
+    message = str(info.value)
+    assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")

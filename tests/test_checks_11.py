@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from course_lib import checks
-from course_lib.checks import CheckFailed, NotAttempted, StudentCodeError
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled, StudentCodeError
 from course_lib.checks.framework import HINTS
 
 
@@ -270,3 +270,44 @@ def test_three_hint_levels_and_the_idea_does_not_give_the_line_away(exercise, ca
     for level in (1, 2, 3):
         checks.hint(exercise, level=level)
         assert f"Hint {level}/3 for exercise {exercise}" in capsys.readouterr().out
+
+
+# --------------------------------------------- answers that call the course's reference are refused
+
+from course_lib.distributed import activation_memory, pipeline, tensor_parallel  # noqa: E402
+from course_lib.distributed.activation_memory import korthikanti_bytes as eq_4  # noqa: E402 -- another name
+from course_lib.distributed.pipeline import idle_fraction as idle  # noqa: E402
+from course_lib.distributed.tensor_parallel import shard_qkv as rows_of_rank  # noqa: E402
+
+
+def idle_from_the_course_timeline(t_f, t_b, m):
+    timeline = pipeline.gpipe_timeline(list(t_f), list(t_b), m)
+    end = max(stop for stage in timeline for *_, stop in stage)
+    return 1 - m * sum(f + b for f, b in zip(t_f, t_b)) / (len(t_f) * end)
+
+
+REFERENCE_CALLS = {
+    "11.1 directly": (checks.check_shard_qkv, lambda t, H, r, W: tensor_parallel.shard_qkv(t, H, r, W),
+                      "course_lib.distributed.tensor_parallel.shard_qkv"),
+    "11.1 under another name": (checks.check_shard_qkv, lambda t, H, r, W: rows_of_rank(t, H, r, W),
+                                "course_lib.distributed.tensor_parallel.shard_qkv"),
+    "11.2 the course's timeline": (checks.check_gpipe_idle_fraction, idle_from_the_course_timeline,
+                                   "course_lib.distributed.pipeline.gpipe_timeline"),
+    "11.2 under another name": (checks.check_gpipe_idle_fraction, lambda t_f, t_b, m: idle(pipeline.gpipe_timeline(
+        list(t_f), list(t_b), m)), "course_lib.distributed.pipeline.gpipe_timeline"),
+    "11.3 directly": (checks.check_activation_bytes, lambda s, b, h, a, t=1, sequence_parallel=False:
+                      activation_memory.korthikanti_bytes(s, b, h, a, t=t, sequence_parallel=sequence_parallel),
+                      "course_lib.distributed.activation_memory.korthikanti_bytes"),
+    "11.3 under another name": (checks.check_activation_bytes, lambda s, b, h, a, t=1, sequence_parallel=False:
+                                eq_4(s, b, h, a, t=t, sequence_parallel=sequence_parallel),
+                                "course_lib.distributed.activation_memory.korthikanti_bytes"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CALLS)
+def test_an_answer_that_calls_the_reference_is_refused(name):
+    check, fn, called = REFERENCE_CALLS[name]
+    with pytest.raises(ReferenceCalled) as info:
+        check(fn)
+    message = str(info.value)
+    assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")

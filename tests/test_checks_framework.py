@@ -105,3 +105,158 @@ def test_compare_diagnoses_in_order_and_falls_back():
                                       "broken": lambda: 1 / 0})
     with pytest.raises(CheckFailed, match=r"shape \(2,\).*\(3,\)"):
         checks.compare(actual, torch.zeros(3), what="x", case="c")
+
+
+# ------------------------------------- the rule: an answer that calls the course's reference is refused
+
+import sys  # noqa: E402
+import threading  # noqa: E402
+import types  # noqa: E402
+import warnings  # noqa: E402
+
+from course_lib.checks import EXERCISES, ReferenceCalled  # noqa: E402
+from course_lib.parts import losses  # noqa: E402
+from course_lib.parts.losses import softmax as saved_softmax  # noqa: E402 -- bound before any check runs
+
+
+def calls_reference(z, dim=-1):
+    return saved_softmax(z, dim)
+
+
+def swallows_the_refusal(z, dim=-1):
+    try:
+        saved_softmax(z, dim)
+    except BaseException:  # noqa: BLE001 -- the rule records, it does not rely on raising
+        pass
+    return torch.softmax(z, dim)
+
+
+def switches_the_watch_off(z, dim=-1):
+    sys.setprofile(None)
+    return saved_softmax(z, dim)
+
+
+def in_a_thread(z, dim=-1):
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("p", saved_softmax(z, dim)))
+    worker.start(), worker.join()
+    return out["p"]
+
+
+copied_code = types.FunctionType(saved_softmax.__code__, saved_softmax.__globals__, "my_softmax")
+
+
+def test_the_sentence_names_what_was_called():
+    with pytest.raises(ReferenceCalled) as info:
+        checks.check_softmax(calls_reference)
+    assert str(info.value) == ("your answer calls the course's reference `course_lib.parts.losses.softmax`; write it "
+                               "yourself.")
+
+
+@pytest.mark.parametrize("fn", [swallows_the_refusal, in_a_thread, copied_code])
+def test_the_reference_is_refused_however_it_is_reached(fn):
+    with pytest.raises(ReferenceCalled, match="`course_lib.parts.losses.softmax`"):
+        checks.check_softmax(fn)
+
+
+def test_a_rebound_module_attribute_does_not_hide_the_reference(monkeypatch):
+    # the student's cell rebinds losses.softmax to their own function and calls the saved original
+    monkeypatch.setattr(losses, "softmax", lambda z, dim=-1: torch.softmax(z, dim))
+    with pytest.raises(ReferenceCalled, match="`course_lib.parts.losses.softmax`"):
+        checks.check_softmax(lambda z, dim=-1: saved_softmax(z, dim))
+
+
+def test_switching_the_watch_off_is_refused():
+    with pytest.raises(ReferenceCalled, match="switched off the interpreter's profiling hook"):
+        checks.check_softmax(switches_the_watch_off)
+
+
+def test_the_check_code_is_out_of_reach_too():
+    # 00.1 has no library reference; the checks' own code is forbidden in every exercise
+    with pytest.raises(ReferenceCalled, match="`course_lib.checks.setup.check_mse`"):
+        check_mse(lambda p, t: (checks.setup.check_mse(mse_reference), mse_reference(p, t))[1])
+    verify = check_mse                                                   # the same, under another name
+    with pytest.raises(ReferenceCalled, match="`course_lib.checks.setup.check_mse`"):
+        check_mse(lambda p, t: (verify(mse_reference), mse_reference(p, t))[1])
+
+
+def test_the_profiler_that_was_there_is_restored_after_a_pass_and_a_failure(capsys):
+    seen = []
+
+    def tracer(frame, event, arg):  # e.g. a profiler or a debugger the student runs
+        seen.append(event)
+
+    sys.setprofile(tracer)
+    try:
+        check_mse(mse_reference)
+        assert sys.getprofile() is tracer
+        with pytest.raises(ReferenceCalled):
+            checks.check_softmax(calls_reference)
+        assert sys.getprofile() is tracer and threading.getprofile() is None
+    finally:
+        sys.setprofile(None)
+
+
+def test_warnings_from_the_answer_stay_out_of_stderr(capsys):
+    def warns(pred, target):
+        warnings.warn("this answer warns", UserWarning)
+        return mse_reference(pred, target)
+
+    check_mse(warns)
+    out, err = capsys.readouterr()
+    assert err == "" and "✅ check_mse passed" in out
+    assert "note: your code raised a warning while the check ran it: UserWarning: this answer warns" in out
+
+
+def test_every_exercise_is_registered_with_points_and_forbidden_callables_that_exist():
+    import importlib
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    in_notebooks = set()
+    for path in sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if "check" in cell.metadata.get("tags", []):
+                name = re.search(r"checks\.(check_\w+)\(", cell.source).group(1)
+                in_notebooks.add((getattr(checks, name).exercise_id, name))
+    assert {(e.id, e.check.__name__) for e in EXERCISES.values()} >= in_notebooks
+    for exercise in EXERCISES.values():
+        assert isinstance(exercise.points, int) and exercise.points >= 1
+        for spec in exercise.forbidden:
+            module, _, qualname = spec.partition(":")
+            target = importlib.import_module(module)
+            if qualname != "*":
+                for part in qualname.split("."):
+                    target = getattr(target, part)    # a renamed reference fails here, not silently in class
+            assert checks.framework._module_file(module), spec
+
+
+@pytest.fixture
+def demo_exercises():
+    """Checks registered for one test only (exercise ids 99.*), removed afterwards."""
+    yield checks.exercise
+    for key in [k for k in EXERCISES if k.startswith("99.")]:
+        del EXERCISES[key]
+
+
+def test_a_callback_the_check_hands_over_may_use_the_reference(demo_exercises):
+    @demo_exercises("99.1", forbid=("course_lib.parts.losses:softmax",))
+    def check_demo(fn):
+        return checks.call_student(fn, lambda z: saved_softmax(z))     # the check's own callback
+
+    assert check_demo(lambda callback: callback(torch.zeros(3))).sum() == 1
+    with pytest.raises(ReferenceCalled):
+        check_demo(lambda callback: saved_softmax(torch.zeros(3)))     # the answer itself may not
+
+
+def test_a_block_of_student_code_watches_the_answer_itself(demo_exercises):
+    @demo_exercises("99.2", forbid=("course_lib.parts.losses:softmax",))
+    def check_demo(fn):
+        with checks.student_code():
+            return fn(torch.zeros(3))
+
+    with pytest.raises(ReferenceCalled):
+        check_demo(lambda z: saved_softmax(z))
+    assert check_demo(lambda z: torch.softmax(z, -1)).sum() == 1

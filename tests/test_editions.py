@@ -77,3 +77,34 @@ def test_the_student_edition_tells_ai_assistants_to_tutor_not_solve(tmp_path):
     assert "Do not write exercise solutions" in agents and 'checks.hint("NN.K", level=2)' in agents
     assert "Exercises in this copy: 00.1." in agents
     assert not (source.parent / "AGENTS.md").exists(), "the solution edition gets no such file"
+
+
+def test_the_points_are_stated_once_in_the_exercise_line():
+    from course_lib.editions import exercise_id, state_points
+
+    stated = state_points(EXERCISE, "00.1")
+    assert stated.startswith("# Exercise 00.1 (1 point): write mse\n")
+    assert state_points(stated, "00.1") == stated, "stating the points twice changes nothing"
+    assert exercise_id(nbformat.v4.new_code_cell(stated), "nb") == "00.1"
+    assert state_points(EXERCISE.replace("00.1", "01.3"), "01.3").startswith("# Exercise 01.3 (2 points):")
+
+
+def test_the_grading_source_marks_every_cell_for_nbgrader():
+    from course_lib.editions import grading_notebook
+
+    nb = notebook(code("x = 1"), code(EXERCISE, "exercise"), code("# NBVAL_CHECK_OUTPUT\nchecks.check_mse(mse)", "check"))
+    source = grading_notebook(nb, "00_setup.ipynb")
+    meta = [c.metadata["nbgrader"] for c in source.cells]
+    assert [(m["grade_id"], m["solution"], m["grade"], m["locked"]) for m in meta] == [
+        ("00_setup-000", False, False, True), ("exercise-00_1", True, False, False), ("check-00_1", False, True, True)]
+    assert meta[2]["points"] == 1 and "BEGIN SOLUTION" in source.cells[1].source
+    assert "nbgrader" not in nb.cells[0].metadata, "the solution edition is not modified"
+    with pytest.raises(EditionError, match="must follow an `exercise` cell"):
+        grading_notebook(notebook(code("checks.check_mse(f)", "check")), "bad.ipynb")
+
+
+def test_an_unknown_lesson_is_named_with_the_known_ones(tmp_path):
+    from course_lib.editions import write_grading_source
+
+    with pytest.raises(EditionError, match="there is no lesson '01_atention'; the lessons are: .*01_attention"):
+        write_grading_source(["01_atention"], target_dir=tmp_path)

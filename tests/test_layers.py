@@ -153,3 +153,28 @@ def test_the_timer_waits_for_the_device(monkeypatch):
     assert len(waited) == 1 + 2 + 2 * 2 and watch.seconds >= 0
     timing.sync("cpu")
     assert len(waited) == 7                                  # nothing more to wait for on a CPU
+
+
+def test_every_forbidden_reference_of_a_check_exists():
+    """A check's ``forbid`` entry names a module and an attribute of the course; one that no longer exists
+    (a module moved, a function renamed) would forbid nothing, silently."""
+    import importlib
+
+    from course_lib.checks.framework import AUTOGRAD, EXERCISES
+
+    missing = []
+    for exercise in EXERCISES.values():
+        for entry in exercise.forbidden:
+            if entry in AUTOGRAD:
+                continue
+            module, _, name = entry.partition(":")
+            try:
+                found = importlib.import_module(module)
+            except ImportError:
+                missing.append(f"{exercise.id}: {entry} (no module)")
+                continue
+            for part in name.split(".") if name != "*" else ():
+                found = getattr(found, part, None)
+            if found is None:
+                missing.append(f"{exercise.id}: {entry}")
+    assert len(EXERCISES) >= 39 and not missing, missing

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from course_lib.checks.framework import (
-    StudentCodeError, register_hint, fail, call_student, require_tensor, close, diagnose, compare, passed,
+    exercise, StudentCodeError, register_hint, fail, call_student, require_tensor, close, diagnose, compare, passed,
 )
 
 
@@ -70,6 +70,7 @@ def _softmax64(z: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.softmax(z.double(), dim=dim)
 
 
+@exercise("01.1", points=1, forbid=("course_lib.parts.losses:softmax",))
 def check_softmax(fn: Callable[..., torch.Tensor]) -> None:
     """Exercise 01.1: ``fn(z, dim=-1)`` returns softmax(z) along ``dim``, stable for large logits.
 
@@ -142,6 +143,7 @@ def check_softmax(fn: Callable[..., torch.Tensor]) -> None:
                             f"float64, dim=0 and the default dim included.")
 
 
+@exercise("01.2", points=1, forbid=("course_lib.parts.attention:causal_mask",))
 def check_causal_mask(fn: Callable[[int], torch.Tensor]) -> None:
     """Exercise 01.2: ``fn(T)`` returns the (T, T) bool causal mask, True = may attend (lower triangle)."""
     __tracebackhide__ = True
@@ -223,6 +225,10 @@ def _attention_wrong_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return wrong
 
 
+@exercise("01.3", points=2, forbid=(
+    "course_lib.parts.attention:scaled_dot_product_attention",
+    "course_lib.parts.attention:MultiHeadAttention",
+))
 def check_attention(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Exercise 01.3: ``fn(q, k, v, mask=None)`` returns ``(out, weights)`` of softmax(QKᵀ/√d_k)V.
 
@@ -322,6 +328,7 @@ def _attention_backward64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_o
     return q.grad, k.grad, v.grad
 
 
+@exercise("01.4", points=2, forbid=("course_lib.parts.attention:attention_backward",), autograd=True)
 def check_attention_backward(fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """Exercise 01.4: ``fn(q, k, v, d_out, mask=None)`` returns ``(dq, dk, dv)``, the gradients of
     ``sum(out * d_out)`` for ``out = softmax(q kᵀ/√d_k) v`` (bool mask, True = may attend), in float64."""

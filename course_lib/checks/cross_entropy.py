@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from course_lib.checks.framework import (
-    register_hint, fail, call_student, require_tensor, close, compare, passed,
+    exercise, register_hint, fail, call_student, require_tensor, close, compare, passed,
 )
 
 
@@ -60,6 +60,7 @@ def _ce02_onehot(targets: torch.Tensor, num_classes: int, like: torch.Tensor) ->
     return torch.nn.functional.one_hot(targets, num_classes).to(like.dtype)
 
 
+@exercise("02.1", points=1, forbid=("course_lib.parts.losses:cross_entropy_grad",), autograd=True)
 def check_cross_entropy_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
     """Exercise 02.1: ``fn(logits, targets)`` returns d(mean cross-entropy)/d(logits) = (softmax(z) - onehot(y)) / N."""
     __tracebackhide__ = True
@@ -126,6 +127,7 @@ def check_cross_entropy_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
                                        f"cases (huge logits, C=2, float64 included).")
 
 
+@exercise("02.2", points=1, forbid=("course_lib.parts.losses:log_softmax", "course_lib.parts.losses:logsumexp"))
 def check_log_softmax(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Exercise 02.2: ``fn(z)`` returns log(softmax(z)) over the last axis, stably (z - logsumexp(z))."""
     __tracebackhide__ = True
@@ -198,6 +200,10 @@ def _ce02_central(f: Callable[[torch.Tensor], Any], x: torch.Tensor, eps: float,
     return grad.view_as(x)
 
 
+@exercise("02.3", points=1, autograd=True, forbid=(
+    "course_lib.parts.gradcheck:numerical_grad",
+    "course_lib.parts.gradcheck:gradcheck",
+))
 def check_numerical_grad(fn: Callable[..., torch.Tensor]) -> None:
     """Exercise 02.3: ``fn(f, x, eps)`` returns the central-difference gradient of scalar ``f`` at ``x``."""
     __tracebackhide__ = True

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from course_lib.checks.framework import (
-    register_hint, fail, call_student, require_tensor, compare, passed,
+    exercise, register_hint, fail, call_student, require_tensor, compare, passed,
 )
 
 
@@ -57,6 +57,7 @@ def _pooling_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     }
 
 
+@exercise("06.2", points=1, forbid=("course_lib.parts.classifier:mean_pool",))
 def check_mean_pooling(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
     """``fn(hidden, attention_mask)`` averages hidden (B, T, H) over the real tokens -> (B, H)."""
     __tracebackhide__ = True
@@ -141,6 +142,7 @@ def _as_number(value: Any, what: str, case: str) -> torch.Tensor:
         fail(f"{what} should be a number on {case}, but it is a {type(value).__name__}.")
 
 
+@exercise("06.1", points=1, forbid=("course_lib.parts.classifier:classification_metrics",))
 def check_precision_recall_f1(fn: Callable[[torch.Tensor, torch.Tensor], Mapping[str, Any]]) -> None:
     """``fn(y_true, y_pred)`` returns accuracy, precision, recall and F1 of the positive class (label 1)."""
     __tracebackhide__ = True
@@ -256,6 +258,10 @@ def _three_numbers(result: Any, case: str) -> tuple[float, float, float]:
              f"not a single number.")
 
 
+@exercise("06.3", points=2, forbid=(
+    "course_lib.experiments.stats:paired_bootstrap_gap",
+    "course_lib.experiments.stats:paired_bootstrap_gap_seeds",
+))
 def check_paired_bootstrap(fn: Callable[..., Any]) -> None:
     """``fn(right_a, right_b, rng, resamples=...)`` returns (gap, low, high): A's accuracy minus B's and a
     95% paired bootstrap interval, as fractions."""

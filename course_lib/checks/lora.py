@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from course_lib.checks.framework import (
-    NotAttempted, register_hint, fail, _name_of, not_attempted_message, call_student, close, compare, passed,
-    require_tensor,
+    exercise, CheckFailed, NotAttempted, student_code, register_hint, fail, _name_of, not_attempted_message,
+    call_student, close, compare, passed, require_tensor,
 )
 
 
@@ -55,6 +55,7 @@ def _lora_wrong_scalings(r: float, alpha: float) -> dict[str, float]:
             "your scaling is alpha/sqrt(r) (that is rsLoRA); here use alpha/r as in the LoRA paper": alpha / r ** 0.5}
 
 
+@exercise("07.1", points=1, forbid=("course_lib.parts.lora:LoRALinear",))
 def check_lora_forward(fn: Callable[..., torch.Tensor]) -> None:
     """``fn(x, W0, A, B, alpha, r)`` returns h = W0 x + (alpha/r) B A x for rows x (Hu et al. 2021, Eq. 3)."""
     __tracebackhide__ = True
@@ -108,14 +109,18 @@ def _lora_attr(layer: Any, name: str, shape: tuple[int, int]) -> torch.Tensor:
 def _lora_try(method: Callable[[], Any], what: str) -> bool:
     """Call layer.merge()/unmerge() a second time: raising is an acceptable answer (returns False)."""
     try:
-        method()
+        with student_code():
+            method()
     except NotImplementedError:
         raise NotAttempted(not_attempted_message(f"{what} is not written yet")) from None
+    except CheckFailed:
+        raise
     except Exception:  # noqa: BLE001 -- refusing a second merge is fine
         return False
     return True
 
 
+@exercise("07.3", points=2, forbid=("course_lib.parts.lora:LoRALinear",))
 def check_lora_linear(cls: Callable[..., torch.nn.Module]) -> None:
     """``cls(base, r, alpha)`` wraps a frozen nn.Linear with lora_A (r, in), lora_B (out, r), merge(), unmerge()."""
     __tracebackhide__ = True
@@ -270,6 +275,7 @@ def _lora_alternative_scalings(r: int, alpha: float) -> dict[str, float]:
             "(LoRALinear divides by r)": alpha / r ** 2}
 
 
+@exercise("07.4", points=2, forbid=("course_lib.parts.lora:apply_lora",))
 def check_apply_lora(fn: Callable[..., Any]) -> None:
     """``fn(model, target_modules, r, alpha)`` freezes ``model`` and wraps the matching nn.Linear layers in LoRA.
 
@@ -420,6 +426,7 @@ def _lora_grad_cases() -> dict[str, tuple[torch.Tensor, ...]]:
             "a (2, 3, d_in) batch of sequences (r=4, alpha=2)": (*make((2, 3), 4), 2.0, 4)}
 
 
+@exercise("07.2", points=2, forbid=("course_lib.parts.lora:LoRALinear",), autograd=True)
 def check_lora_grads(fn: Callable[..., Any]) -> None:
     """``fn(x, A, B, alpha, r, g)`` returns (dA, dB), the gradients of L through h = W0 x + (alpha/r) B A x
     given g = dL/dh of the same shape as h; compared with autograd in float64."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from course_lib.checks.framework import call_student, fail, passed, register_hint
+from course_lib.checks.framework import exercise, call_student, fail, passed, register_hint
 
 # ----------------------------------------------------------------------------------------------
 # 09_lora_causal_lm_gpu: the chat template by hand, the prompt masked out of the loss, LoRA's
@@ -58,6 +58,12 @@ def _chat_cases() -> dict[str, tuple[list[dict[str, str]], bool]]:
     }
 
 
+@exercise("09.1", points=1, fixtures=("tokenizer",), forbid=(
+    "transformers.tokenization_utils_base:PreTrainedTokenizerBase.apply_chat_template",
+    "transformers.utils.chat_template_utils:render_jinja_template",
+    "transformers.utils.chat_template_utils:_compile_jinja_template",
+    "transformers.utils.chat_template_utils:_cached_compile_jinja_template",
+))
 def check_render_chat(fn: Callable[..., str], tokenizer: Any) -> None:
     """Exercise 09.1: ``fn(messages, add_generation_prompt=True)`` returns the text SmolLM2's chat template
     makes (``tokenizer.apply_chat_template(messages, tokenize=False, ...)``)."""
@@ -106,6 +112,12 @@ def _as_id_list(value: Any, what: str, case: str) -> list[int]:
     return list(value)
 
 
+@exercise("09.2", points=2, fixtures=("tokenizer",), forbid=(
+    "course_lib.parts.causal_lm:encode",
+    "course_lib.parts.causal_lm:prompt_ids",
+    "course_lib.parts.causal_lm:answer_ids",
+    "course_lib.parts.causal_lm:collate",
+))
 def check_prompt_masking(fn: Callable[..., tuple[Sequence[int], Sequence[int]]], tokenizer: Any) -> None:
     """Exercise 09.2: ``fn(tokenizer, text, label)`` returns ``(input_ids, labels)``: the prompt (with the
     generation header) and the answer, and labels that are -100 on the prompt and the answer's ids on it."""
@@ -186,6 +198,12 @@ def _reference_count(config: Any, r: int, targets: Sequence[str]) -> int:
     return lora.count_trainable(model)
 
 
+@exercise("09.3", points=1, forbid=(
+    "course_lib.parts.lora:apply_lora",
+    "course_lib.parts.lora:count_trainable",
+    "course_lib.parts.lora:trainable_parameters",
+    "course_lib.parts.lora:LoRALinear",
+))
 def check_lora_param_count(fn: Callable[[Any, int, Sequence[str]], int]) -> None:
     """Exercise 09.3: ``fn(config, r, targets)`` returns LoRA's trainable parameters on a Llama model with
     grouped-query attention (``config`` has hidden_size, intermediate_size, num_hidden_layers,

@@ -8,7 +8,9 @@ from numbers import Real
 
 import torch
 
-from course_lib.checks.framework import call_student, close, fail, passed, register_hint, require_tensor
+from course_lib.checks.framework import (
+    exercise, call_student, close, fail, passed, register_hint, require_tensor,
+)
 
 # ----------------------------------------------------------------------------------------------
 # 11.1: one rank's rows of the fused QKV matrix, split by heads
@@ -39,6 +41,12 @@ def _interleaved(t: torch.Tensor, n_head: int, rank: int, world: int) -> torch.T
     return t[rows]
 
 
+@exercise("11.1", points=1, forbid=(
+    "course_lib.distributed.tensor_parallel:shard_qkv",
+    "course_lib.distributed.tensor_parallel:head_rows",
+    "course_lib.distributed.tensor_parallel:shard_of",
+    "course_lib.distributed.tensor_parallel:shard_block",
+))
 def check_shard_qkv(fn: Callable[[torch.Tensor, int, int, int], torch.Tensor]) -> None:
     """Exercise 11.1: ``fn(t, n_head, rank, world)`` returns rank ``rank``'s rows of a fused QKV weight
     (3d × d) or bias (3d,): its heads' rows of W_q, then of W_k, then of W_v (heads r·H/W … (r+1)·H/W − 1)."""
@@ -116,6 +124,12 @@ def _makespan(t_forward: list[float], t_backward: list[float], m: int) -> float:
     return max(event[3] for stage in gpipe_timeline(t_forward, t_backward, m) for event in stage)
 
 
+@exercise("11.2", points=2, forbid=(
+    "course_lib.distributed.pipeline:gpipe_timeline",
+    "course_lib.distributed.pipeline:idle_fraction",
+    "course_lib.distributed.pipeline:bubble_fraction",
+    "course_lib.distributed.pipeline:measured_idle_fraction",
+))
 def check_gpipe_idle_fraction(fn: Callable[[list[float], list[float], int], float]) -> None:
     """Exercise 11.2: ``fn(t_forward, t_backward, m)`` returns the idle fraction of GPipe's schedule for stages
     with these forward and backward times per micro-batch (lists, one entry per stage), ``m`` micro-batches."""
@@ -177,6 +191,7 @@ register_hint(
 )
 
 
+@exercise("11.3", points=1, forbid=("course_lib.distributed.activation_memory:korthikanti_bytes",))
 def check_activation_bytes(fn: Callable[..., float]) -> None:
     """Exercise 11.3: ``fn(s, b, h, a, t=1, sequence_parallel=False)`` returns the activation bytes per layer of
     Korthikanti et al. 2022 (Eqs. 1, 2 and 4), 16-bit values and 1-byte dropout masks."""

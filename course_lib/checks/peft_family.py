@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from course_lib.checks.framework import (
-    register_hint, fail, call_student, require_tensor, close, compare, passed,
+    exercise, register_hint, fail, call_student, require_tensor, close, compare, passed,
 )
 
 
@@ -31,7 +31,7 @@ register_hint("08.1",
               "Look up the word embeddings of input_ids with encoder.get_input_embeddings(), put prompt "
               "(expanded to the batch) in front with torch.cat along the token axis, prepend n ones to the "
               "attention mask, run encoder(inputs_embeds=..., attention_mask=...), and mean-pool the states "
-              "with that grown mask (finetune.mean_pool).",
+              "with that grown mask (classifier.mean_pool).",
               "mask = torch.cat([attention_mask.new_ones(B, n), attention_mask], dim=1)")
 register_hint("08.3",
               "Compare the directions the two A matrices read from the input, not their entries: the top "
@@ -106,6 +106,13 @@ def _nf4_cases() -> dict[str, tuple[torch.Tensor, int | None]]:
     }
 
 
+@exercise("08.2", points=2, forbid=(
+    "course_lib.parts.quant:quantize_nf4",
+    "course_lib.parts.quant:NF4Linear",
+    "course_lib.parts.quant:QLoRALinear",
+    "course_lib.parts.quant:quantize_linears",
+    "course_lib.parts.quant:apply_qlora",
+))
 def check_quantize_nf4(fn: Callable[..., Any]) -> None:
     """``fn(w, block_size=64)`` returns ``(codes, absmax)``: uint8 NF4 codes in the shape of w, and one
     absmax per block of ``block_size`` consecutive numbers of the flattened w (Dettmers et al. 2023)."""
@@ -214,6 +221,7 @@ def _prompt_cases():
     return cases
 
 
+@exercise("08.1", points=2, forbid=("course_lib.parts.peft_family:PromptTuning",))
 def check_prompt_forward(fn: Callable[..., torch.Tensor]) -> None:
     """``fn(encoder, prompt, input_ids, attention_mask)`` returns the mean-pooled sentence embedding (B, d)
     of [prompt; word embeddings] with the attention and pooling mask grown by n ones (Lester et al. 2021)."""
@@ -291,6 +299,7 @@ def _phi_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, int, int]]:
     }
 
 
+@exercise("08.3", points=1, forbid=("course_lib.parts.peft_family:subspace_similarity",))
 def check_subspace_similarity(fn: Callable[..., Any]) -> None:
     """``fn(A1, A2, i, j)`` returns phi = ||V1_i^T V2_j||_F^2 / min(i, j) for the top-i and top-j right-singular
     vectors of LoRA's A matrices (shape (r, d_in)), a number in [0, 1] (Hu et al. 2021, Eq. 4)."""

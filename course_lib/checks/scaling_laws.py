@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from course_lib.checks.framework import (
-    NotAttempted, register_hint, fail, call_student, close, diagnose, not_attempted_message, passed,
+    exercise, CheckFailed, NotAttempted, student_code, register_hint, fail, call_student, close, diagnose,
+    not_attempted_message, passed,
 )
 
 
@@ -82,6 +83,10 @@ def _unchanged(N_in: Any, N: Any, L_in: Any, L: Any, n_name: str, l_name: str, c
                  f"place); work on a copy, e.g. np.log({name}) or np.sort({name}), never {name}.sort().")
 
 
+@exercise("05.1", points=1, forbid=(
+    "course_lib.parts.scaling:isoflop_minimum",
+    "course_lib.parts.scaling:isoflop_minima",
+))
 def check_isoflop_vertex(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
     """Exercise 05.1: ``fn(N, L)`` fits a parabola to L against ln N and returns its vertex (N_opt, L_opt).
 
@@ -153,11 +158,14 @@ def check_isoflop_vertex(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
     N = np.geomspace(1e3, 1e5, 6)
     L = 2.0 - 0.05 * (np.log(N) - math.log(1e4)) ** 2       # curves downward: a maximum, no minimum
     try:
-        result = fn(N.copy(), L.copy())
+        with student_code():
+            result = fn(N.copy(), L.copy())
     except ValueError:
         pass
     except NotImplementedError as stub:
         raise NotAttempted(not_attempted_message(str(stub))) from None
+    except CheckFailed:
+        raise
     except Exception as error:  # noqa: BLE001 -- any other exception is the wrong kind of refusal
         fail(f"on losses that curve downward your function raised {type(error).__name__}; raise ValueError "
              f"(the runs bracket no minimum) instead.")
@@ -168,6 +176,10 @@ def check_isoflop_vertex(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
                                    f"(between runs, over seven decades, shuffled) and refuses a downward curve.")
 
 
+@exercise("05.2", points=1, forbid=(
+    "course_lib.parts.scaling:fit_power_law",
+    "course_lib.parts.scaling:fit_exponent",
+))
 def check_power_law_fit(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
     """Exercise 05.2: ``fn(N, L)`` fits L = A · N^(−alpha) by least squares in log space; returns (A, alpha).
 
@@ -234,6 +246,10 @@ def check_power_law_fit(fn: Callable[[Any, Any], tuple[float, float]]) -> None:
                                   f"included.")
 
 
+@exercise("05.4", points=1, forbid=(
+    "course_lib.parts.scaling:compute_optimal",
+    "course_lib.parts.scaling:optimal_exponents",
+))
 def check_compute_optimal(fn: Callable[[float, Mapping[str, float]], tuple[float, float]]) -> None:
     """Exercise 05.4: ``fn(C, params)`` returns (N_opt, D_opt) minimising E + A/N^alpha + B/D^beta under C = 6ND.
 
@@ -301,6 +317,13 @@ def lab_tolerances() -> dict[str, Any]:
     return scaling_lab.lab_tolerances()
 
 
+@exercise("05.3", points=3, forbid=(
+    "course_lib.experiments.scaling_lab:lab_truth",
+    "course_lib.experiments.scaling_lab:lab_tolerances",
+    "course_lib.experiments.scaling_lab:lab_choices",
+    "course_lib.experiments.scaling_lab:recorded_runs",
+    "course_lib.experiments.scaling_lab:_scaling_record",
+))
 def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
     """Exercise 05.3 (the scaling lab): ``fn(service)`` buys runs from a fresh
     ``scaling_lab.TrainingService.from_record()`` and returns ``{"N_opt": ..., "loss": ...}`` at
@@ -320,16 +343,11 @@ def check_scaling_prediction(fn: Callable[[Any], Mapping[str, float]]) -> None:
     except FileNotFoundError as error:
         fail(str(error))
     overspent: list[str] = []
-
-    def plan(service: Any) -> Any:
-        try:
-            return fn(service)
-        except scaling_lab.FlopBudgetExceeded as error:
-            overspent.append(str(error))
-            return None
-
-    plan.__name__ = getattr(fn, "__name__", "your function")
-    result = call_student(plan, service, case="the recorded sweep")
+    try:
+        result = call_student(fn, service, case="the recorded sweep", passthrough=(scaling_lab.FlopBudgetExceeded,))
+    except scaling_lab.FlopBudgetExceeded as error:
+        overspent.append(str(error))
+        result = None
     if overspent:
         fail(f"your plan asked for more runs than the FLOP budget buys ({overspent[0]}); pick at most five runs "
              f"per budget on offer.")

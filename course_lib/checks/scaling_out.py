@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from course_lib.checks.framework import (
-    register_hint, fail, call_student, passed,
+    exercise, register_hint, fail, call_student, passed,
 )
 
 
@@ -27,6 +27,12 @@ register_hint(
 )
 
 
+@exercise("10.3", points=1, forbid=(
+    "course_lib.distributed.ddp:memory_per_gpu",
+    "course_lib.distributed.ddp:gpus_needed",
+    "course_lib.distributed.sharded:zero_bytes",
+    "course_lib.distributed.sharded:state_bytes",
+))
 def check_zero_memory(fn: Callable[[float, int, int], float]) -> None:
     """Exercise 10.3: ``fn(n_params, n_gpus, zero_stage)`` returns the GB (1e9 bytes) per GPU of bf16 weights,
     bf16 gradients and fp32 Adam states (Rajbhandari et al. 2020, Sec. 3.1 and 5), stage 0 = plain DDP."""
@@ -106,6 +112,7 @@ class _Ring:
         return tensor.detach().clone()
 
 
+@exercise("10.1", points=2)
 def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
     """Exercise 10.1: ``fn(grads, send)`` takes one tensor per rank and returns one tensor per rank, each the sum
     of all of them, computed as a ring all-reduce: rank r may only ``send(r, neighbour, tensor)``."""
@@ -192,6 +199,7 @@ register_hint(
 )
 
 
+@exercise("10.2", points=1)
 def check_all_reduce_time(fn: Callable[[float, int, float, float], float]) -> None:
     """Exercise 10.2: ``fn(n_bytes, world, alpha, beta)`` returns the seconds of a ring all-reduce of ``n_bytes``
     over ``world`` ranks, with latency ``alpha`` seconds per message and bandwidth ``beta`` bytes per second."""

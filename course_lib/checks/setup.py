@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from course_lib.checks.framework import (
-    register_hint, fail, call_student, require_tensor, compare, passed,
+    exercise, register_hint, fail, call_student, require_tensor, compare, passed,
 )
 
 
@@ -21,6 +21,7 @@ register_hint("00.1",
               "return ((pred - target) ** 2).mean()")
 
 
+@exercise("00.1", points=1)
 def check_mse(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
     """Warm-up: ``fn(pred, target)`` returns the mean squared error, a 0-d tensor."""
     __tracebackhide__ = True

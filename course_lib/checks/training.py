@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from course_lib.checks.framework import (
-    StudentCodeError, register_hint, fail, call_student, require_tensor, close, compare, passed,
+    exercise, StudentCodeError, register_hint, fail, call_student, require_tensor, close, compare, passed,
 )
 
 
@@ -60,6 +60,7 @@ register_hint(
 )
 
 
+@exercise("04.2", points=1, forbid=("course_lib.parts.lm:lr_at", "course_lib.parts.loop:cosine_schedule",))
 def check_lr_schedule(fn: Callable[..., float]) -> None:
     """Exercise 04.2: ``fn(step, lr, warmup_steps, total_steps, min_lr)`` is linear warm-up then cosine
     decay, exactly as ``course_lib.parts.lm.lr_at``."""
@@ -130,6 +131,7 @@ def check_lr_schedule(fn: Callable[..., float]) -> None:
                                 f"settings (no warm-up and min_lr = 0 included).")
 
 
+@exercise("04.3", points=1, forbid=("course_lib.parts.model:top_k_filter",))
 def check_top_k(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
     """Exercise 04.3: ``fn(logits, k)`` keeps the k largest logits of each row (last axis) and sets the
     others to -inf, for any number of leading batch axes."""
@@ -225,6 +227,7 @@ def _merge(chunk: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return merge_pair(chunk, pair, new_id)
 
 
+@exercise("04.1", points=2, forbid=("course_lib.parts.bpe:*",))
 def check_merge_step(fn: Callable[[list[list[int]], int], tuple]) -> None:
     """Exercise 04.1: ``fn(chunks, new_id) -> (pair, new_chunks)``: one step of BPE training.
 
@@ -325,6 +328,7 @@ def check_merge_step(fn: Callable[[list[list[int]], int], tuple]) -> None:
                                f"leaving its input unchanged.")
 
 
+@exercise("04.4", points=2, forbid=("course_lib.parts.model:KVCache", "course_lib.parts.model:CausalSelfAttention"))
 def check_kv_cache_step(fn: Callable[..., tuple]) -> None:
     """Exercise 04.4: ``fn(q, k, v, k_cache, v_cache) -> (y, k_cache, v_cache)``: one generation step.
 

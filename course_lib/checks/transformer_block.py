@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from course_lib.checks.framework import (
-    StudentCodeError, register_hint, fail, call_student, require_tensor, close, compare, passed,
+    exercise, StudentCodeError, register_hint, fail, call_student, require_tensor, close, compare, passed,
 )
 
 
@@ -75,6 +75,7 @@ def _layer_norm64(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps:
     return gamma.double() * (x - mean) / std + beta.double()
 
 
+@exercise("03.1", points=1, forbid=("course_lib.parts.model:LayerNorm", "course_lib.parts.model:layer_norm",))
 def check_layer_norm(fn: Callable[..., torch.Tensor]) -> None:
     """Exercise 03.1: ``fn(x, gamma, beta, eps=1e-5)`` normalises x over its last axis, then scales
     by gamma and shifts by beta -- the same as ``torch.nn.functional.layer_norm``."""
@@ -147,6 +148,11 @@ def check_layer_norm(fn: Callable[..., torch.Tensor]) -> None:
                                f"(batch axes, tiny variances, the default eps, float64, random gamma and beta).")
 
 
+@exercise("03.4", points=1, forbid=(
+    "course_lib.parts.model:param_count_formula",
+    "course_lib.parts.model:count_params",
+    "course_lib.parts.model:GPT",
+))
 def check_param_count(fn: Callable[..., int]) -> None:
     """Exercise 03.4: ``fn(vocab_size, context, n_layer, d_model)`` returns the number of parameters of
     ``course_lib.parts.model.GPT`` with biases and tied embeddings (each shared tensor counted once)."""
@@ -212,6 +218,7 @@ def _layer_norm_backward64(x: torch.Tensor, gamma: torch.Tensor, dy: torch.Tenso
     return x64.grad, g64.grad, b64.grad
 
 
+@exercise("03.2", points=2, forbid=("course_lib.parts.model:layer_norm_backward",), autograd=True)
 def check_layer_norm_backward(fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """Exercise 03.2: ``fn(x, gamma, dy, eps=1e-5)`` returns ``(dx, dgamma, dbeta)`` for
     y = LayerNorm(x) over the last axis (with gamma, beta), given dy = ∂loss/∂y; compared with autograd in float64."""
@@ -322,6 +329,10 @@ def _rope64(x: torch.Tensor, *, base: float = 10000.0, halves: bool = False, exp
     return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
 
 
+@exercise("03.3", points=1, forbid=(
+    "course_lib.parts.positions:apply_rope",
+    "course_lib.parts.positions:rope_angles",
+))
 def check_rope(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Exercise 03.3: ``fn(x)`` rotates each pair (x[..., m, 2i], x[..., m, 2i+1]) by the angle m·θ_i,
     θ_i = 10000^(-2i/d), for x of shape (..., T, d) (Su et al. 2021, Eq. 34). Also checks the property that
