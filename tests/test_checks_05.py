@@ -562,7 +562,7 @@ def test_the_check_accepts_good_faith_predictions_from_other_runs(picks, capsys)
 from course_lib.parts.scaling import compute_optimal as allocate  # noqa: E402 -- bound under another name
 from course_lib.parts.scaling import fit_power_law as straight_line  # noqa: E402
 from course_lib.parts.scaling import isoflop_minimum as vertex_of  # noqa: E402
-from course_lib.parts.scaling import lab_truth as the_answer  # noqa: E402
+from course_lib.experiments.scaling_lab import lab_truth as the_answer  # noqa: E402
 
 
 def lab_reads_the_answer(service):
@@ -572,7 +572,7 @@ def lab_reads_the_answer(service):
 
 
 def lab_reads_the_record(service):
-    runs = scaling.recorded_runs([service.target_budget], seeds=None)
+    runs = scaling_lab.recorded_runs([service.target_budget], seeds=None)
     service.train(service.menu()[0]["N"], service.menu()[0]["C"])
     best = min(runs, key=lambda r: r["val_loss"])
     return {"N_opt": best["N"], "loss": best["val_loss"]}
@@ -586,9 +586,9 @@ REFERENCE_CALLS = {
         (fit := straight_line(N, L, floor=False))["A"], fit["alpha"]), "course_lib.parts.scaling.fit_power_law"),
     "05.2 the course's exponent fit": (checks.check_power_law_fit, lambda N, L: (
         (fit := scaling.fit_exponent(N, L))["k"], -fit["a"]), "course_lib.parts.scaling.fit_exponent"),
-    "05.3 the recorded answer": (checks.check_scaling_prediction, lab_reads_the_answer, "course_lib.parts.scaling.lab_truth"),
+    "05.3 the recorded answer": (checks.check_scaling_prediction, lab_reads_the_answer, "course_lib.experiments.scaling_lab.lab_truth"),
     "05.3 the record itself": (checks.check_scaling_prediction, lab_reads_the_record,
-                               "course_lib.parts.scaling.recorded_runs"),
+                               "course_lib.experiments.scaling_lab.recorded_runs"),
     "05.4 directly": (checks.check_compute_optimal, lambda C, params: scaling.compute_optimal(C, params),
                       "course_lib.parts.scaling.compute_optimal"),
     "05.4 under another name": (checks.check_compute_optimal, lambda C, params: allocate(C, params),

@@ -292,7 +292,7 @@ FORBIDDEN_LATER = {
             "    K, V = KVCache(1).update(0, torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2))\n"
             "    return torch.nn.functional.scaled_dot_product_attention(q, K, V), K, V",
     "05.4": "from course_lib.parts.scaling import compute_optimal as compute_optimal_allocation",
-    "06.3": "from course_lib.parts.classifier import paired_bootstrap_gap\n"
+    "06.3": "from course_lib.experiments.stats import paired_bootstrap_gap\n"
             "def paired_bootstrap(right_a, right_b, rng, resamples=2000):\n"
             "    return paired_bootstrap_gap(right_a, right_b, rng=rng, resamples=resamples)",
     "07.4": "from course_lib.parts import lora\ndef inject_lora(model, target_modules, r, alpha):\n"
