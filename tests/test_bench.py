@@ -177,3 +177,24 @@ def test_benchmarks_time_without_deterministic_algorithms_and_say_so(monkeypatch
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_the_speed_anchor_is_the_course_gpt_computed_plainly():
+    """The anchor of ``experiments.speed`` computes the course's GPT (same weights, same loss and gradients),
+    so the step-time ratio compares two ways of writing one model, not two models."""
+    from course_lib.experiments import speed
+
+    config = GPTConfig(vocab_size=30, context=16, n_layer=2, n_head=2, d_model=32)
+    torch.manual_seed(0)
+    ours = GPT(config)
+    anchor = speed.AnchorGPT(config)
+    anchor.load_state_dict(ours.state_dict())
+    idx = torch.randint(30, (3, 16))
+    loss_ours, loss_anchor = ours(idx, idx)[1], anchor(idx, idx)[1]
+    torch.testing.assert_close(loss_ours, loss_anchor, atol=1e-6, rtol=1e-6)
+    loss_ours.backward(), loss_anchor.backward()
+    torch.testing.assert_close(ours.tok_emb.weight.grad, anchor.tok_emb.weight.grad, atol=1e-6, rtol=1e-5)
+    result = speed.model_vs_anchor(steps=2, windows=1)
+    assert result["ratio"] > 0 and result["parameters"]["course"] == result["parameters"]["anchor"]
+    loop = speed.loop_vs_bare(steps=2, windows=1)
+    assert loop["ratio"] > 0 and loop["loop_ms"] > 0
