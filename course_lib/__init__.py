@@ -1,39 +1,40 @@
 """course_lib: the helper library of the course "From attention math to LoRA on a GPU".
 
-Each module holds one idea and points to the notebook that explains it (lessons 00-11):
+Its folders are its layers; a module imports only from its own layer and the layers below it (a contract
+test, tests/test_layers.py, keeps it so). Each module holds one idea and names the notebook that explains it.
 
-=================  ===========================================================================
-profiles           ci / cpu / gpu sizes, device, seeding (00_setup)
-assets             pinned pretrained models and corpora, fetched and verified (00_setup)
-data               datasets built from those assets: Shakespeare (04), sentiment (06-09)
-checks             exercise checks that name the mistake, three-level hints (00_setup, every lesson)
-editions           the student edition of the notebooks and its AGENTS.md (00_setup)
-results            recorded runs of bigger profiles, with provenance (03-09)
-experiments        the recorded multi-seed runs behind the lessons' tables (03-09)
-attention          scaled dot-product and multi-head attention (01_attention)
-losses             softmax, cross-entropy and its gradient (02_cross_entropy)
-gradcheck          finite-difference gradient checking (02_cross_entropy)
-model              a tiny GPT, with a KV cache (03_transformer_block; trained in 04)
-positions          sinusoidal and rotary positions, their recorded comparison (03_transformer_block)
-bpe                byte-level BPE from scratch (04_training_a_language_model)
-train              the training loop (04_training_a_language_model; reused in 05, 10)
-char_lm            the Shakespeare model's recipe, held-out loss, recipe search (04_training_a_language_model)
-synthetic          a language with a known entropy rate (05_scaling_laws)
-scaling            power-law and Chinchilla fits, the IsoFLOP sweep (05_scaling_laws)
-finetune           encoder classifiers, metrics, the fine-tuning loop (06_finetuning; reused in 07-09)
-lora               LoRA from scratch (07_lora; used in 08, 09)
-peft_family        BitFit, adapters, prompt and prefix tuning, AdaLoRA, memory split (08_peft_family)
-quant              NF4 and int4/int8 block-wise quantisation, QLoRA layers (08_peft_family)
-causal_lm          LoRA on a causal chat model: JSON task, exact metric, training (09_lora_causal_lm_gpu)
-ddp                data parallelism on several processes (10_scaling_out)
-bench              throughput, MFU and LoRA-vs-peft benchmarks (10_scaling_out)
-parallel           several processes through torchrun, with timeouts (11_model_parallelism)
-tensor_parallel    one block split Megatron-style: columns, rows, heads (11_model_parallelism)
-pipeline           the GPT in GPipe stages with micro-batches (11_model_parallelism)
-sharded            ZeRO stage 1 and FSDP2 against DDP, bytes per rank (11_model_parallelism)
-activation_memory  activations per layer (Korthikanti et al.), recomputation (11_model_parallelism)
-plots, widgets     figures and ipywidgets explorers used by several lessons (first in 01_attention)
-=================  ===========================================================================
+tools/ -- the course's machinery every lesson leans on (the bottom layer)
+    profiles           ci / cpu / gpu sizes, device, seeding (00)
+    assets, index      pinned models and corpora from the package index, checked and cached (00)
+    cachedir           what a cached asset must hold, and the derived SmolLM2 copy's pins (00)
+    data               datasets built from the assets: Shakespeare (04), sentiment (06-09)
+    results            recorded runs with their provenance (03-09)
+    timing             the one timer (waits for the GPU), MFU and the GPUs' peaks (04, 10)
+    plots, widgets     figures and explorers (01), running a notebook headless
+parts/ -- what the lessons build (students write these; checks compare with them)
+    attention          scaled dot-product and multi-head attention (01)
+    losses, gradcheck  softmax, cross-entropy and its gradient; finite differences (02)
+    positions, model   sinusoidal and rotary positions; a tiny GPT with a KV cache (03)
+    bpe                byte-level BPE from scratch (04)
+    loop, checkpoint   the one training loop every lesson trains with; its checkpoints (04)
+    lm                 the loop with a language model's batches, held-out loss (04; 03, 05, 10)
+    synthetic, scaling a language with a known entropy rate; power-law and Chinchilla fits (05)
+    classifier         encoder classifiers, metrics, fine-tuning through the loop (06, 07)
+    lora               LoRA from scratch (07; 08, 09)
+    peft_family, quant BitFit, adapters, prompt and prefix tuning, AdaLoRA; NF4 and QLoRA (08)
+    causal_lm          LoRA on a causal chat model: JSON task, exact metric (09)
+distributed/ -- training on several processes
+    launch             torchrun, process groups with timeouts, one sentence per failure (10, 11)
+    ddp                data parallelism, the cost of an all-reduce, memory per GPU (10)
+    parallel           lesson 11's parts on several processes
+    tensor_parallel, pipeline, sharded, activation_memory   Megatron, GPipe, ZeRO/FSDP2, recomputation (11)
+experiments/ -- the recorded runs behind the lessons' tables (python -m course_lib.experiments NAME)
+    stats              paired bootstrap intervals over examples and seeds (06; 03, 07-09)
+    cache              the run cache of long records
+    positions, char_lm, scaling, scaling_lab, finetuning, lora, peft_family, lora_causal_lm   (03-09)
+    bench, speed       GPU throughput and LoRA vs peft (10); the model and loop against an anchor (04)
+checks/ -- exercise checks that name the mistake in one sentence, and their hints (every lesson)
+editions, grading -- the student edition, and the class's nbgrader assignment and gradebook (00)
 """
 
 from __future__ import annotations

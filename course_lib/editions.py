@@ -39,7 +39,7 @@ from pathlib import Path
 import nbformat
 
 from course_lib.checks import DEFAULT_POINTS, EXERCISES, NotAttempted, not_attempted_message, stub_message
-from course_lib.grading import grade_id
+from course_lib.tools.cellids import grade_id
 from course_lib.tools.profiles import REPO
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
@@ -49,6 +49,8 @@ EXERCISE_ID = re.compile(r"^#\s*Exercise\s+(\d{2}\.\d+)\s*(?:\(\d+ points?\))?\s
 
 class EditionError(ValueError):
     """A notebook breaks the exercise convention; the message names the notebook and the cell."""
+
+
 
 
 def _tags(cell: nbformat.NotebookNode) -> list[str]:

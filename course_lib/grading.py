@@ -46,23 +46,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from course_lib.tools.cellids import exercise_of_grade_id, grade_id  # noqa: F401 (grade_id: for callers)
+
+
 # The repository, as course_lib.tools.profiles.REPO says, without importing torch through it: nbgrader imports this
 # module (nbgrader_config.py names its preprocessors) in every command, feedback and export included.
 REPO = Path(__file__).resolve().parent.parent
 GRADING = REPO / "grading"            # nbgrader's course folder (CourseDirectory.root in nbgrader_config.py)
 VERDICT = "graded {exercise}: "       # the line grade() prints last; GradingRules requires it
-
-
-def grade_id(exercise: str, kind: str) -> str:
-    """nbgrader's id of an exercise's cells (letters, digits, - and _ only): ``exercise-01_1`` (the answer),
-    ``check-01_1`` (the grade cell)."""
-    return f"{kind}-{exercise.replace('.', '_')}"
-
-
-def exercise_of_grade_id(grade_id_: str) -> str | None:
-    """``check-01_1`` -> ``01.1``; None for any other cell."""
-    match = re.fullmatch(r"check-(\d{2})_(\d+)", grade_id_ or "")
-    return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
 # ----------------------------------------------------------------------------------------------
