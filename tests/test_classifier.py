@@ -322,3 +322,31 @@ def test_run_cache_resumes_and_shares_runs_between_processes(tmp_path, monkeypat
     assert dead.get(dict(lr=3), lambda: {"x": 7})["x"] == 7 and not dead._lock(key3).exists()
     # a shaping size is part of the key
     assert cache.RunCache("demo", "cpu", dict(n=4), root=tmp_path).key(dict(lr=1)) != first.key(dict(lr=1))
+
+
+def test_compare_resamples_seeds_and_examples_and_gives_a_three_way_verdict():
+    from course_lib.experiments.stats import MARGIN, compare, verdict_of
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(2000) < 0.8
+    a = np.stack([truth ^ (rng.random(2000) < 0.05) for _ in range(3)])
+    clearly_worse = np.stack([truth ^ (rng.random(2000) < 0.25) for _ in range(3)])
+    result = compare(a, clearly_worse, a="A", b="worse")
+    assert result.verdict == "ahead" and result.low > MARGIN and result.seeds == 3 and result.examples == 2000
+    assert compare(clearly_worse, a).verdict == "behind"
+    assert compare(a, a).verdict == "within" and compare(a, a).gap == 0
+    # the same method from other seeds: undecided on 2,000 examples, equal within a point on 8,000
+    other = np.stack([truth ^ (rng.random(2000) < 0.05) for _ in range(3)])
+    assert compare(a, other).verdict == "undecided"
+    big = rng.random(8000) < 0.8
+    twins = [np.stack([big ^ (rng.random(8000) < 0.05) for _ in range(3)]) for _ in range(2)]
+    assert compare(*twins, resamples=500).verdict == "within"
+    # a small test set cannot tell a 2-point gap
+    assert compare(a[:, :60], clearly_worse[:, :60] | a[:, :60]).verdict in ("undecided", "behind")
+    assert verdict_of(-0.4, 1.9) == "undecided" and verdict_of(-0.9, 0.9) == "within" and verdict_of(1.1, 3) == "ahead"
+    one_seed = compare(a[0], clearly_worse[0])
+    assert one_seed.seeds == 1 and "one seed" in one_seed.sentence()
+    assert "3 seeds × 2,000 examples, both resampled" in result.sentence() and "A is ahead by more than 1 point" in \
+        result.sentence()
+    with pytest.raises(ValueError, match="margin"):
+        compare(a, a, margin=-1)
