@@ -260,3 +260,25 @@ def test_a_block_of_student_code_watches_the_answer_itself(demo_exercises):
     with pytest.raises(ReferenceCalled):
         check_demo(lambda z: saved_softmax(z))
     assert check_demo(lambda z: torch.softmax(z, -1)).sum() == 1
+
+
+def test_yours_or_reference_builds_on_a_passed_exercise_and_falls_back_otherwise(capsys):
+    """A lesson continues with the student's version only after its check passed in this session."""
+    from course_lib.checks.framework import PASSED
+
+    def mse(pred, target):
+        return ((pred - target) ** 2).mean()
+
+    def stub(pred, target):
+        raise NotImplementedError("Exercise 00.1 is not done yet")
+
+    PASSED.discard("00.1")
+    assert checks.yours_or_reference("00.1", mse, len, what="mse") is len
+    assert "has not passed its check yet, so what follows uses the course's mse" in capsys.readouterr().out
+    checks.check_mse(mse)
+    assert "00.1" in PASSED and checks.yours_or_reference("00.1", mse, len) is mse
+    with pytest.raises(checks.NotAttempted):
+        checks.check_mse(stub)
+    assert "00.1" not in PASSED                    # a failed re-run withdraws the earlier pass
+    with pytest.raises(KeyError, match="no exercise '99.9'"):
+        checks.yours_or_reference("99.9", mse, len)

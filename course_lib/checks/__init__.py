@@ -25,6 +25,7 @@ from course_lib.checks.framework import (  # noqa: F401
     CheckFailed, NotAttempted, StudentCodeError, HINTS, register_hint, hint, fail, stub_message,
     not_attempted_message, call_student, require_tensor, close, diagnose, compare, passed,
     accepts_keyword, ReferenceCalled, Exercise, EXERCISES, DEFAULT_POINTS, exercise, exercise_of, student_code,
+    PASSED, yours_or_reference,
 )
 from course_lib.checks.setup import (  # noqa: F401
     check_mse,

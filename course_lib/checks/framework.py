@@ -127,6 +127,8 @@ class Exercise:
 
 
 EXERCISES: dict[str, Exercise] = {}
+#: The exercises whose check passed in this session (this kernel): later cells build on the student's version.
+PASSED: set[str] = set()
 
 
 def exercise(exercise_id: str, *, points: int = DEFAULT_POINTS, forbid: Iterable[str] = (), autograd: bool = False,
@@ -149,9 +151,12 @@ def exercise(exercise_id: str, *, points: int = DEFAULT_POINTS, forbid: Iterable
             __tracebackhide__ = True
             rule = _Rule(exercise_id, forbidden)
             _ACTIVE.append(rule)
+            PASSED.discard(exercise_id)
             try:
                 with warnings.catch_warnings(record=True):     # the filters stay: what would show is recorded
-                    return check(*args, **kwargs)
+                    result = check(*args, **kwargs)
+                PASSED.add(exercise_id)
+                return result
             finally:
                 _ACTIVE.remove(rule)
                 rule.tell_warnings()
@@ -163,6 +168,20 @@ def exercise(exercise_id: str, *, points: int = DEFAULT_POINTS, forbid: Iterable
         return run
 
     return register
+
+
+def yours_or_reference(exercise_id: str, yours: Any, reference: Any, *, what: str | None = None) -> Any:
+    """What a lesson builds on after exercise ``exercise_id``: ``yours`` when its check passed in this session,
+    else ``reference``, saying so in one line, so that an unfinished exercise never breaks the rest of the
+    lesson. ``what`` names the thing in that line (default: the reference's qualified name)."""
+    if exercise_id not in EXERCISES:
+        raise KeyError(f"no exercise {exercise_id!r}; the exercises are {sorted(EXERCISES)}.")
+    if exercise_id in PASSED:
+        print(f"Using your {what or _name_of(yours)} (exercise {exercise_id} passed its check).")
+        return yours
+    name = what or f"{getattr(reference, '__module__', '')}.{getattr(reference, '__qualname__', _name_of(reference))}"
+    print(f"Exercise {exercise_id} has not passed its check yet, so what follows uses the course's {name}.")
+    return reference
 
 
 def exercise_of(check: Callable[..., Any]) -> Exercise:
