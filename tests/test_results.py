@@ -95,3 +95,16 @@ def test_describe_keeps_the_dirty_mark_of_a_shortened_commit():
     run = {"provenance": {"profile": "cpu", "hardware": "x", "device": "cpu", "versions": {"torch": "2"},
                           "date": "d", "commit": "0123456789abcdef0123456789abcdef01234567-dirty"}}
     assert results.describe(run).endswith("code 0123456789-dirty")
+
+
+def test_a_smoke_record_written_with_out_goes_through_the_same_checks(tmp_path):
+    """experiments.run(--out) writes like results.record: whole or not at all, JSON-checked."""
+    from course_lib.tools import results
+    from course_lib.tools.profiles import get_profile
+
+    out = tmp_path / "smoke.json"
+    results.record("demo", get_profile("ci"), {"x": 1}, path=out)
+    assert json.loads(out.read_text())["results"] == {"x": 1}
+    with pytest.raises(TypeError, match="JSON cannot hold"):
+        results.record("demo", get_profile("ci"), {"seen": {1, 2}}, path=out)
+    assert json.loads(out.read_text())["results"] == {"x": 1} and not list(tmp_path.glob(".*tmp"))

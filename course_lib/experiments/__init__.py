@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,11 +81,7 @@ def run(name: str, profile_name: str = "cpu", *, seeds: int = 3, quick: bool = F
         result = function(profile, seeds=seeds, quick=quick)
     result["wall_time_s"] = round(watch.seconds, 1)
     note = f"python -m course_lib.experiments {name}: {EXPERIMENTS[name][1]}"
-    if out is not None:
-        payload = {"name": name, "provenance": recorder.provenance(profile), "note": note, "results": result}
-        out.write_text(json.dumps(payload, indent=1, sort_keys=True, default=float) + "\n")
-        return result, out
-    return result, recorder.record(name, profile, result, note=note)
+    return result, recorder.record(name, profile, result, note=note, path=out)
 
 
 def main(argv: list[str] | None = None) -> int:

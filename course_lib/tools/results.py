@@ -85,18 +85,23 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"results{where} is a {type(value).__name__}, which JSON cannot hold: {hint}.")
 
 
-def record(name: str, profile: Profile, results: dict[str, Any], *, note: str = "") -> Path:
+def record(name: str, profile: Profile, results: dict[str, Any], *, note: str = "", path: Path | None = None) -> Path:
     """Save ``results`` of this run with its provenance; returns the file written.
 
     The file appears complete or not at all: it is written to a temporary file beside it and renamed
-    over the old record, so a run killed while writing leaves the previous record intact."""
-    path = path_for(name, profile.name)
+    over the old record, so a run killed while writing leaves the previous record intact. ``path`` writes
+    somewhere else than ``data/results/NAME_PROFILE.json`` (a smoke run's ``--out``), the same way."""
+    target = path_for(name, profile.name) if path is None else Path(path)
     if not isinstance(results, dict):
         raise TypeError(f"results must be a dict of what the run measured, got a {type(results).__name__}.")
     payload = {"name": name, "provenance": provenance(profile), "note": note, "results": _plain(results, "")}
-    text = json.dumps(payload, indent=1, sort_keys=True) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=RESULTS, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    _write_whole(target, json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    return target
+
+
+def _write_whole(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
         with handle:
             handle.write(text)
@@ -104,7 +109,6 @@ def record(name: str, profile: Profile, results: dict[str, Any], *, note: str = 
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
-    return path
 
 
 def recorded(name: str, profile_name: str) -> dict[str, Any] | None:
