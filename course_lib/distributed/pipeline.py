@@ -37,7 +37,7 @@ from torch import nn
 from course_lib.parts.model import GPT, GPTConfig
 from course_lib.tools.timing import clock, Stopwatch
 
-__all__ = ["bubble_fraction", "gpipe_timeline", "idle_fraction", "measured_idle_fraction", "Stage",
+__all__ = ["bubble_fraction", "gpipe_schedule", "gpipe_timeline", "idle_fraction", "measured_idle_fraction", "Stage",
            "global_name", "gpipe_step", "message_seconds", "sum_tied_gradients", "Spec", "worker"]
 
 
@@ -47,6 +47,23 @@ def bubble_fraction(p: int, m: int) -> float:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return (p - 1) / (m + p - 1)
+
+
+def gpipe_schedule(p: int, m: int) -> list[list[tuple[str, int] | None]]:
+    """GPipe's schedule on ``p`` stages with ``m`` micro-batches, one clock tick per forward or backward pass.
+
+    ``schedule[t][s]`` is what stage s does at tick t: ``("F", k)``, ``("B", k)`` or None (idle). Stage s runs
+    F_k at tick s + k, as soon as stage s − 1 has finished it; the last stage starts the backward passes at
+    tick m + p − 1, right after its last forward pass, and B_k reaches stage s p − 1 − s ticks later. It takes
+    2(m + p − 1) ticks, of which each stage works 2m: the idle fraction is (p − 1)/(m + p − 1).
+    """
+    bubble_fraction(p, m)   # the same one-sentence refusal of a bad p or m
+    ticks: list[list[tuple[str, int] | None]] = [[None] * p for _ in range(2 * (m + p - 1))]
+    for s in range(p):
+        for k in range(m):
+            ticks[s + k][s] = ("F", k)
+            ticks[m + p - 1 + (p - 1 - s) + k][s] = ("B", k)
+    return ticks
 
 
 def gpipe_timeline(t_forward: list[float], t_backward: list[float], m: int, *,
