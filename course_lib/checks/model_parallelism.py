@@ -447,7 +447,7 @@ def check_gpipe_idle_fraction(fn: Callable[[list[float], list[float], int], floa
     __tracebackhide__ = True
     cases = [([1.0, 1.0], [2.0, 2.0], 1), ([1.0, 1.0], [2.0, 2.0], 4), ([1.0] * 4, [2.0] * 4, 8), ([2.0], [4.0], 3),
              ([1.0, 3.0], [2.0, 6.0], 4), ([3.0, 1.0, 2.0], [5.0, 2.0, 4.0], 5), ([0.5, 0.5, 0.5], [1.0, 1.0, 3.0], 2),
-             ([3.0, 1.0], [1.0, 3.0], 4)]
+             ([3.0, 1.0], [1.0, 4.0], 3), ([3.0, 1.0], [1.0, 3.0], 4)]   # slowest forward stage != slowest backward
     for t_f, t_b, m in cases:
         p = len(t_f)
         case = f"t_forward={t_f}, t_backward={t_b}, m={m}"

@@ -11,6 +11,7 @@ launch (``launch.launch_scripts``) and hand each one's folder to the same :func:
 from __future__ import annotations
 
 import ast
+import re
 import tempfile
 from pathlib import Path
 
@@ -71,8 +72,11 @@ def read_script(path: str | Path, exercise: str, forbidden: tuple[str, ...]) -> 
 
 
 def failure_sentence(message: str) -> str:
-    """The launch's one sentence without its prefix ("the 2-process job 'x.py' failed: ")."""
-    return message.split(" failed: ", 1)[-1].rstrip(".")
+    """The launch's one sentence without its prefix ("the 2-process job 'x.py' failed: "), torchrun's
+    "[rank1]: " turned into words."""
+    text = message.split(" failed: ", 1)[-1].strip().rstrip(".")
+    prefixed = re.match(r"\[rank(\d+)\]:\s*(.*)", text)
+    return f"{prefixed.group(2)} (rank {prefixed.group(1)})" if prefixed else text
 
 
 def run_script(path: str | Path, exercise: str, args: list[str], *, timeout_s: float = 120.0) -> tuple[Path, str | None]:

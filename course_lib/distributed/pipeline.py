@@ -37,7 +37,8 @@ from torch import nn
 from course_lib.parts.model import GPT, GPTConfig
 from course_lib.tools.timing import clock, Stopwatch
 
-__all__ = ["bubble_fraction", "gpipe_schedule", "gpipe_timeline", "idle_fraction", "measured_idle_fraction", "Stage",
+__all__ = ["bubble_fraction", "gpipe_schedule", "gpipe_timeline", "idle_fraction", "measured_idle_fraction",
+           "idle_breakdown", "Stage",
            "global_name", "gpipe_step", "message_seconds", "sum_tied_gradients", "Spec", "worker"]
 
 
@@ -113,6 +114,28 @@ def measured_idle_fraction(ranks: list[dict[str, Any]], m: int) -> list[float]:
     return [idle_fraction([[tuple(e) for e in stage] for stage in step]) for step in steps]
 
 
+def idle_breakdown(timeline: list[list[tuple[str, int, float, float]]]) -> dict[str, float]:
+    """Where the stages' idle time lies in one step, as fractions of p × the step's time (with "busy" they add to 1).
+
+    "bubble": idle where the schedule's fill, turn and drain put it -- before a stage's first pass, between its
+    last forward and its first backward pass, after its last pass until the step ends. "between passes": every
+    other gap between two passes of a stage -- receiving a message, Python between passes, waiting for a slower
+    neighbour. With equal stages and free messages the bubble is (p − 1)/(m + p − 1) and nothing lies between.
+    """
+    t0 = min(e[2] for stage in timeline for e in stage)
+    t1 = max(e[3] for stage in timeline for e in stage)
+    bubble = between = busy = 0.0
+    for stage in timeline:
+        events = sorted(stage, key=lambda e: e[2])
+        busy += sum(e[3] - e[2] for e in events)
+        gaps = [(nxt[2] - prev[3], prev[0] == "F" and nxt[0] == "B") for prev, nxt in zip(events, events[1:])]
+        turn = sum(gap for gap, is_turn in gaps if is_turn)
+        bubble += (events[0][2] - t0) + turn + (t1 - events[-1][3])
+        between += sum(gap for gap, is_turn in gaps if not is_turn)
+    total = len(timeline) * (t1 - t0)
+    return {"bubble": bubble / total, "between passes": between / total, "busy": busy / total}
+
+
 # ------------------------------------------------------------------------------------------------
 # A stage of the GPT
 # ------------------------------------------------------------------------------------------------
@@ -170,46 +193,57 @@ def global_name(name: str, stage: int, n_stages: int, n_layer: int) -> str:
 
 
 def gpipe_step(module: Stage, idx: torch.Tensor, targets: torch.Tensor, m: int, stage: int, n_stages: int,
-               d_model: int) -> tuple[torch.Tensor | None, list[tuple[str, int, float, float]]]:
+               d_model: int, schedule: list[list[Any]] | None = None
+               ) -> tuple[torch.Tensor | None, list[tuple[str, int, float, float]]]:
     """Forward and backward of one batch in ``m`` micro-batches on this stage (gradients accumulate in .grad).
 
-    Returns the loss (on the last stage; None elsewhere) and this stage's events (kind, k, start, end) in
-    ``course_lib.tools.timing.clock`` seconds (read after the device caught up), computation only: waiting for a message counts as idle.
+    The stage runs its passes in the order ``schedule`` lists them (tick by tick, its own column; default
+    :func:`gpipe_schedule`); a pass starts as soon as its input has arrived, whatever its tick. Messages carry
+    their micro-batch in their tag, so two stages may order their passes differently. Returns the loss (on the
+    last stage; None elsewhere) and this stage's events (kind, k, start, end) in
+    ``course_lib.tools.timing.clock`` seconds (read after the device caught up), computation only: waiting for
+    a message counts as idle.
     """
     if idx.shape[0] % m:
         raise ValueError(f"a batch of {idx.shape[0]} sequences cannot be cut into {m} equal micro-batches.")
+    order = [tuple(tick[stage]) for tick in (schedule or gpipe_schedule(n_stages, m)) if tick[stage] is not None]
+    if sorted(order) != sorted([("F", k) for k in range(m)] + [("B", k) for k in range(m)]):
+        raise ValueError(f"the schedule gives stage {stage} the passes {order}; it needs F and B of each of the "
+                         f"{m} micro-batches once.")
     device, b, T = idx.device, idx.shape[0] // m, idx.shape[1]
     shape, dtype = (b, T, d_model), next(module.parameters()).dtype
-    inputs, outputs, events, pending = [], [], [], []
-    for k in range(m):
-        if module.first:
-            x = idx[k * b:(k + 1) * b]
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    events, pending = [], []
+    for kind, k in order:
+        if kind == "F":
+            if module.first:
+                x = idx[k * b:(k + 1) * b]
+            else:
+                x = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(x, src=stage - 1, tag=k)                   # the previous stage's activation
+                x.requires_grad_()
+            start = clock(device)
+            y = module(x, targets[k * b:(k + 1) * b] if module.last else None)
+            events.append(("F", k, start, clock(device)))
+            if module.last:
+                y = y / m                                            # mean over the whole batch
+            else:
+                pending.append(dist.isend(y.detach(), dst=stage + 1, tag=k))
+            inputs[k], outputs[k] = x, y
         else:
-            x = torch.empty(shape, dtype=dtype, device=device)
-            dist.recv(x, src=stage - 1)                          # the previous stage's activation
-            x.requires_grad_()
-        start = clock(device)
-        y = module(x, targets[k * b:(k + 1) * b] if module.last else None)
-        events.append(("F", k, start, clock(device)))
-        if module.last:
-            y = y / m                                            # mean over the whole batch
-        else:
-            pending.append(dist.isend(y.detach(), dst=stage + 1))
-        inputs.append(x)
-        outputs.append(y)
-    for k in range(m):
-        grad = None
-        if not module.last:
-            grad = torch.empty(shape, dtype=dtype, device=device)
-            dist.recv(grad, src=stage + 1)                       # dLoss/d(our output) from the next stage
-        start = clock(device)
-        outputs[k].backward(grad)
-        events.append(("B", k, start, clock(device)))
-        if not module.first:
-            pending.append(dist.isend(inputs[k].grad, dst=stage - 1))
+            grad = None
+            if not module.last:
+                grad = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(grad, src=stage + 1, tag=m + k)            # dLoss/d(our output) from the next stage
+            start = clock(device)
+            outputs[k].backward(grad)
+            events.append(("B", k, start, clock(device)))
+            if not module.first:
+                pending.append(dist.isend(inputs[k].grad, dst=stage - 1, tag=m + k))
     for work in pending:
         work.wait()
-    loss = sum(o.detach() for o in outputs) if module.last else None
+    loss = sum(outputs[k].detach() for k in range(m)) if module.last else None
     return loss, events
 
 
@@ -271,6 +305,8 @@ class Spec:
     lr: float = 1e-3
     dtype: str = "float32"
     seed: int = 0
+    # the schedule of each number of micro-batches, str(m) -> ticks (exercise 11.2); None: gpipe_schedule
+    schedules: dict[str, list[list[Any]]] | None = None
 
     def __post_init__(self) -> None:
         self.micro_batches = tuple(self.micro_batches)
@@ -279,6 +315,12 @@ class Spec:
         for m in (*self.micro_batches, self.train_micro_batches):
             if isinstance(m, bool) or not isinstance(m, int) or m < 1 or self.batch % m:
                 raise ValueError(f"each number of micro-batches must divide the batch of {self.batch}, got {m!r}.")
+            if self.schedules is not None and str(m) not in self.schedules:
+                raise ValueError(f"schedules has no schedule for m = {m}: give one for every number of micro-batches "
+                                 f"the run uses ({sorted({*self.micro_batches, self.train_micro_batches})}).")
+
+    def schedule(self, m: int) -> list[list[Any]] | None:
+        return None if self.schedules is None else self.schedules[str(m)]
 
     def config(self) -> GPTConfig:
         return GPTConfig(vocab_size=self.vocab_size, context=self.context, d_model=self.d_model,
@@ -334,7 +376,8 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
     for step in range(spec.train_steps):
         x, y = _batch(spec, step, device)
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = gpipe_step(module, x, y, spec.train_micro_batches, stage, p, spec.d_model)
+        loss, _ = gpipe_step(module, x, y, spec.train_micro_batches, stage, p, spec.d_model,
+                             spec.schedule(spec.train_micro_batches))
         if step == 0:
             gaps = {n: (q.grad - ref_grads[global_name(n, stage, p, spec.n_layer)]).abs().max().item()
                     for n, q in module.named_parameters()}
@@ -366,7 +409,7 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
         for step in range(spec.timed_steps + 1):           # the first run of each m is a warm-up
             module.zero_grad(set_to_none=True)
             dist.barrier()
-            _, events = gpipe_step(module, x, y, m, stage, p, spec.d_model)
+            _, events = gpipe_step(module, x, y, m, stage, p, spec.d_model, spec.schedule(m))
             if step:
                 timelines[str(m)].append(events)
     return dict(
