@@ -86,6 +86,16 @@ def test_hint_exists(capsys):
 # 10.1: the ring all-reduce on simulated ranks
 # ---------------------------------------------------------------------------------------------
 
+def test_the_course_ring_sums_and_sends_2_w_minus_1_chunks_per_rank():
+    from course_lib.distributed.ddp import ring_all_reduce as course_ring
+
+    for W, n in ((1, 5), (3, 10), (4, 6)):
+        grads, log = [torch.randn(n) for _ in range(W)], []
+        out = course_ring(grads, lambda s, d, t: (log.append((s, d, t.numel())), t.clone())[1])
+        assert all(torch.allclose(o, sum(grads)) for o in out)
+        assert sum(k for *_, k in log) == 2 * (W - 1) * n and all(d == (s + 1) % W for s, d, _ in log)
+
+
 def ring_all_reduce(grads, send):
     """The textbook ring: W - 1 reduce-scatter steps, then W - 1 all-gather steps, always to rank r + 1."""
     W = len(grads)
@@ -327,6 +337,8 @@ def ring_by_the_check_under_another_name(grads, send):
 
 
 REFERENCE_CALLS = {
+    "10.1 the course's ring": (checks.check_ring_all_reduce, lambda grads, send: ddp.ring_all_reduce(grads, send),
+                               "course_lib.distributed.ddp.ring_all_reduce"),
     "10.1 the check's own code": (checks.check_ring_all_reduce, ring_by_calling_the_check,
                                   "course_lib.checks.scaling_out.check_ring_all_reduce"),
     "10.1 the check under another name": (checks.check_ring_all_reduce, ring_by_the_check_under_another_name,

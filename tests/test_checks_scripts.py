@@ -321,7 +321,8 @@ def test_the_notebooks_solutions_are_the_reference_scripts():
     root = Path(__file__).resolve().parent.parent
     for notebook, exercise, reference in (("10_scaling_out", "10.2", REF_10), ("11_model_parallelism", "11.1", REF_11)):
         cells = json.loads((root / "notebooks" / f"{notebook}.ipynb").read_text())["cells"]
-        source = next("".join(c["source"]) for c in cells if f"# Exercise {exercise}:" in "".join(c["source"]))
+        source = next("".join(c["source"]) for c in cells
+                      if c["cell_type"] == "code" and f"# Exercise {exercise}:" in "".join(c["source"]))
         lines = [line for line in source.splitlines()[2:] if line.strip() not in ("# BEGIN SOLUTION", "# END SOLUTION")]
         body = reference[reference.index('"""\n', 3) + 4:]
         assert "\n".join(lines) + "\n" == body, notebook

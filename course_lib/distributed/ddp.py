@@ -37,6 +37,7 @@ import sys  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import asdict, dataclass, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -51,7 +52,7 @@ _TORCH_IMPORTED = time.time()
 __all__ = [
     "DDPSpec", "make_model", "make_optimizer", "weights_of", "global_batches", "train_single", "loop_config",
     "spec_arguments", "script_arguments", "save_run", "launch", "load_weights",
-    "max_abs_difference", "time_all_reduce", "memory_per_gpu", "gpus_needed", "BYTES_PER_PARAM",
+    "max_abs_difference", "ring_all_reduce", "time_all_reduce", "memory_per_gpu", "gpus_needed", "BYTES_PER_PARAM",
 ]
 
 # ------------------------------------------------------------------------------------------------
@@ -220,6 +221,28 @@ def save_run(out: str | Path, rank: int, *, start: dict[str, torch.Tensor], mode
 # ------------------------------------------------------------------------------------------------
 # The distributed part: runs inside each process started by torchrun
 # ------------------------------------------------------------------------------------------------
+
+
+def ring_all_reduce(grads: list[torch.Tensor], send: Any) -> list[torch.Tensor]:
+    """A ring all-reduce on W simulated ranks (exercise 10.1's reference; Patarasuk & Yuan 2009).
+
+    ``grads[r]`` is rank r's tensor; ranks talk only through ``send(src, dst, tensor)``, which returns dst's
+    copy. Every tensor is cut into W chunks (``tensor_split``: unequal when W does not divide it). W − 1 steps of
+    reduce-scatter, each rank passing one partial sum to rank r + 1, leave rank r with the full sum of one chunk;
+    W − 1 steps of all-gather pass the finished chunks around. Each rank sends 2(W − 1) chunks: 2(W − 1)/W · n
+    numbers. Returns one new tensor per rank, each the sum; the inputs stay as they were.
+    """
+    W = len(grads)
+    chunks = [list(torch.tensor_split(g.flatten().clone(), W)) for g in grads]   # rank r's copy of every chunk
+    for j in range(W - 1):          # reduce-scatter: rank r passes its partial sum of chunk (r - j) to r + 1
+        sent = [(r, (r - j) % W, send(r, (r + 1) % W, chunks[r][(r - j) % W])) for r in range(W)]
+        for r, c, data in sent:
+            chunks[(r + 1) % W][c] = chunks[(r + 1) % W][c] + data
+    for j in range(W - 1):          # all-gather: rank r passes the finished chunk (r + 1 - j) to r + 1
+        sent = [(r, (r + 1 - j) % W, send(r, (r + 1) % W, chunks[r][(r + 1 - j) % W])) for r in range(W)]
+        for r, c, data in sent:
+            chunks[(r + 1) % W][c] = data
+    return [torch.cat(c).reshape(g.shape) for c, g in zip(chunks, grads)]
 
 
 def time_all_reduce(numels: list[int], *, repeats: int = 10, device: torch.device | str = "cpu"
