@@ -318,6 +318,9 @@ class Spec:
             if self.schedules is not None and str(m) not in self.schedules:
                 raise ValueError(f"schedules has no schedule for m = {m}: give one for every number of micro-batches "
                                  f"the run uses ({sorted({*self.micro_batches, self.train_micro_batches})}).")
+        if self.schedules is not None:   # plain lists of ["F" or "B", int]: they travel to the ranks as JSON
+            self.schedules = {str(m): [[None if e is None else [str(e[0]), int(e[1])] for e in tick] for tick in ticks]
+                              for m, ticks in self.schedules.items()}
 
     def schedule(self, m: int) -> list[list[Any]] | None:
         return None if self.schedules is None else self.schedules[str(m)]
