@@ -12,7 +12,7 @@ import torch
 
 from course_lib.distributed import activation_memory as am
 from course_lib.distributed import launch, parallel, pipeline, sharded, tensor_parallel as tp
-from course_lib.parts.model import GPT, GPTConfig, saved_activation_bytes
+from course_lib.parts.model import GPT, Block, GPTConfig, saved_activation_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +127,18 @@ def test_korthikanti_count_against_the_measured_paper_layer(s, b, h, a):
     measured = saved_activation_bytes(layer, x) - x.numel() * 2  # the function also counts the returned output
     # the formula, plus what it leaves out: the (s x s) bool causal mask and LayerNorm's two statistics per token
     assert measured == am.korthikanti_bytes(s, b, h, a) + s * s + 2 * 2 * 2 * s * b
+
+
+@pytest.mark.parametrize("s, b, h, a", [(32, 2, 64, 4), (64, 1, 32, 2)])
+def test_the_course_block_keeps_34_sbh_without_masks_plus_row_statistics(s, b, h, a):
+    """Lesson 11's re-derivation for the course's own block (flash attention, fused LayerNorm, no dropout), in bf16:
+    the paper's 34·sbh less its two 1-byte dropout masks, plus flash attention's fp32 log-sum-exp per head and
+    query (4·asb) and the two LayerNorms' mean and 1/σ per token (2 × 2 × 2sb)."""
+    torch.manual_seed(0)
+    block = Block(GPTConfig(vocab_size=5, context=s, n_layer=1, n_head=a, d_model=h)).to(torch.bfloat16)
+    x = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
+    measured = saved_activation_bytes(block, x) - x.numel() * 2
+    assert measured == (34 - 2) * s * b * h + 4 * a * s * b + 2 * 2 * 2 * s * b
 
 
 def test_korthikanti_table_2_rows():

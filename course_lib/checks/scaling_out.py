@@ -185,6 +185,15 @@ def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
                 fail(f"on {case} every rank still ends with the full sum when the network delivers only zeros: your "
                      f"ranks read the other ranks' tensors directly; a rank may learn them only through what send "
                      f"returns.")
+    _judge_traffic(traffic)
+    passed("check_ring_all_reduce", "every rank ends with the sum, and each sent 2(W − 1) chunks to its neighbour "
+                                    "only: 2(W − 1)/W of the tensor, whatever the number of ranks.")
+
+
+def _judge_traffic(traffic: list[tuple[int, int, str, list[tuple[int, int, int]]]]) -> None:
+    """The ring's messages on every case (W, n, case, log of (src, dst, numbers)): only to the neighbour, one way
+    round, 2(W − 1) chunks per rank."""
+    __tracebackhide__ = True
     for W, n, case, log in sorted(traffic, key=lambda item: -item[0]):  # the most ranks show the most
         if not log:
             fail(f"you never called send on {case}: in a ring all-reduce each rank only learns the others' numbers "
@@ -204,8 +213,6 @@ def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
             fail(f"on {case} the ranks sent {sent} numbers in {len(log)} messages; a ring all-reduce takes "
                  f"2(W − 1) steps with one chunk per rank and step: {2 * (W - 1) * n} numbers in "
                  f"{2 * (W - 1) * W} messages.")
-    passed("check_ring_all_reduce", "every rank ends with the sum, and each sent 2(W − 1) chunks to its neighbour "
-                                    "only: 2(W − 1)/W of the tensor, whatever the number of ranks.")
 
 
 def _call_ring(fn: Callable, grads: list, ring: _Ring, case: str, n: int, W: int) -> Any:

@@ -79,7 +79,7 @@ def failure_sentence(message: str) -> str:
     return f"{prefixed.group(2)} (rank {prefixed.group(1)})" if prefixed else text
 
 
-def run_script(path: str | Path, exercise: str, args: list[str], *, timeout_s: float = 120.0) -> tuple[Path, str | None]:
+def run_script(path: str | Path, exercise: str, args: list[str], *, timeout_s: float = 90.0) -> tuple[Path, str | None]:
     """Launch the script on two processes; returns (its --out folder, None) or (folder, what went wrong).
 
     A rank that reached a stub (a function still raising ``NotImplementedError``) makes it :class:`NotAttempted`."""

@@ -9,9 +9,12 @@ the ranks before the optimiser step. With ``W`` ranks of ``b`` examples each, th
     (1/W) * sum_r grad L_r  =  grad (1/W) * sum_r L_r  =  grad L_global(W*b),
 
 the gradient of one process with batch ``W*b`` -- so every replica takes the *same* step as that one
-process would. ``python -m course_lib.distributed.ddp`` shows it for real: launched by ``torchrun`` it trains the
-course's GPT under ``DistributedDataParallel`` and writes the final weights with safetensors;
-:func:`train_single` trains the same model on the whole batch in one process, for comparison.
+process would. Students write that by hand in exercise 10.2 (shard, broadcast, average; the reference script
+is course_lib/distributed/data_parallel.py, its plumbing :func:`script_arguments` and :func:`save_run` here).
+``python -m course_lib.distributed.ddp`` shows it for real: launched by ``torchrun`` it runs such a script
+first (``--script``), then trains the course's GPT under ``DistributedDataParallel`` and writes the final
+weights with safetensors; :func:`train_single` trains the same model on the whole batch in one process, for
+comparison.
 
 The backend follows the device: ``nccl`` when every rank gets its own CUDA GPU, ``gloo`` on CPUs
 (so the same script runs on a laptop, in CI and on a GPU node)::

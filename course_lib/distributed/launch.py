@@ -8,6 +8,10 @@ Explained in notebooks/10_scaling_out.ipynb (a data-parallel script launched on 
 
     torchrun --standalone --nproc_per_node=2 <script or -m module> --out FOLDER [arguments]
 
+A script the course runs inside one of its own jobs (:func:`run_script_here`) joins that job's group: its
+:func:`init` returns the group, its :func:`finish` leaves it standing. :func:`launch_scripts` runs several short
+scripts in one launch that way (the tests' catalogues of wrong scripts).
+
 Every rank that uses :func:`init` gets a process group with a timeout, so a receive that no send matches,
 or a collective a dead rank never joins, raises instead of hanging. Ranks write when they reached each point
 of their life (:func:`stamp`), so :func:`launch_phases` can say where a launch's seconds went.

@@ -15,6 +15,12 @@ idle fraction -- the *bubble* -- is
 
     (p − 1) / (m + p − 1)                  (Huang et al. 2019, Sec. 2.2, "O((K−1)/(M+K−1))")
 
+The schedule -- which stage runs which micro-batch's forward or backward pass at each clock tick -- is data
+(:func:`gpipe_schedule`, exercise 11.2): :func:`gpipe_step` runs a stage's passes in the order a schedule lists
+them, so the lesson's run executes the student's. Each stage's clock times its passes; :func:`idle_breakdown`
+splits the idle time into the bubble (fill, turn, drain) and the gaps between passes (messages, overhead, a
+slower neighbour).
+
 Tied weights: the lm head reuses the token-embedding matrix E, but now the two uses live on different
 ranks, the first and the last stage, each with its own copy of E. Each copy receives only its own part of
 the gradient (the embedding lookup's, or the head's). :func:`sum_tied_gradients` all-reduces the two

@@ -19,7 +19,9 @@ The paper's two operators, as autograd functions:
     g: all-reduce forward, identity backward   (where the partial outputs are summed)
 
 So one block costs 2 all-reduces in the forward pass (g after attention, g after the MLP) and 2 in the
-backward pass (the two f's), each of B·T·d numbers.
+backward pass (the two f's), each of B·T·d numbers. Students write f, g and the split MLP themselves, as a
+script run on two processes (exercise 11.1, reference: course_lib/distributed/megatron_mlp.py); the lesson's
+block then runs on the f, g and ParallelMLP of that script (:func:`load_operators`, ``Spec.script``).
 """
 
 from __future__ import annotations
