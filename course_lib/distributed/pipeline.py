@@ -348,19 +348,28 @@ def _batch(spec: Spec, step: int, device: torch.device) -> tuple[torch.Tensor, t
 
 
 def _reference(spec: Spec, device: torch.device) -> tuple[GPT, float, dict[str, torch.Tensor]]:
-    """One process, whole batches: the first step's loss and gradients, then the weights after training."""
+    """One process, whole batches, through the course's loop: the first step's loss and gradients, then the
+    weights after training."""
+    from course_lib.parts.lm import lm_loss
+    from course_lib.parts.loop import LoopConfig, train
+
     model = _model(spec, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, foreach=False)
-    loss0, grads0 = None, None
-    for step in range(spec.train_steps):
-        x, y = _batch(spec, step, device)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    losses: list[torch.Tensor] = []
+    grads0: dict[str, torch.Tensor] = {}
+
+    def loss_fn(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        losses.append(lm_loss(module, batch))
+        return losses[-1]
+
+    def keep_first_gradients(step: int) -> None:   # after the step, before the loop zeroes the gradients
         if step == 0:
-            loss0, grads0 = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-        optimizer.step()
-    return model, loss0, grads0
+            grads0.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    config = LoopConfig(steps=spec.train_steps, lr=spec.lr, schedule="constant", grad_clip=None, amp="none",
+                        log_every=spec.train_steps, progress=False)
+    train(model, (_batch(spec, step, device) for step in range(spec.train_steps)), loss_fn, config,
+          optimizer=torch.optim.AdamW(model.parameters(), lr=spec.lr, foreach=False), on_step=keep_first_gradients)
+    return model, losses[0].item(), grads0
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:
