@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 
 import torch
@@ -49,7 +50,10 @@ def check_megatron_mlp(script: str) -> None:
     read_script(script, "11.1", _MLP_FORBIDDEN)
     args = [item for key, value in MLP_ARGS.items() for item in (f"--{key.replace('_', '-')}", str(value))]
     out, failure = run_script(script, "11.1", args)
-    judge_megatron_mlp(out, failure)
+    try:
+        judge_megatron_mlp(out, failure)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)   # the ranks' files were only needed for the verdict
 
 
 def judge_megatron_mlp(out, failure: str | None) -> None:

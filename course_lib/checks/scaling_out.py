@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from numbers import Real
 from typing import Any
@@ -320,7 +321,10 @@ def check_data_parallel(script: str) -> None:
     read_script(script, "10.2", _DDP_FORBIDDEN)
     spec = DDPSpec(**DATA_PARALLEL_SPEC)
     out, failure = run_script(script, "10.2", spec_arguments(spec))
-    judge_data_parallel(out, failure, spec)
+    try:
+        judge_data_parallel(out, failure, spec)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)   # the ranks' files were only needed for the verdict
 
 
 def judge_data_parallel(out, failure: str | None, spec) -> None:
