@@ -28,6 +28,7 @@ distributed/ -- training on several processes
     ddp                data parallelism, the cost of an all-reduce, memory per GPU (10)
     parallel           lesson 11's parts on several processes
     tensor_parallel, pipeline, sharded, activation_memory   Megatron, GPipe, ZeRO/FSDP2, recomputation (11)
+    data_parallel, megatron_mlp   the reference scripts of exercises 10.2 and 11.1 (torchrun runs them)
 experiments/ -- the recorded runs behind the lessons' tables (python -m course_lib.experiments NAME)
     stats              paired bootstrap intervals over examples and seeds (06; 03, 07-09)
     cache              the run cache of long records

@@ -1,8 +1,10 @@
-"""The checks of 10_scaling_out (ZeRO memory, ring all-reduce, its time) accept correct answers and refuse the
-common mistakes, each with its own sentence."""
+"""The checks of 10_scaling_out (ring all-reduce 10.1, ZeRO memory 10.3, the all-reduce's time 10.4) accept
+correct answers and refuse the common mistakes, each with its own sentence. (10.2, the data-parallel script run
+on two processes, is tested in test_checks_scripts.py.)"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,7 +40,11 @@ def as_tensor(n_params, n_gpus, zero_stage):
     return torch.tensor(by_parts(n_params, n_gpus, zero_stage), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("fn", [by_parts, zero_paper_formula, as_tensor])
+def as_numpy_float32(n_params, n_gpus, zero_stage):
+    return np.float32(by_parts(n_params, n_gpus, zero_stage))
+
+
+@pytest.mark.parametrize("fn", [by_parts, zero_paper_formula, as_tensor, as_numpy_float32])
 def test_accepts_correct_answers(fn, capsys):
     checks.check_zero_memory(fn)
     assert "check_zero_memory passed" in capsys.readouterr().out
@@ -79,6 +85,16 @@ def test_hint_exists(capsys):
 # ---------------------------------------------------------------------------------------------
 # 10.1: the ring all-reduce on simulated ranks
 # ---------------------------------------------------------------------------------------------
+
+def test_the_course_ring_sums_and_sends_2_w_minus_1_chunks_per_rank():
+    from course_lib.distributed.ddp import ring_all_reduce as course_ring
+
+    for W, n in ((1, 5), (3, 10), (4, 6)):
+        grads, log = [torch.randn(n) for _ in range(W)], []
+        out = course_ring(grads, lambda s, d, t: (log.append((s, d, t.numel())), t.clone())[1])
+        assert all(torch.allclose(o, sum(grads)) for o in out)
+        assert sum(k for *_, k in log) == 2 * (W - 1) * n and all(d == (s + 1) % W for s, d, _ in log)
+
 
 def ring_all_reduce(grads, send):
     """The textbook ring: W - 1 reduce-scatter steps, then W - 1 all-gather steps, always to rank r + 1."""
@@ -157,6 +173,31 @@ def whole_tensor_around_the_ring(grads, send):
     return totals
 
 
+def ring_cut_by_chunk(grads, send):
+    """The textbook ring, its chunks cut with torch.chunk: fewer than W pieces for some sizes (6 numbers on 4 ranks)."""
+    W = len(grads)
+    chunks = [list(torch.chunk(g.flatten().clone(), W)) for g in grads]
+    for j in range(W - 1):
+        messages = [(r, (r - j) % W, send(r, (r + 1) % W, chunks[r][(r - j) % W])) for r in range(W)]
+        for r, c, data in messages:
+            chunks[(r + 1) % W][c] = chunks[(r + 1) % W][c] + data
+    for j in range(W - 1):
+        messages = [(r, (r + 1 - j) % W, send(r, (r + 1) % W, chunks[r][(r + 1 - j) % W])) for r in range(W)]
+        for r, c, data in messages:
+            chunks[(r + 1) % W][c] = data
+    return [torch.cat(c).reshape(g.shape) for c, g in zip(chunks, grads)]
+
+
+def sends_like_a_ring_but_reads_every_rank(grads, send):
+    """The right messages on the network, but each rank's result is summed from the other ranks' tensors directly."""
+    W = len(grads)
+    for phase in range(2):
+        for j in range(W - 1):
+            for r in range(W):
+                send(r, (r + 1) % W, torch.tensor_split(grads[r].flatten(), W)[(r - j) % W])
+    return [torch.stack([g.clone() for g in grads]).sum(0) for _ in range(W)]
+
+
 def both_directions(grads, send):
     """A correct sum, but the reduce-scatter turns right and the all-gather left."""
     W = len(grads)
@@ -187,6 +228,9 @@ RING_WRONG = {
     "both directions": (both_directions, "sent in both directions"),
     "returns a tensor, not a list": (lambda grads, send: torch.stack(ring_all_reduce(grads, send)),
                                      "should return a list"),
+    "cuts with torch.chunk": (ring_cut_by_chunk, "torch.chunk cuts 6 numbers into only 3 pieces"),
+    "reads the other ranks' tensors": (sends_like_a_ring_but_reads_every_rank,
+                                       "your ranks read the other ranks' tensors directly"),
 }
 
 
@@ -216,7 +260,7 @@ def test_ring_check_stub_and_crash():
 
 
 # ---------------------------------------------------------------------------------------------
-# 10.2: the alpha-beta model of a ring all-reduce
+# 10.4: the alpha-beta model of a ring all-reduce
 # ---------------------------------------------------------------------------------------------
 
 def ring_time(n_bytes, world, alpha, beta):
@@ -243,8 +287,11 @@ TIME_WRONG = {
 
 
 @pytest.mark.parametrize("fn", [ring_time, ring_time_by_steps,
-                                lambda n, W, a, b: torch.tensor(ring_time(n, W, a, b), dtype=torch.float64)],
-                         ids=["formula", "by steps", "tensor"])
+                                lambda n, W, a, b: torch.tensor(ring_time(n, W, a, b), dtype=torch.float64),
+                                lambda n, W, a, b: np.float32(ring_time(n, W, a, b)),
+                                lambda n, W, a, b: np.float64(ring_time(n, W, a, b)),
+                                lambda n, W, a, b: np.asarray(ring_time(n, W, a, b))],
+                         ids=["formula", "by steps", "tensor", "NumPy float32", "NumPy float64", "0-d array"])
 def test_time_check_accepts_correct_answers(fn, capsys):
     checks.check_all_reduce_time(fn)
     assert "check_all_reduce_time passed" in capsys.readouterr().out
@@ -258,7 +305,7 @@ def test_time_check_refuses_common_mistakes(name):
     assert sentence in str(info.value)
 
 
-@pytest.mark.parametrize("exercise", ["10.3", "10.1", "10.2"])
+@pytest.mark.parametrize("exercise", ["10.1", "10.2", "10.3", "10.4"])
 def test_three_hint_levels_and_the_idea_does_not_give_the_line_away(exercise, capsys):
     from course_lib.checks.framework import HINTS
 
@@ -290,13 +337,15 @@ def ring_by_the_check_under_another_name(grads, send):
 
 
 REFERENCE_CALLS = {
+    "10.1 the course's ring": (checks.check_ring_all_reduce, lambda grads, send: ddp.ring_all_reduce(grads, send),
+                               "course_lib.distributed.ddp.ring_all_reduce"),
     "10.1 the check's own code": (checks.check_ring_all_reduce, ring_by_calling_the_check,
                                   "course_lib.checks.scaling_out.check_ring_all_reduce"),
     "10.1 the check under another name": (checks.check_ring_all_reduce, ring_by_the_check_under_another_name,
                                           "course_lib.checks.scaling_out.check_ring_all_reduce"),
-    "10.2 the check under another name": (checks.check_all_reduce_time, lambda n, W, a, b: (
+    "10.4 the check under another name": (checks.check_all_reduce_time, lambda n, W, a, b: (
         verify_time(ring_time), ring_time(n, W, a, b))[1], "course_lib.checks.scaling_out.check_all_reduce_time"),
-    "10.2 the check's own code": (checks.check_all_reduce_time, lambda n, W, a, b: (
+    "10.4 the check's own code": (checks.check_all_reduce_time, lambda n, W, a, b: (
         checks.scaling_out.check_all_reduce_time(ring_time), ring_time(n, W, a, b))[1],
         "course_lib.checks.scaling_out.check_all_reduce_time"),
     "10.3 directly": (checks.check_zero_memory, lambda n, N, s: ddp.memory_per_gpu(n, data=N, zero_stage=s)["total"] / 1e9,

@@ -83,6 +83,26 @@ def test_spec_validation():
         ddp.DDPSpec(dtype="bfloat16")
 
 
+def test_sgd_seeds_and_the_script_arguments():
+    spec = ddp.DDPSpec(optimizer="sgd", lr=0.5, steps=2)
+    model = ddp.make_model(spec)
+    assert isinstance(ddp.make_optimizer(model, spec), torch.optim.SGD)
+    assert isinstance(ddp.make_optimizer(model, ddp.DDPSpec()), torch.optim.AdamW)
+    other = ddp.make_model(spec, seed=spec.seed + 1)
+    assert ddp.max_abs_difference(ddp.weights_of(ddp.make_model(spec, seed=spec.seed)), ddp.weights_of(model)) == 0
+    assert ddp.max_abs_difference(ddp.weights_of(other), ddp.weights_of(model)) > 0
+    parsed, out = ddp.script_arguments(["--out", "runs/x", *ddp.spec_arguments(spec)])
+    assert parsed == spec and str(out) == "runs/x"
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'sgd'"):
+        ddp.DDPSpec(optimizer="adam")
+    # plain SGD: one step is lr times the gradient, so a gradient twice too large shows in the weights
+    single, _ = ddp.train_single(ddp.DDPSpec(optimizer="sgd", lr=0.5, steps=1), world_size=2)
+    doubled, _ = ddp.train_single(ddp.DDPSpec(optimizer="sgd", lr=1.0, steps=1), world_size=2)
+    start = ddp.weights_of(ddp.make_model(spec))
+    for name in start:
+        torch.testing.assert_close(doubled[name] - start[name], 2 * (single[name] - start[name]), rtol=1e-4, atol=1e-6)
+
+
 def test_backend_follows_the_device():
     assert launch.backend_for("cpu") == "gloo"
     assert launch.backend_for(torch.device("cuda", 0)) == "nccl"
@@ -136,14 +156,21 @@ def test_errors_outside_torchrun(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def test_ddp_on_two_processes_equals_one_process_with_twice_the_batch(tmp_path):
+    from course_lib.distributed import data_parallel
+
     spec = ddp.DDPSpec(dtype="float64")
-    result = ddp.launch(tmp_path, nproc=2, spec=spec, allreduce_numels=[256, 4096])
+    result = ddp.launch(tmp_path, nproc=2, spec=spec, allreduce_numels=[256, 4096], script=data_parallel.__file__)
     assert result["world_size"] == 2 and result["backend"] == "gloo" and result["device"] == "cpu"
     rank0, rank1 = ddp.load_weights(tmp_path, 0), ddp.load_weights(tmp_path, 1)
     assert ddp.max_abs_difference(rank0, rank1) == 0.0  # the replicas stay identical
     reference, losses = ddp.train_single(spec, world_size=2)
     assert ddp.max_abs_difference(rank0, reference) < 1e-12  # in float64: equal up to rounding
     assert result["losses"] == pytest.approx(losses, abs=1e-6)
+    # data parallelism written out by hand (exercise 10.2's reference), run first in the same job: the same steps
+    by_hand = [ddp.load_weights(tmp_path / "script", r) for r in range(2)]
+    assert ddp.max_abs_difference(by_hand[0], by_hand[1]) == 0.0
+    assert ddp.max_abs_difference(by_hand[0], reference) < 1e-12
+    assert result["script_losses"] == pytest.approx(losses, abs=1e-6)   # the loop keeps losses in float32
     start = ddp.make_model(spec)
     assert max((p.detach() - reference[n]).abs().max().item() for n, p in start.named_parameters()) > 1e-4
     sizes = [row["numel"] for row in result["all_reduce"]]

@@ -12,7 +12,7 @@ import torch
 
 from course_lib.distributed import activation_memory as am
 from course_lib.distributed import launch, parallel, pipeline, sharded, tensor_parallel as tp
-from course_lib.parts.model import GPT, GPTConfig, saved_activation_bytes
+from course_lib.parts.model import GPT, Block, GPTConfig, saved_activation_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +73,29 @@ def test_gpipe_timeline_with_messages():
         pipeline.gpipe_timeline([1.0], [1.0], 2, t_message=-1.0)
 
 
+def test_idle_breakdown_puts_the_fill_turn_and_drain_in_the_bubble():
+    # two equal stages, t_F = 1, t_B = 2, m = 3, free messages: all idle time is the bubble, 1/(m + 1)
+    timeline = pipeline.gpipe_timeline([1.0, 1.0], [2.0, 2.0], 3)
+    parts = pipeline.idle_breakdown(timeline)
+    assert parts["bubble"] == pytest.approx(pipeline.bubble_fraction(2, 3)) and parts["between passes"] == 0
+    # a slower stage 0 (t_F = 2) makes stage 1 wait between its forward passes: two gaps of 1 in a step of 15
+    slow = pipeline.idle_breakdown(pipeline.gpipe_timeline([2.0, 1.0], [2.0, 2.0], 3))
+    assert slow["between passes"] == pytest.approx(2 * 1.0 / (2 * 15.0))
+    assert sum(slow.values()) == pytest.approx(1.0)
+
+
+def test_a_schedule_must_hold_every_pass_of_its_stage():
+    config = GPTConfig(vocab_size=5, context=4, d_model=8, n_layer=2, n_head=2, bias=False)
+    stage = pipeline.Stage(GPT(config), 0, 1)
+    x = torch.randint(5, (4, 4))
+    with pytest.raises(ValueError, match="it needs F and B of each of the 2 micro-batches once"):
+        pipeline.gpipe_step(stage, x, x, 2, 0, 1, 8, schedule=[[("F", 0)], [("B", 0)], [("B", 1)]])
+    loss, events = pipeline.gpipe_step(stage, x, x, 2, 0, 1, 8)       # one stage: no messages at all
+    assert [e[:2] for e in events] == [("F", 0), ("F", 1), ("B", 0), ("B", 1)] and loss is not None
+    with pytest.raises(ValueError, match="schedules has no schedule for m = 2"):
+        pipeline.Spec(micro_batches=(1, 2), train_micro_batches=2, schedules={"1": []})
+
+
 def test_launch_phases_end_when_the_last_rank_gets_there(tmp_path):
     import json
 
@@ -104,6 +127,18 @@ def test_korthikanti_count_against_the_measured_paper_layer(s, b, h, a):
     measured = saved_activation_bytes(layer, x) - x.numel() * 2  # the function also counts the returned output
     # the formula, plus what it leaves out: the (s x s) bool causal mask and LayerNorm's two statistics per token
     assert measured == am.korthikanti_bytes(s, b, h, a) + s * s + 2 * 2 * 2 * s * b
+
+
+@pytest.mark.parametrize("s, b, h, a", [(32, 2, 64, 4), (64, 1, 32, 2)])
+def test_the_course_block_keeps_34_sbh_without_masks_plus_row_statistics(s, b, h, a):
+    """Lesson 11's re-derivation for the course's own block (flash attention, fused LayerNorm, no dropout), in bf16:
+    the paper's 34·sbh less its two 1-byte dropout masks, plus flash attention's fp32 log-sum-exp per head and
+    query (4·asb) and the two LayerNorms' mean and 1/σ per token (2 × 2 × 2sb)."""
+    torch.manual_seed(0)
+    block = Block(GPTConfig(vocab_size=5, context=s, n_layer=1, n_head=a, d_model=h)).to(torch.bfloat16)
+    x = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
+    measured = saved_activation_bytes(block, x) - x.numel() * 2
+    assert measured == (34 - 2) * s * b * h + 4 * a * s * b + 2 * 2 * 2 * s * b
 
 
 def test_korthikanti_table_2_rows():
@@ -184,18 +219,35 @@ def test_launcher_errors_in_one_sentence(tmp_path, monkeypatch, capsys):
 # two real processes
 # ---------------------------------------------------------------------------------------------
 
+def reversed_backward_schedule(p, m):
+    """GPipe's ticks with the backward passes in the other order of micro-batches: the same bubble, and the
+    stages' messages must find their pass by tag."""
+    ticks = [[None] * p for _ in range(2 * (m + p - 1))]
+    for s in range(p):
+        for k in range(m):
+            ticks[s + k][s] = ["F", k]
+            ticks[m + p - 1 + (p - 1 - s) + (m - 1 - k)][s] = ["B", k]
+    return ticks
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One torchrun launch runs all three parts (in float64, so that 'equal' means equal up to rounding)."""
-    options = {"tensor": dict(dtype="float64", repeats=1),
-               "pipeline": dict(dtype="float64", micro_batches=[1, 4], timed_steps=1),
+    """One torchrun launch runs all three parts (in float64, so that 'equal' means equal up to rounding): the
+    tensor part with the course's f and g and with those of exercise 11.1's reference script, the pipeline with
+    a schedule given as data (as the lesson passes the student's)."""
+    from course_lib.distributed import megatron_mlp
+
+    options = {"tensor": [dict(dtype="float64", repeats=1), dict(dtype="float64", repeats=1, script=megatron_mlp.__file__)],
+               "pipeline": dict(dtype="float64", micro_batches=[1, 4], timed_steps=1,
+                                schedules={str(m): reversed_backward_schedule(2, m) for m in (1, 4)}),
                "sharded": dict(dtype="float64")}
     return parallel.launch("all", tmp_path_factory.mktemp("all"), nproc=2, options=options, timeout_s=600)
 
 
-def test_tensor_parallel_block_equals_the_whole_block(two_processes):
+@pytest.mark.parametrize("operators", ["the course's f and g", "exercise 11.1's script"])
+def test_tensor_parallel_block_equals_the_whole_block(two_processes, operators):
     assert two_processes["world_size"] == 2 and two_processes["backend"] == "gloo"
-    r = two_processes["ranks"][0]["tensor"]
+    r = two_processes["ranks"][0]["tensor"][["the course's f and g", "exercise 11.1's script"].index(operators)]
     assert r["output_max_abs_diff"] < 1e-12 and r["input_grad_max_abs_diff"] < 1e-12
     assert r["param_grad_max_abs_diff"] < 1e-12
     assert r["plain_split_output_max_abs_diff"] > 1e-2              # the fused QKV cut by position is wrong
@@ -216,6 +268,12 @@ def test_pipeline_equals_one_process_and_sums_the_tied_gradients(two_processes):
         (idle,) = pipeline.measured_idle_fraction(ranks, m)
         assert 0 < idle < 1
         assert r0["message_seconds"][str(m)] == r1["message_seconds"][str(m)] > 0  # rank 0's, broadcast
+        (step,) = zip(*(rank["timelines"][str(m)] for rank in ranks))
+        parts = pipeline.idle_breakdown([[tuple(e) for e in stage] for stage in step])
+        assert sum(parts.values()) == pytest.approx(1.0) and parts["bubble"] > 0 and parts["between passes"] >= 0
+        assert idle == pytest.approx(parts["bubble"] + parts["between passes"])
+    backward = [e[1] for e in r0["timelines"]["4"][0] if e[0] == "B"]
+    assert backward == [3, 2, 1, 0]                 # the schedule it was given, not the default one
 
 
 def test_a_launch_says_where_its_seconds_went(two_processes):

@@ -58,8 +58,8 @@ from course_lib.checks.lora_causal_lm import (  # noqa: F401
     check_render_chat, check_prompt_masking, check_lora_param_count,
 )
 from course_lib.checks.scaling_out import (  # noqa: F401
-    check_zero_memory, check_ring_all_reduce, check_all_reduce_time,
+    check_zero_memory, check_ring_all_reduce, check_all_reduce_time, check_data_parallel,
 )
 from course_lib.checks.model_parallelism import (  # noqa: F401
-    check_shard_qkv, check_gpipe_idle_fraction, check_activation_bytes,
+    check_shard_qkv, check_gpipe_idle_fraction, check_activation_bytes, check_megatron_mlp, check_gpipe_schedule,
 )

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from numbers import Real
+from typing import Any
 
 import torch
 
 from course_lib.checks.framework import (
-    exercise, register_hint, fail, call_student, passed,
+    StudentCodeError, exercise, register_hint, fail, call_student, passed,
 )
+
+
+def as_number(value: Any) -> float | None:
+    """``value`` as a float when it is one number: a Python or NumPy scalar, a 0-d array, a one-element tensor;
+    None otherwise (a bool is not a number here)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 else None
+    if hasattr(value, "shape") and hasattr(value, "item") and getattr(value, "size", 0) == 1:   # NumPy 0-d arrays
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, Real):
+        return None
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,12 +64,11 @@ def check_zero_memory(fn: Callable[[float, int, int], float]) -> None:
 
     for n, N, stage in cases:
         case = f"n_params={n:.3g}, n_gpus={N}, zero_stage={stage}"
-        result = call_student(fn, n, N, stage, case=case)
-        if isinstance(result, torch.Tensor) and result.numel() == 1:
-            result = result.item()
-        if isinstance(result, bool) or not isinstance(result, (int, float)):
+        answer = call_student(fn, n, N, stage, case=case)
+        result = as_number(answer)
+        if result is None:
             fail(f"your function should return one number (gigabytes per GPU), but on {case} it returns a "
-                 f"{type(result).__name__}.")
+                 f"{type(answer).__name__}.")
         expected = memory_per_gpu(n, data=N, zero_stage=stage)["total"]
         if math.isclose(result, expected, rel_tol=1e-6):
             continue
@@ -100,19 +114,22 @@ register_hint(
 
 
 class _Ring:
-    """The network the check gives the student: ``send(src, dst, tensor)`` returns dst's copy and logs it."""
+    """The network the check gives the student: ``send(src, dst, tensor)`` returns dst's copy and logs it.
 
-    def __init__(self) -> None:
+    ``zeros=True`` delivers zeros instead: an answer whose result does not change then never used the network."""
+
+    def __init__(self, zeros: bool = False) -> None:
         self.log: list[tuple[int, int, int]] = []
+        self.zeros = zeros
 
     def send(self, src: int, dst: int, tensor: torch.Tensor) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"send(src, dst, tensor) expects a tensor, got a {type(tensor).__name__}")
         self.log.append((int(src), int(dst), tensor.numel()))
-        return tensor.detach().clone()
+        return torch.zeros_like(tensor) if self.zeros else tensor.detach().clone()
 
 
-@exercise("10.1", points=2)
+@exercise("10.1", points=2, forbid=("course_lib.distributed.ddp:ring_all_reduce",))
 def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
     """Exercise 10.1: ``fn(grads, send)`` takes one tensor per rank and returns one tensor per rank, each the sum
     of all of them, computed as a ring all-reduce: rank r may only ``send(r, neighbour, tensor)``."""
@@ -121,15 +138,15 @@ def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
 
     generator = torch.Generator().manual_seed(10)
     cases = [(2, (8,), torch.float32), (4, (12,), torch.float32), (3, (10,), torch.float64), (4, (4, 5), torch.float32),
-             (5, (23,), torch.float64), (1, (6,), torch.float32)]
+             (5, (23,), torch.float64), (1, (6,), torch.float32), (4, (6,), torch.float32)]
     traffic = []
     for W, shape, dtype in cases:
         grads = [torch.randn(shape, generator=generator).to(dtype) for _ in range(W)]
         originals = [g.clone() for g in grads]
         ring = _Ring()
         case = f"{W} rank(s) holding tensors of shape {shape} ({dtype})"
-        result = call_student(fn, grads, ring.send, case=case)
         n = originals[0].numel()
+        result = _call_ring(fn, grads, ring, case, n, W)
         expected = torch.stack([g.double() for g in originals]).sum(0)
         if not all(torch.equal(g, o) for g, o in zip(grads, originals)):
             fail(f"your function changed the input tensors (on {case}); work on copies, the ranks' gradients "
@@ -162,6 +179,22 @@ def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
             fail(f"rank {r}'s result on {case} is not the sum of the ranks' tensors.")
         if W > 1:
             traffic.append((W, n, case, ring.log))
+        if W > 1 and ring.log:   # it used the network; did its result come from what it received?
+            unheard = _call_ring(fn, [g.clone() for g in originals], _Ring(zeros=True), case, n, W)
+            if isinstance(unheard, (list, tuple)) and all(isinstance(o, torch.Tensor) and close(o, expected)
+                                                          for o in unheard):
+                fail(f"on {case} every rank still ends with the full sum when the network delivers only zeros: your "
+                     f"ranks read the other ranks' tensors directly; a rank may learn them only through what send "
+                     f"returns.")
+    _judge_traffic(traffic)
+    passed("check_ring_all_reduce", "every rank ends with the sum, and each sent 2(W − 1) chunks to its neighbour "
+                                    "only: 2(W − 1)/W of the tensor, whatever the number of ranks.")
+
+
+def _judge_traffic(traffic: list[tuple[int, int, str, list[tuple[int, int, int]]]]) -> None:
+    """The ring's messages on every case (W, n, case, log of (src, dst, numbers)): only to the neighbour, one way
+    round, 2(W − 1) chunks per rank."""
+    __tracebackhide__ = True
     for W, n, case, log in sorted(traffic, key=lambda item: -item[0]):  # the most ranks show the most
         if not log:
             fail(f"you never called send on {case}: in a ring all-reduce each rank only learns the others' numbers "
@@ -181,8 +214,21 @@ def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
             fail(f"on {case} the ranks sent {sent} numbers in {len(log)} messages; a ring all-reduce takes "
                  f"2(W − 1) steps with one chunk per rank and step: {2 * (W - 1) * n} numbers in "
                  f"{2 * (W - 1) * W} messages.")
-    passed("check_ring_all_reduce", "every rank ends with the sum, and each sent 2(W − 1) chunks to its neighbour "
-                                    "only: 2(W − 1)/W of the tensor, whatever the number of ranks.")
+
+
+def _call_ring(fn: Callable, grads: list, ring: _Ring, case: str, n: int, W: int) -> Any:
+    """The student's ring on one case; an IndexError where torch.chunk would cut fewer than W pieces is named."""
+    __tracebackhide__ = True
+    try:
+        return call_student(fn, grads, ring.send, case=case, passthrough=(IndexError,))
+    except IndexError as error:
+        pieces = len(torch.empty(n).chunk(W))
+        if pieces < W:
+            fail(f"your function raised IndexError on {case}: torch.chunk cuts {n} numbers into only {pieces} pieces "
+                 f"there, fewer than the {W} ranks; cut with torch.tensor_split, which always gives {W}.")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise StudentCodeError(f"{getattr(fn, '__name__', 'your function')} raised IndexError on {case}"
+                               + (f": {first[:200]}" if first else ".")) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +236,7 @@ def check_ring_all_reduce(fn: Callable[[list, Callable], list]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 register_hint(
-    "10.2",
+    "10.4",
     "Count the steps and the bytes of the ring: every step pays the latency α once, and every byte a rank "
     "sends costs 1/β seconds.",
     "A ring all-reduce has 2(W − 1) steps (reduce-scatter, then all-gather), and in each a rank sends one chunk "
@@ -199,9 +245,9 @@ register_hint(
 )
 
 
-@exercise("10.2", points=1)
+@exercise("10.4", points=1)
 def check_all_reduce_time(fn: Callable[[float, int, float, float], float]) -> None:
-    """Exercise 10.2: ``fn(n_bytes, world, alpha, beta)`` returns the seconds of a ring all-reduce of ``n_bytes``
+    """Exercise 10.4: ``fn(n_bytes, world, alpha, beta)`` returns the seconds of a ring all-reduce of ``n_bytes``
     over ``world`` ranks, with latency ``alpha`` seconds per message and bandwidth ``beta`` bytes per second."""
     __tracebackhide__ = True
     import math
@@ -210,12 +256,11 @@ def check_all_reduce_time(fn: Callable[[float, int, float, float], float]) -> No
              (2.5e8, 1, 1e-5, 1e10), (3e7, 3, 0.0, 2e10), (1e3, 16, 1e-4, 1e11)]
     for n, W, alpha, beta in cases:
         case = f"n_bytes={n:g}, world={W}, alpha={alpha:g} s, beta={beta:g} B/s"
-        result = call_student(fn, n, W, alpha, beta, case=case)
-        if isinstance(result, torch.Tensor) and result.numel() == 1:
-            result = result.item()
-        if isinstance(result, bool) or not isinstance(result, (int, float)):
+        answer = call_student(fn, n, W, alpha, beta, case=case)
+        result = as_number(answer)
+        if result is None:
             fail(f"your function should return one number (seconds), but on {case} it returns a "
-                 f"{type(result).__name__}.")
+                 f"{type(answer).__name__}.")
         expected = 2 * (W - 1) * alpha + 2 * (W - 1) / W * n / beta
         if math.isclose(result, expected, rel_tol=1e-6, abs_tol=1e-15):
             continue
@@ -237,3 +282,167 @@ def check_all_reduce_time(fn: Callable[[float, int, float, float], float]) -> No
         fail(f"your all-reduce time on {case} is {result:.4g} s, but it should be {expected:.4g} s.")
     passed("check_all_reduce_time", f"your α-β model gives the ring all-reduce time on {len(cases)} cases, one rank "
                                     f"(no communication) and 64 ranks among them.")
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- 10_scaling_out: data parallelism by hand, a script on two processes
+# ----------------------------------------------------------------------------------------------
+
+register_hint(
+    "10.2",
+    "Three things make W replicas take the step one process takes on the whole batch: they start from the same "
+    "weights, each trains on different rows, and each applies the mean of all the ranks' gradients.",
+    "shard: with b = batch.shape[0] // world rows per rank, rank r takes rows r·b … (r+1)·b − 1. broadcast_weights: "
+    "dist.broadcast(p, src=0) for every parameter, under torch.no_grad(). average_gradients: dist.all_reduce "
+    "sums p.grad in place over the ranks; divide by world afterwards.",
+    "for p in model.parameters(): dist.all_reduce(p.grad); p.grad /= world",
+)
+
+# What the check's run trains: small, so that the two processes spend their time starting, not working; plain
+# SGD, so that a gradient of the wrong size shows in the weights (Adam would divide a constant factor away).
+DATA_PARALLEL_SPEC = dict(steps=3, batch_per_rank=2, context=8, vocab_size=16, d_model=16, n_layer=1, n_head=2,
+                          lr=0.5, seed=3, optimizer="sgd")
+WORLD = 2
+_DDP_FORBIDDEN = ("course_lib.distributed.data_parallel", "course_lib.distributed.ddp.train_single",
+                  "course_lib.distributed.ddp.launch", "course_lib.distributed.ddp.main", "course_lib.distributed.sharded",
+                  "torch.nn.parallel", "torch.distributed.fsdp", "torch.distributed.optim", "accelerate")
+
+
+@exercise("10.2", points=2, forbid=("course_lib.distributed.data_parallel:*", "course_lib.distributed.ddp:train_single",
+                                     "torch.nn.parallel.distributed:DistributedDataParallel"))
+def check_data_parallel(script: str) -> None:
+    """Exercise 10.2: ``script`` (a file) trains with data parallelism by hand; run on 2 processes, its replicas
+    must end with the weights of one process trained on the whole batch (ddp.train_single), and each rank must
+    have trained on its own rows."""
+    __tracebackhide__ = True
+    from course_lib.checks.scripts import read_script, run_script
+    from course_lib.distributed.ddp import DDPSpec, spec_arguments
+
+    read_script(script, "10.2", _DDP_FORBIDDEN)
+    spec = DDPSpec(**DATA_PARALLEL_SPEC)
+    out, failure = run_script(script, "10.2", spec_arguments(spec))
+    try:
+        judge_data_parallel(out, failure, spec)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)   # the ranks' files were only needed for the verdict
+
+
+def judge_data_parallel(out, failure: str | None, spec) -> None:
+    """The verdict on what a data-parallel script's two ranks wrote in ``out`` (``failure``: what went wrong
+    in the launch, if anything). One sentence per slip; the tests hand it the runs of their wrong scripts."""
+    __tracebackhide__ = True
+    from course_lib.checks.scripts import load_per_rank
+    from course_lib.distributed.ddp import global_batches, make_model, max_abs_difference, train_single, weights_of
+
+    runs = {name: load_per_rank(out, name, WORLD) for name in ("start", "weights", "rows")}
+    if failure is not None:
+        fail(f"your script failed on {WORLD} processes: {failure}.")
+    missing = [name for name, run in runs.items() if run is None]
+    if missing:
+        fail(f"your script ran but did not write {missing[0]}_rank0.safetensors in its --out folder: keep the "
+             f"template's last lines (ddp.save_run), which write what the check reads.")
+    batches = global_batches(spec, WORLD)
+    picked = _rows_of_ranks(runs["rows"], batches, spec)
+    start, final = runs["start"], runs["weights"]
+    own = [weights_of(make_model(spec, seed=spec.seed + r)) for r in range(WORLD)]
+    for r in range(1, WORLD):
+        if max_abs_difference(start[r], start[0]) > 0:
+            if max_abs_difference(start[r], own[r]) == 0:
+                fail(f"rank {r} started from its own random weights (its own seed), not rank 0's: broadcast rank "
+                     f"0's weights to every rank before training (dist.broadcast with src=0).")
+            fail(f"rank {r} started from other weights than rank 0: after broadcast_weights every rank must hold "
+                 f"rank 0's weights.")
+    reference, _ = train_single(spec, world_size=WORLD)
+    moved = max_abs_difference(reference, own[0])
+    if max_abs_difference(start[0], own[0]) > 0:
+        source = next((r for r in range(WORLD) if max_abs_difference(start[0], own[r]) == 0), None)
+        where = f"rank {source}'s" if source is not None else "other"
+        fail(f"every rank started from {where} weights; broadcast rank 0's (src=0): the one-process run starts "
+             f"from the weights rank 0 draws.")
+    close = lambda a, b: max_abs_difference(a, b) <= 1e-5 * moved  # noqa: E731 -- float32 rounding, far below a slip
+    slips = {
+        "the ranks' weights drifted apart: you all-reduced the weights instead of the gradients (each rank then "
+        "stepped with its own gradient); all-reduce p.grad": dict(weights="sum", grads="none"),
+        "the ranks' weights drifted apart: you averaged the weights instead of the gradients, so each rank still "
+        "stepped with its own gradient; average p.grad before the step": dict(weights="mean", grads="none"),
+        "the ranks' weights drifted apart: each rank stepped with its own gradient; average the gradients over "
+        "the ranks (dist.all_reduce of p.grad, then divide by the world size)": dict(grads="none"),
+        "you summed the gradients over the ranks without dividing by the world size: every step was "
+        f"{WORLD} times too large; divide by world": dict(grads="sum"),
+        "your gradients are divided by the world size twice (or averaged and then divided): every step was "
+        f"{WORLD} times too small": dict(grads="halved"),
+    }
+    drifted = any(not close(final[r], final[0]) for r in range(1, WORLD))
+    if drifted or not close(final[0], reference):
+        for sentence, slip in slips.items():
+            simulated = _simulate(spec, picked, batches, **slip)
+            if all(close(final[r], simulated[r]) for r in range(WORLD)):
+                fail(f"{sentence}.")
+        if drifted:
+            fail("the replicas ended with different weights although they started equal: every rank must apply "
+                 "the same averaged gradient at every step.")
+        fail(f"your weights after {spec.steps} steps differ from one process trained on the whole batch by up to "
+             f"{max_abs_difference(final[0], reference):.2g} (training moved them by {moved:.2g}).")
+    passed("check_data_parallel", f"your {WORLD} ranks trained on their own rows, started from rank 0's weights and "
+                                  f"took the same {spec.steps} SGD steps as one process on the whole batch, up to "
+                                  f"float32 rounding; the replicas agree.")
+
+
+def _rows_of_ranks(rows: list[dict[str, torch.Tensor]], batches: list, spec) -> list[list[list[int]]]:
+    """Which rows of each global batch each rank trained on (indices), after refusing the slips of the split."""
+    __tracebackhide__ = True
+    b, total = spec.batch_per_rank, WORLD * spec.batch_per_rank
+    picked: list[list[list[int]]] = [[] for _ in range(WORLD)]
+    for step, (x, _) in enumerate(batches):
+        seen = [rank_rows.get(f"step{step}") for rank_rows in rows]
+        if any(s is None for s in seen):
+            fail(f"your ranks recorded no rows for step {step}: train for the spec's {spec.steps} steps with the "
+                 f"template's loop.")
+        if all(s.shape[0] == total and torch.equal(s, x) for s in seen):
+            fail(f"every rank trained on the whole global batch of {total} rows: each rank must take its own {b} "
+                 f"rows (shard depends on the rank), or all ranks compute the same gradient and {WORLD} processes "
+                 f"do the work of one.")
+        unused = list(range(total))   # rows may repeat in a batch: match them as a multiset
+        for r, s in enumerate(seen):
+            if s.shape[0] != b:
+                fail(f"rank {r} trained on {s.shape[0]} rows at step {step}; a global batch of {total} rows on "
+                     f"{WORLD} ranks gives each rank b = {b}.")
+            index = []
+            for row in s:
+                match = next((i for i in unused if torch.equal(row, x[i])), None)
+                if match is None:
+                    if any(torch.equal(row, x[i]) for i in range(total)):
+                        fail(f"the ranks trained on overlapping rows at step {step}: give every rank different "
+                             f"rows, so that together they cover the batch once.")
+                    fail(f"rank {r} trained on rows that are not in the global batch of step {step}: take whole "
+                         f"rows of the batch you are given.")
+                unused.remove(match)
+                index.append(match)
+            picked[r].append(index)
+    return picked
+
+
+def _simulate(spec, picked: list[list[list[int]]], batches: list, *, grads: str = "mean",
+              weights: str | None = None) -> list[dict[str, torch.Tensor]]:
+    """The weights each rank would end with after a slip, computed with ``WORLD`` replicas in this process: plain
+    SGD, the ranks' own rows, ``grads`` "mean" (right), "sum", "halved" or "none" (each its own), and ``weights``
+    "sum"/"mean" when the weights are all-reduced instead (just before each step, as a pre-step hook would)."""
+    from course_lib.distributed.ddp import make_model, weights_of
+    from course_lib.parts.lm import lm_loss
+
+    models = [make_model(spec) for _ in range(WORLD)]
+    for step, (x, y) in enumerate(batches):
+        for model, rows in zip(models, picked):
+            model.zero_grad(set_to_none=True)
+            lm_loss(model, (x[rows[step]], y[rows[step]])).backward()
+        with torch.no_grad():
+            for params in zip(*(m.parameters() for m in models)):
+                if weights is not None:
+                    total = torch.stack(list(params)).sum(0)
+                    for p in params:
+                        p.copy_(total / (WORLD if weights == "mean" else 1))
+                g = torch.stack([p.grad for p in params]).sum(0)
+                scale = {"mean": 1 / WORLD, "sum": 1.0, "halved": 1 / WORLD**2}.get(grads)
+                for p in params:
+                    p -= spec.lr * (p.grad if scale is None else g * scale)
+    return [weights_of(m) for m in models]

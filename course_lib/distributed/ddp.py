@@ -9,9 +9,12 @@ the ranks before the optimiser step. With ``W`` ranks of ``b`` examples each, th
     (1/W) * sum_r grad L_r  =  grad (1/W) * sum_r L_r  =  grad L_global(W*b),
 
 the gradient of one process with batch ``W*b`` -- so every replica takes the *same* step as that one
-process would. ``python -m course_lib.distributed.ddp`` shows it for real: launched by ``torchrun`` it trains the
-course's GPT under ``DistributedDataParallel`` and writes the final weights with safetensors;
-:func:`train_single` trains the same model on the whole batch in one process, for comparison.
+process would. Students write that by hand in exercise 10.2 (shard, broadcast, average; the reference script
+is course_lib/distributed/data_parallel.py, its plumbing :func:`script_arguments` and :func:`save_run` here).
+``python -m course_lib.distributed.ddp`` shows it for real: launched by ``torchrun`` it runs such a script
+first (``--script``), then trains the course's GPT under ``DistributedDataParallel`` and writes the final
+weights with safetensors; :func:`train_single` trains the same model on the whole batch in one process, for
+comparison.
 
 The backend follows the device: ``nccl`` when every rank gets its own CUDA GPU, ``gloo`` on CPUs
 (so the same script runs on a laptop, in CI and on a GPU node)::
@@ -37,21 +40,22 @@ import sys  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import asdict, dataclass, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from course_lib.parts.lm import lm_loss  # noqa: E402
 from course_lib.parts.loop import LoopConfig, train  # noqa: E402
-from course_lib.distributed.launch import init, run_torchrun, stamp  # noqa: E402
+from course_lib.distributed.launch import init, run_script_here, run_torchrun, stamp  # noqa: E402
 from course_lib.tools.timing import fastest, sync  # noqa: E402
 
 _TORCH_IMPORTED = time.time()
 
 __all__ = [
-    "DDPSpec", "make_model", "make_optimizer", "weights_of", "global_batches", "train_single",
-    "launch", "load_weights",
-    "max_abs_difference", "time_all_reduce", "memory_per_gpu", "gpus_needed", "BYTES_PER_PARAM",
+    "DDPSpec", "make_model", "make_optimizer", "weights_of", "global_batches", "train_single", "loop_config",
+    "spec_arguments", "script_arguments", "save_run", "launch", "load_weights",
+    "max_abs_difference", "ring_all_reduce", "time_all_reduce", "memory_per_gpu", "gpus_needed", "BYTES_PER_PARAM",
 ]
 
 # ------------------------------------------------------------------------------------------------
@@ -73,6 +77,7 @@ class DDPSpec:
     lr: float = 1e-3
     seed: int = 0
     dtype: str = "float32"
+    optimizer: str = "adamw"   # "sgd": plain SGD, whose step shows the size of the gradient (exercise 10.2)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -80,6 +85,9 @@ class DDPSpec:
             if f.name == "dtype":
                 if value not in ("float32", "float64"):
                     raise ValueError(f"dtype must be 'float32' or 'float64', got {value!r}.")
+            elif f.name == "optimizer":
+                if value not in ("adamw", "sgd"):
+                    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {value!r}.")
             elif f.name == "lr":
                 if not isinstance(value, (int, float)) or not value > 0:
                     raise ValueError(f"lr must be a positive number, got {value!r}.")
@@ -90,11 +98,12 @@ class DDPSpec:
                              f"choose d_model as a multiple of n_head.")
 
 
-def make_model(spec: DDPSpec) -> torch.nn.Module:
-    """The course's GPT (course_lib.parts.model) at the size of ``spec``, seeded, without dropout."""
+def make_model(spec: DDPSpec, *, seed: int | None = None) -> torch.nn.Module:
+    """The course's GPT (course_lib.parts.model) at the size of ``spec``, without dropout, its initial weights
+    drawn with ``seed`` (default: the spec's seed, as in the one-process reference)."""
     from course_lib.parts.model import GPT, GPTConfig
 
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed if seed is None else seed)
     config = GPTConfig(vocab_size=spec.vocab_size, context=spec.context, d_model=spec.d_model,
                        n_layer=spec.n_layer, n_head=spec.n_head, dropout=0.0, bias=False)
     return GPT(config).to(getattr(torch, spec.dtype))
@@ -125,7 +134,11 @@ def loop_config(spec: DDPSpec, *, time_steps: bool = False) -> LoopConfig:
 
 
 def make_optimizer(model: torch.nn.Module, spec: DDPSpec) -> torch.optim.Optimizer:
-    """AdamW with the spec's learning rate (the for-loop implementation: the same on every device)."""
+    """AdamW with the spec's learning rate (the for-loop implementation: the same on every device), or plain
+    SGD (``spec.optimizer == "sgd"``): step = −lr × gradient, so a gradient of the wrong size shows in the
+    weights (Adam divides every gradient by its own running size and would hide a constant factor)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, foreach=False)
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1, foreach=False)
 
 
@@ -171,13 +184,68 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 # ------------------------------------------------------------------------------------------------
-# Where the seconds of a launch go: every rank writes when it reached each point
+# A data-parallel script's plumbing: its arguments and what it writes (exercise 10.2)
 # ------------------------------------------------------------------------------------------------
+
+
+def spec_arguments(spec: DDPSpec) -> list[str]:
+    """The command-line arguments that give a script (or ``-m course_lib.distributed.ddp``) this spec."""
+    args: list[str] = []
+    for key, value in asdict(spec).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def script_arguments(argv: list[str] | None = None) -> tuple[DDPSpec, Path]:
+    """What a data-parallel script reads from its command line: the spec (:func:`spec_arguments`) and ``--out``."""
+    parser = argparse.ArgumentParser(description="A data-parallel training script (notebooks/10_scaling_out.ipynb).")
+    parser.add_argument("--out", required=True, type=Path, help="folder for what every rank writes")
+    for f in fields(DDPSpec):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    return DDPSpec(**{f.name: getattr(args, f.name) for f in fields(DDPSpec)}), args.out
+
+
+def save_run(out: str | Path, rank: int, *, start: dict[str, torch.Tensor], model: torch.nn.Module,
+             batches: list[tuple[torch.Tensor, torch.Tensor]], losses: list[float]) -> None:
+    """What each rank of a data-parallel script writes, as safetensors and JSON: its weights when training
+    started (``start``) and when it ended, the rows it trained on at every step, and its losses."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.detach().cpu().contiguous() for n, t in start.items()}, str(out / f"start_rank{rank}.safetensors"))
+    save_file(weights_of(model), str(out / f"weights_rank{rank}.safetensors"))
+    save_file({f"step{i}": x.detach().cpu().contiguous() for i, (x, _) in enumerate(batches)},
+              str(out / f"rows_rank{rank}.safetensors"))
+    (out / f"losses_rank{rank}.json").write_text(json.dumps([float(v) for v in losses]))
 
 
 # ------------------------------------------------------------------------------------------------
 # The distributed part: runs inside each process started by torchrun
 # ------------------------------------------------------------------------------------------------
+
+
+def ring_all_reduce(grads: list[torch.Tensor], send: Any) -> list[torch.Tensor]:
+    """A ring all-reduce on W simulated ranks (exercise 10.1's reference; Patarasuk & Yuan 2009).
+
+    ``grads[r]`` is rank r's tensor; ranks talk only through ``send(src, dst, tensor)``, which returns dst's
+    copy. Every tensor is cut into W chunks (``tensor_split``: unequal when W does not divide it). W − 1 steps of
+    reduce-scatter, each rank passing one partial sum to rank r + 1, leave rank r with the full sum of one chunk;
+    W − 1 steps of all-gather pass the finished chunks around. Each rank sends 2(W − 1) chunks: 2(W − 1)/W · n
+    numbers. Returns one new tensor per rank, each the sum; the inputs stay as they were.
+    """
+    W = len(grads)
+    chunks = [list(torch.tensor_split(g.flatten().clone(), W)) for g in grads]   # rank r's copy of every chunk
+    for j in range(W - 1):          # reduce-scatter: rank r passes its partial sum of chunk (r - j) to r + 1
+        sent = [(r, (r - j) % W, send(r, (r + 1) % W, chunks[r][(r - j) % W])) for r in range(W)]
+        for r, c, data in sent:
+            chunks[(r + 1) % W][c] = chunks[(r + 1) % W][c] + data
+    for j in range(W - 1):          # all-gather: rank r passes the finished chunk (r + 1 - j) to r + 1
+        sent = [(r, (r + 1 - j) % W, send(r, (r + 1) % W, chunks[r][(r + 1 - j) % W])) for r in range(W)]
+        for r, c, data in sent:
+            chunks[(r + 1) % W][c] = data
+    return [torch.cat(c).reshape(g.shape) for c, g in zip(chunks, grads)]
 
 
 def time_all_reduce(numels: list[int], *, repeats: int = 10, device: torch.device | str = "cpu"
@@ -211,13 +279,15 @@ def _stamp(out: Path, rank: int, point: str) -> None:
     stamp(out, rank, point, first_line=_FIRST_LINE, torch_imported=_TORCH_IMPORTED)
 
 
-def _worker(spec: DDPSpec, out: Path, allreduce_numels: list[int]) -> None:
+def _worker(spec: DDPSpec, out: Path, allreduce_numels: list[int], script: Path | None = None) -> None:
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     rank, world, device = init(group_timeout_s=600.0)
     _stamp(out, rank, "group_ready")
     try:
+        if script is not None:   # a data-parallel script written by hand (exercise 10.2), in this same group
+            run_script_here(script, ["--out", out / "script", *spec_arguments(spec)])
         model = make_model(spec).to(device)  # same seed everywhere; DDP also broadcasts rank 0's weights
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         rows = slice(rank * spec.batch_per_rank, (rank + 1) * spec.batch_per_rank)  # this rank's share
@@ -244,16 +314,17 @@ def _worker(spec: DDPSpec, out: Path, allreduce_numels: list[int]) -> None:
         dist.destroy_process_group()
 
 
-def _parse(argv: list[str] | None) -> tuple[DDPSpec, Path, list[int]]:
+def _parse(argv: list[str] | None) -> tuple[DDPSpec, Path, list[int], Path | None]:
     parser = argparse.ArgumentParser(prog="torchrun --standalone --nproc_per_node=2 -m course_lib.distributed.ddp",
                                      description="Train the tiny GPT with DDP and time all-reduces.")
     parser.add_argument("--out", required=True, type=Path, help="folder for weights_rank*.safetensors, result.json")
     for f in fields(DDPSpec):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--allreduce-numels", type=int, nargs="*", default=[2**10, 2**14, 2**18, 2**21, 2**23])
+    parser.add_argument("--script", type=Path, default=None, help="a data-parallel script to run first")
     args = parser.parse_args(argv)
     spec = DDPSpec(**{f.name: getattr(args, f.name) for f in fields(DDPSpec)})
-    return spec, args.out, args.allreduce_numels
+    return spec, args.out, args.allreduce_numels, args.script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         print("course_lib.distributed.ddp runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 "
               "-m course_lib.distributed.ddp --out runs/ddp", file=sys.stderr)
         return 2
-    spec, out, numels = _parse(argv)
-    _worker(spec, out, numels)
+    spec, out, numels, script = _parse(argv)
+    _worker(spec, out, numels, script)
     return 0
 
 
@@ -272,25 +343,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch(out: str | Path, *, nproc: int = 2, spec: DDPSpec | None = None,
-           allreduce_numels: list[int] | None = None, timeout: float = 300) -> dict:
+           allreduce_numels: list[int] | None = None, script: str | Path | None = None, timeout: float = 300) -> dict:
     """Run ``torchrun --standalone --nproc_per_node=nproc -m course_lib.distributed.ddp`` and return its result.json.
 
-    Uses ``python -m torch.distributed.run`` (what the ``torchrun`` command is) with this Python, so it
-    works from a notebook whose virtual environment is not on PATH. One thread per process. The result
-    also holds ``"phases"``: where the launch's seconds went (:func:`launch_phases`).
+    Every rank first runs ``script`` (a data-parallel script written by hand, exercise 10.2) when one is
+    given, writing to ``out/script``, then trains the same spec under PyTorch's DistributedDataParallel
+    (weights in ``out``), then times all-reduces: one launch, whose start-up is paid once. Uses ``python -m
+    torch.distributed.run`` (what the ``torchrun`` command is) with this Python, so it works from a notebook
+    whose virtual environment is not on PATH. One thread per process. The result also holds ``"phases"``
+    (where the launch's seconds went, :func:`launch_phases`) and, with a script, ``"script_losses"`` (the
+    mean over the ranks of the losses it wrote).
     """
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer (the number of processes), got {nproc!r}.")
+    if script is not None and not Path(script).is_file():
+        raise FileNotFoundError(f"no script at {script}: write it first (a %%writefile cell) and run that cell.")
     spec = spec or DDPSpec()
     out = Path(out)
-    target = ["-m", "course_lib.distributed.ddp", "--out", str(out)]
-    for key, value in asdict(spec).items():
-        target += [f"--{key.replace('_', '-')}", str(value)]
+    target = ["-m", "course_lib.distributed.ddp", "--out", str(out), *spec_arguments(spec)]
     if allreduce_numels is not None:
         target += ["--allreduce-numels", *map(str, allreduce_numels)]
+    if script is not None:
+        target += ["--script", str(Path(script).resolve())]
     job = run_torchrun(target, out, nproc=nproc, timeout_s=timeout, name="'ddp'")
     result = json.loads((out / "result.json").read_text())
     result["phases"] = job["phases"]
+    if script is not None:
+        per_rank = [json.loads((out / "script" / f"losses_rank{r}.json").read_text()) for r in range(nproc)]
+        result["script_losses"] = [sum(step) / nproc for step in zip(*per_rank)]
     return result
 
 

@@ -8,6 +8,10 @@ Explained in notebooks/10_scaling_out.ipynb (a data-parallel script launched on 
 
     torchrun --standalone --nproc_per_node=2 <script or -m module> --out FOLDER [arguments]
 
+A script the course runs inside one of its own jobs (:func:`run_script_here`) joins that job's group: its
+:func:`init` returns the group, its :func:`finish` leaves it standing. :func:`launch_scripts` runs several short
+scripts in one launch that way (the tests' catalogues of wrong scripts).
+
 Every rank that uses :func:`init` gets a process group with a timeout, so a receive that no send matches,
 or a collective a dead rank never joins, raises instead of hanging. Ranks write when they reached each point
 of their life (:func:`stamp`), so :func:`launch_phases` can say where a launch's seconds went.
@@ -19,6 +23,7 @@ import datetime
 import json
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -30,8 +35,8 @@ import torch.distributed as dist
 
 from course_lib.tools.timing import Stopwatch, now
 
-__all__ = ["ParallelJobFailed", "init", "backend_for", "device_for_rank", "stamp", "launch_phases",
-           "describe_phases", "run_torchrun", "launch_script", "PHASES"]
+__all__ = ["ParallelJobFailed", "init", "finish", "backend_for", "device_for_rank", "stamp", "launch_phases",
+           "describe_phases", "run_torchrun", "launch_script", "run_script_here", "launch_scripts", "PHASES"]
 
 
 class ParallelJobFailed(RuntimeError):
@@ -67,18 +72,35 @@ def init(group_timeout_s: float = 30.0) -> tuple[int, int, torch.device]:
     """Join the process group that torchrun set up (its env variables), with a timeout in seconds.
 
     Returns (rank, world size, device): one CUDA GPU per rank when there are enough of them (NCCL),
-    else the CPU (gloo).
+    else the CPU (gloo). Inside a process whose group already exists (a script the course runs within one
+    of its own jobs, :func:`run_script_here`) it joins nothing and returns that group's rank and size;
+    :func:`finish` then leaves the group to whoever formed it.
     """
+    global _FORMED_HERE
     if "RANK" not in os.environ:
         raise RuntimeError("init() joins the process group torchrun sets up: run this under torchrun, e.g. "
                            "torchrun --standalone --nproc_per_node=2 script.py (or launch_script from a notebook).")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = device_for_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend_for(device), timeout=datetime.timedelta(seconds=group_timeout_s))
+    _FORMED_HERE = True
     return rank, world, device
+
+
+_FORMED_HERE = False   # whether init() formed the process group of this process (and finish() may end it)
+
+
+def finish() -> None:
+    """Leave the process group at the end of a script: destroy it if :func:`init` formed it here."""
+    global _FORMED_HERE
+    if _FORMED_HERE and dist.is_initialized():
+        dist.destroy_process_group()
+    _FORMED_HERE = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,3 +287,81 @@ def launch_script(script: str | Path, out: str | Path, *, nproc: int = 2, args: 
         raise FileNotFoundError(f"no script at {script}: write it first (a %%writefile cell) and run that cell.")
     return run_torchrun([str(script), "--out", str(out), *map(str, args)], out, nproc=nproc, timeout_s=timeout_s,
                         name=repr(script.name), course_workers=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scripts inside a course job, and several short scripts in one launch
+# ------------------------------------------------------------------------------------------------
+
+
+def run_script_here(script: str | Path, argv: list[str] | tuple = ()) -> None:
+    """Run ``script`` as ``__main__`` with these command-line arguments inside this rank, whose process group
+    already exists: the script's :func:`init` joins it, and its :func:`finish` (or its own
+    ``dist.destroy_process_group()``) leaves it standing for what the job does next."""
+    global _FORMED_HERE
+    saved, formed, destroy = sys.argv, _FORMED_HERE, dist.destroy_process_group
+    sys.argv, _FORMED_HERE = [str(script), *map(str, argv)], False
+    dist.destroy_process_group = lambda *args, **kwargs: None
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv, _FORMED_HERE, dist.destroy_process_group = saved, formed, destroy
+
+
+def launch_scripts(jobs: list[tuple[str | Path, str | Path, list[str]]], folder: str | Path, *, nproc: int = 2,
+                   group_timeout_s: float = 30.0, timeout_s: float = 300.0) -> list[str | None]:
+    """Run several short scripts one after the other in ONE torchrun job of ``nproc`` processes.
+
+    ``jobs`` are (script, out folder, more arguments); each script runs as ``SCRIPT --out OUT ARGS`` in every
+    rank, all of them in one process group. Starting the processes and importing torch, most of a small
+    launch's seconds, are paid once: the tests run a check's catalogue of wrong scripts this way. Returns, per
+    job, the first error line of the lowest rank that raised, or None. A script that raises on one rank only
+    leaves the other waiting in its next collective until ``group_timeout_s``; keep such scripts apart.
+    """
+    _check_nproc(nproc, timeout_s)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = [dict(script=str(Path(script).resolve()), out=str(Path(out).resolve()), args=[str(a) for a in args])
+            for script, out, args in jobs]
+    for job in spec:
+        Path(job["out"]).mkdir(parents=True, exist_ok=True)
+        for stale in Path(job["out"]).glob("error_rank*.txt"):
+            stale.unlink()
+    (folder / "jobs.json").write_text(json.dumps(spec, indent=1))
+    run_torchrun(["-m", "course_lib.distributed.launch", str(folder / "jobs.json"), str(group_timeout_s)], folder,
+                 nproc=nproc, timeout_s=timeout_s, name="'scripts'")
+    errors: list[str | None] = []
+    for job in spec:
+        lines = sorted(Path(job["out"]).glob("error_rank*.txt"))
+        errors.append(lines[0].read_text().strip() if lines else None)
+    return errors
+
+
+def _run_jobs(jobs_file: Path, group_timeout_s: float) -> None:
+    """What every rank of :func:`launch_scripts` runs: the jobs in order, one barrier after each."""
+    rank = int(os.environ.get("RANK", 0))
+    (jobs_file.parent / f"pid_rank{rank}").write_text(str(os.getpid()))
+    init(group_timeout_s)
+    for job in json.loads(jobs_file.read_text()):
+        try:
+            run_script_here(job["script"], ["--out", job["out"], *job["args"]])
+        except SystemExit as ended:
+            if ended.code not in (0, None):
+                (Path(job["out"]) / f"error_rank{rank}.txt").write_text(f"SystemExit: {ended.code}")
+        except Exception as error:  # noqa: BLE001 -- each job's error is its own result
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            (Path(job["out"]) / f"error_rank{rank}.txt").write_text(f"{type(error).__name__}: {first}"[:400])
+        dist.barrier()
+    finish()
+
+
+if __name__ == "__main__":
+    from course_lib.distributed import launch as _launch   # the module the scripts import, not a second copy
+
+    _launch._run_jobs(Path(sys.argv[1]), float(sys.argv[2]))
+    # Everything is written and the group destroyed: leave without the interpreter's teardown, as
+    # course_lib.distributed.parallel does (a thread of gloo or of a device mesh, still joinable when C++
+    # destroyed it, sometimes aborted a finished rank on a busy machine).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -116,11 +116,14 @@ def _run(part: str, out: Path, options: dict[str, Any], group_timeout_s: float) 
         watch = Stopwatch(device).start()
         if part == "fault":
             result = _fault_worker(options.get("mode", "unmatched-recv"), rank, world, device)
-        elif part == "all":  # options: {"tensor": {...}, "pipeline": {...}, "sharded": {...}}
+        elif part == "all":  # options: {"tensor": {...}, "pipeline": {...}, "sharded": {...}}; a list runs each
             result = {}
             for name in ("tensor", "pipeline", "sharded"):
                 module = importlib.import_module(PARTS[name])
-                result[name] = module.worker(spec_from(module.Spec, options.get(name, {})), rank, world, device)
+                given = options.get(name, {})
+                runs = [module.worker(spec_from(module.Spec, o), rank, world, device)
+                        for o in (given if isinstance(given, list) else [given])]
+                result[name] = runs if isinstance(given, list) else runs[0]
         else:
             module = importlib.import_module(PARTS[part])
             result = module.worker(spec_from(module.Spec, options), rank, world, device)

@@ -15,6 +15,12 @@ idle fraction -- the *bubble* -- is
 
     (p − 1) / (m + p − 1)                  (Huang et al. 2019, Sec. 2.2, "O((K−1)/(M+K−1))")
 
+The schedule -- which stage runs which micro-batch's forward or backward pass at each clock tick -- is data
+(:func:`gpipe_schedule`, exercise 11.2): :func:`gpipe_step` runs a stage's passes in the order a schedule lists
+them, so the lesson's run executes the student's. Each stage's clock times its passes; :func:`idle_breakdown`
+splits the idle time into the bubble (fill, turn, drain) and the gaps between passes (messages, overhead, a
+slower neighbour).
+
 Tied weights: the lm head reuses the token-embedding matrix E, but now the two uses live on different
 ranks, the first and the last stage, each with its own copy of E. Each copy receives only its own part of
 the gradient (the embedding lookup's, or the head's). :func:`sum_tied_gradients` all-reduces the two
@@ -37,7 +43,8 @@ from torch import nn
 from course_lib.parts.model import GPT, GPTConfig
 from course_lib.tools.timing import clock, Stopwatch
 
-__all__ = ["bubble_fraction", "gpipe_timeline", "idle_fraction", "measured_idle_fraction", "Stage",
+__all__ = ["bubble_fraction", "gpipe_schedule", "gpipe_timeline", "idle_fraction", "measured_idle_fraction",
+           "idle_breakdown", "Stage",
            "global_name", "gpipe_step", "message_seconds", "sum_tied_gradients", "Spec", "worker"]
 
 
@@ -47,6 +54,23 @@ def bubble_fraction(p: int, m: int) -> float:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return (p - 1) / (m + p - 1)
+
+
+def gpipe_schedule(p: int, m: int) -> list[list[tuple[str, int] | None]]:
+    """GPipe's schedule on ``p`` stages with ``m`` micro-batches, one clock tick per forward or backward pass.
+
+    ``schedule[t][s]`` is what stage s does at tick t: ``("F", k)``, ``("B", k)`` or None (idle). Stage s runs
+    F_k at tick s + k, as soon as stage s − 1 has finished it; the last stage starts the backward passes at
+    tick m + p − 1, right after its last forward pass, and B_k reaches stage s p − 1 − s ticks later. It takes
+    2(m + p − 1) ticks, of which each stage works 2m: the idle fraction is (p − 1)/(m + p − 1).
+    """
+    bubble_fraction(p, m)   # the same one-sentence refusal of a bad p or m
+    ticks: list[list[tuple[str, int] | None]] = [[None] * p for _ in range(2 * (m + p - 1))]
+    for s in range(p):
+        for k in range(m):
+            ticks[s + k][s] = ("F", k)
+            ticks[m + p - 1 + (p - 1 - s) + k][s] = ("B", k)
+    return ticks
 
 
 def gpipe_timeline(t_forward: list[float], t_backward: list[float], m: int, *,
@@ -94,6 +118,28 @@ def measured_idle_fraction(ranks: list[dict[str, Any]], m: int) -> list[float]:
     """The idle fraction of every timed step with ``m`` micro-batches, from the ranks' recorded events."""
     steps = zip(*(rank["timelines"][str(m)] for rank in ranks))
     return [idle_fraction([[tuple(e) for e in stage] for stage in step]) for step in steps]
+
+
+def idle_breakdown(timeline: list[list[tuple[str, int, float, float]]]) -> dict[str, float]:
+    """Where the stages' idle time lies in one step, as fractions of p × the step's time (with "busy" they add to 1).
+
+    "bubble": idle where the schedule's fill, turn and drain put it -- before a stage's first pass, between its
+    last forward and its first backward pass, after its last pass until the step ends. "between passes": every
+    other gap between two passes of a stage -- receiving a message, Python between passes, waiting for a slower
+    neighbour. With equal stages and free messages the bubble is (p − 1)/(m + p − 1) and nothing lies between.
+    """
+    t0 = min(e[2] for stage in timeline for e in stage)
+    t1 = max(e[3] for stage in timeline for e in stage)
+    bubble = between = busy = 0.0
+    for stage in timeline:
+        events = sorted(stage, key=lambda e: e[2])
+        busy += sum(e[3] - e[2] for e in events)
+        gaps = [(nxt[2] - prev[3], prev[0] == "F" and nxt[0] == "B") for prev, nxt in zip(events, events[1:])]
+        turn = sum(gap for gap, is_turn in gaps if is_turn)
+        bubble += (events[0][2] - t0) + turn + (t1 - events[-1][3])
+        between += sum(gap for gap, is_turn in gaps if not is_turn)
+    total = len(timeline) * (t1 - t0)
+    return {"bubble": bubble / total, "between passes": between / total, "busy": busy / total}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,46 +199,57 @@ def global_name(name: str, stage: int, n_stages: int, n_layer: int) -> str:
 
 
 def gpipe_step(module: Stage, idx: torch.Tensor, targets: torch.Tensor, m: int, stage: int, n_stages: int,
-               d_model: int) -> tuple[torch.Tensor | None, list[tuple[str, int, float, float]]]:
+               d_model: int, schedule: list[list[Any]] | None = None
+               ) -> tuple[torch.Tensor | None, list[tuple[str, int, float, float]]]:
     """Forward and backward of one batch in ``m`` micro-batches on this stage (gradients accumulate in .grad).
 
-    Returns the loss (on the last stage; None elsewhere) and this stage's events (kind, k, start, end) in
-    ``course_lib.tools.timing.clock`` seconds (read after the device caught up), computation only: waiting for a message counts as idle.
+    The stage runs its passes in the order ``schedule`` lists them (tick by tick, its own column; default
+    :func:`gpipe_schedule`); a pass starts as soon as its input has arrived, whatever its tick. Messages carry
+    their micro-batch in their tag, so two stages may order their passes differently. Returns the loss (on the
+    last stage; None elsewhere) and this stage's events (kind, k, start, end) in
+    ``course_lib.tools.timing.clock`` seconds (read after the device caught up), computation only: waiting for
+    a message counts as idle.
     """
     if idx.shape[0] % m:
         raise ValueError(f"a batch of {idx.shape[0]} sequences cannot be cut into {m} equal micro-batches.")
+    order = [tuple(tick[stage]) for tick in (schedule or gpipe_schedule(n_stages, m)) if tick[stage] is not None]
+    if sorted(order) != sorted([("F", k) for k in range(m)] + [("B", k) for k in range(m)]):
+        raise ValueError(f"the schedule gives stage {stage} the passes {order}; it needs F and B of each of the "
+                         f"{m} micro-batches once.")
     device, b, T = idx.device, idx.shape[0] // m, idx.shape[1]
     shape, dtype = (b, T, d_model), next(module.parameters()).dtype
-    inputs, outputs, events, pending = [], [], [], []
-    for k in range(m):
-        if module.first:
-            x = idx[k * b:(k + 1) * b]
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    events, pending = [], []
+    for kind, k in order:
+        if kind == "F":
+            if module.first:
+                x = idx[k * b:(k + 1) * b]
+            else:
+                x = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(x, src=stage - 1, tag=k)                   # the previous stage's activation
+                x.requires_grad_()
+            start = clock(device)
+            y = module(x, targets[k * b:(k + 1) * b] if module.last else None)
+            events.append(("F", k, start, clock(device)))
+            if module.last:
+                y = y / m                                            # mean over the whole batch
+            else:
+                pending.append(dist.isend(y.detach(), dst=stage + 1, tag=k))
+            inputs[k], outputs[k] = x, y
         else:
-            x = torch.empty(shape, dtype=dtype, device=device)
-            dist.recv(x, src=stage - 1)                          # the previous stage's activation
-            x.requires_grad_()
-        start = clock(device)
-        y = module(x, targets[k * b:(k + 1) * b] if module.last else None)
-        events.append(("F", k, start, clock(device)))
-        if module.last:
-            y = y / m                                            # mean over the whole batch
-        else:
-            pending.append(dist.isend(y.detach(), dst=stage + 1))
-        inputs.append(x)
-        outputs.append(y)
-    for k in range(m):
-        grad = None
-        if not module.last:
-            grad = torch.empty(shape, dtype=dtype, device=device)
-            dist.recv(grad, src=stage + 1)                       # dLoss/d(our output) from the next stage
-        start = clock(device)
-        outputs[k].backward(grad)
-        events.append(("B", k, start, clock(device)))
-        if not module.first:
-            pending.append(dist.isend(inputs[k].grad, dst=stage - 1))
+            grad = None
+            if not module.last:
+                grad = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(grad, src=stage + 1, tag=m + k)            # dLoss/d(our output) from the next stage
+            start = clock(device)
+            outputs[k].backward(grad)
+            events.append(("B", k, start, clock(device)))
+            if not module.first:
+                pending.append(dist.isend(inputs[k].grad, dst=stage - 1, tag=m + k))
     for work in pending:
         work.wait()
-    loss = sum(o.detach() for o in outputs) if module.last else None
+    loss = sum(outputs[k].detach() for k in range(m)) if module.last else None
     return loss, events
 
 
@@ -254,6 +311,8 @@ class Spec:
     lr: float = 1e-3
     dtype: str = "float32"
     seed: int = 0
+    # the schedule of each number of micro-batches, str(m) -> ticks (exercise 11.2); None: gpipe_schedule
+    schedules: dict[str, list[list[Any]]] | None = None
 
     def __post_init__(self) -> None:
         self.micro_batches = tuple(self.micro_batches)
@@ -262,6 +321,15 @@ class Spec:
         for m in (*self.micro_batches, self.train_micro_batches):
             if isinstance(m, bool) or not isinstance(m, int) or m < 1 or self.batch % m:
                 raise ValueError(f"each number of micro-batches must divide the batch of {self.batch}, got {m!r}.")
+            if self.schedules is not None and str(m) not in self.schedules:
+                raise ValueError(f"schedules has no schedule for m = {m}: give one for every number of micro-batches "
+                                 f"the run uses ({sorted({*self.micro_batches, self.train_micro_batches})}).")
+        if self.schedules is not None:   # plain lists of ["F" or "B", int]: they travel to the ranks as JSON
+            self.schedules = {str(m): [[None if e is None else [str(e[0]), int(e[1])] for e in tick] for tick in ticks]
+                              for m, ticks in self.schedules.items()}
+
+    def schedule(self, m: int) -> list[list[Any]] | None:
+        return None if self.schedules is None else self.schedules[str(m)]
 
     def config(self) -> GPTConfig:
         return GPTConfig(vocab_size=self.vocab_size, context=self.context, d_model=self.d_model,
@@ -280,19 +348,28 @@ def _batch(spec: Spec, step: int, device: torch.device) -> tuple[torch.Tensor, t
 
 
 def _reference(spec: Spec, device: torch.device) -> tuple[GPT, float, dict[str, torch.Tensor]]:
-    """One process, whole batches: the first step's loss and gradients, then the weights after training."""
+    """One process, whole batches, through the course's loop: the first step's loss and gradients, then the
+    weights after training."""
+    from course_lib.parts.lm import lm_loss
+    from course_lib.parts.loop import LoopConfig, train
+
     model = _model(spec, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, foreach=False)
-    loss0, grads0 = None, None
-    for step in range(spec.train_steps):
-        x, y = _batch(spec, step, device)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    losses: list[torch.Tensor] = []
+    grads0: dict[str, torch.Tensor] = {}
+
+    def loss_fn(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        losses.append(lm_loss(module, batch))
+        return losses[-1]
+
+    def keep_first_gradients(step: int) -> None:   # after the step, before the loop zeroes the gradients
         if step == 0:
-            loss0, grads0 = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-        optimizer.step()
-    return model, loss0, grads0
+            grads0.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    config = LoopConfig(steps=spec.train_steps, lr=spec.lr, schedule="constant", grad_clip=None, amp="none",
+                        log_every=spec.train_steps, progress=False)
+    train(model, (_batch(spec, step, device) for step in range(spec.train_steps)), loss_fn, config,
+          optimizer=torch.optim.AdamW(model.parameters(), lr=spec.lr, foreach=False), on_step=keep_first_gradients)
+    return model, losses[0].item(), grads0
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:
@@ -317,7 +394,8 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
     for step in range(spec.train_steps):
         x, y = _batch(spec, step, device)
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = gpipe_step(module, x, y, spec.train_micro_batches, stage, p, spec.d_model)
+        loss, _ = gpipe_step(module, x, y, spec.train_micro_batches, stage, p, spec.d_model,
+                             spec.schedule(spec.train_micro_batches))
         if step == 0:
             gaps = {n: (q.grad - ref_grads[global_name(n, stage, p, spec.n_layer)]).abs().max().item()
                     for n, q in module.named_parameters()}
@@ -349,7 +427,7 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
         for step in range(spec.timed_steps + 1):           # the first run of each m is a warm-up
             module.zero_grad(set_to_none=True)
             dist.barrier()
-            _, events = gpipe_step(module, x, y, m, stage, p, spec.d_model)
+            _, events = gpipe_step(module, x, y, m, stage, p, spec.d_model, spec.schedule(m))
             if step:
                 timelines[str(m)].append(events)
     return dict(

@@ -19,13 +19,19 @@ The paper's two operators, as autograd functions:
     g: all-reduce forward, identity backward   (where the partial outputs are summed)
 
 So one block costs 2 all-reduces in the forward pass (g after attention, g after the MLP) and 2 in the
-backward pass (the two f's), each of B·T·d numbers.
+backward pass (the two f's), each of B·T·d numbers. Students write f, g and the split MLP themselves, as a
+script run on two processes (exercise 11.1, reference: course_lib/distributed/megatron_mlp.py); the lesson's
+block then runs on the f, g and ParallelMLP of that script (:func:`load_operators`, ``Spec.script``).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -37,7 +43,8 @@ from course_lib.parts.model import Block, CausalSelfAttention, GPTConfig, MLP
 from course_lib.tools.timing import Stopwatch
 
 __all__ = ["Spec", "head_rows", "shard_qkv", "plain_chunk", "f", "g", "TensorParallelAttention",
-           "TensorParallelMLP", "TensorParallelBlock", "shard_block", "shard_of", "comm_counts", "worker"]
+           "TensorParallelMLP", "TensorParallelBlock", "shard_block", "shard_of", "comm_counts", "worker",
+           "mlp_arguments", "mlp_case", "save_shards", "save_results", "load_operators"]
 
 
 def _check_split(n: int, world: int, what: str) -> None:
@@ -122,12 +129,15 @@ class TensorParallelAttention(nn.Module):
     """
 
     def __init__(self, attn: CausalSelfAttention, rank: int, world: int, group: Any = None,
-                 split: str = "heads") -> None:
+                 split: str = "heads", operators: ModuleType | None = None) -> None:
         super().__init__()
         if split not in ("heads", "plain"):
             raise ValueError(f"split must be 'heads' or 'plain', got {split!r}.")
         _check_split(attn.n_head, world, "n_head")
         self.group, self.n_local = group, attn.n_head // world
+        # Megatron's f and g: the course's, or those of a script written in exercise 11.1 (default group only)
+        self.f = operators.CopyToRanks.apply if operators else (lambda x: f(x, group))
+        self.g = operators.SumOverRanks.apply if operators else (lambda x: g(x, group))
         self.d_head = attn.d_model // attn.n_head
         cut = (lambda t: shard_qkv(t, attn.n_head, rank, world)) if split == "heads" else \
             (lambda t: plain_chunk(t, rank, world))
@@ -143,12 +153,12 @@ class TensorParallelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        x = f(x, self.group)
+        x = self.f(x)
         q, k, v = self.qkv(x).split(self.n_local * self.d_head, dim=2)
         q, k, v = (t.view(B, T, self.n_local, self.d_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_local * self.d_head)
-        z = g(F.linear(y, self.proj.weight), self.group)
+        z = self.g(F.linear(y, self.proj.weight))
         return z + self.proj.bias if self.proj.bias is not None else z
 
 
@@ -178,20 +188,35 @@ class TensorParallelMLP(nn.Module):
 class TensorParallelBlock(nn.Module):
     """A pre-LN block whose attention and MLP are split; LayerNorms and residuals run on every rank."""
 
-    def __init__(self, block: Block, rank: int, world: int, group: Any = None, split: str = "heads") -> None:
+    def __init__(self, block: Block, rank: int, world: int, group: Any = None, split: str = "heads",
+                 operators: ModuleType | None = None) -> None:
         super().__init__()
         self.ln_1, self.ln_2 = copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2)
-        self.attn = TensorParallelAttention(block.attn, rank, world, group, split)
-        self.mlp = TensorParallelMLP(block.mlp, rank, world, group)
+        self.attn = TensorParallelAttention(block.attn, rank, world, group, split, operators)
+        self.mlp = _student_mlp(operators, block.mlp, rank, world) if operators else \
+            TensorParallelMLP(block.mlp, rank, world, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
-def shard_block(block: Block, rank: int, world: int, group: Any = None, split: str = "heads") -> TensorParallelBlock:
-    """Rank ``rank``'s :class:`TensorParallelBlock` of ``block`` (same weights, 1/W of each matrix)."""
-    return TensorParallelBlock(block, rank, world, group, split)
+def _student_mlp(operators: ModuleType, mlp: MLP, rank: int, world: int) -> nn.Module:
+    """A script's ParallelMLP of ``mlp``, its new layers made in ``mlp``'s dtype and moved to its device."""
+    weight = mlp.fc.weight
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(weight.dtype)
+    try:
+        return operators.ParallelMLP(mlp, rank, world).to(weight.device)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def shard_block(block: Block, rank: int, world: int, group: Any = None, split: str = "heads",
+                operators: ModuleType | None = None) -> TensorParallelBlock:
+    """Rank ``rank``'s :class:`TensorParallelBlock` of ``block`` (same weights, 1/W of each matrix); with
+    ``operators`` (:func:`load_operators`), its f, g and MLP are those of a script written in exercise 11.1."""
+    return TensorParallelBlock(block, rank, world, group, split, operators)
 
 
 def shard_of(name: str, full: torch.Tensor, n_head: int, rank: int, world: int) -> torch.Tensor:
@@ -227,6 +252,7 @@ class Spec:
     dtype: str = "float32"
     seed: int = 0
     repeats: int = 5
+    script: str = ""      # a script of exercise 11.1 whose f, g and ParallelMLP the block uses ("": the course's)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float64"):
@@ -288,7 +314,7 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
     y_ref = block(x_ref)
     y_ref.backward(dy)
 
-    tp = shard_block(block, rank, world)
+    tp = shard_block(block, rank, world, operators=load_operators(spec.script) if spec.script else None)
     x_tp = x.clone().requires_grad_()
     with CommDebugMode() as forward_mode:
         y = tp(x_tp)
@@ -319,3 +345,62 @@ def worker(spec: Spec, rank: int, world: int, device: torch.device) -> dict[str,
         all_reduce_numel=activation.numel(),
     )
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise 11.1's script: Megatron's f and g and the split MLP, run on two processes
+# ------------------------------------------------------------------------------------------------
+
+
+def mlp_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """What the script of exercise 11.1 reads from its command line: ``--out`` and the MLP's size."""
+    parser = argparse.ArgumentParser(description="Megatron's MLP on several processes (exercise 11.1).")
+    parser.add_argument("--out", required=True, type=Path, help="folder for what every rank writes")
+    parser.add_argument("--d-model", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def mlp_case(args: argparse.Namespace) -> tuple[MLP, torch.Tensor, torch.Tensor]:
+    """The course's whole MLP (d → 4d → GeLU → d, with biases), an input x and an output gradient dy, drawn from
+    the seed: the same on every rank, and in the check that compares with them."""
+    torch.manual_seed(args.seed)
+    mlp = MLP(GPTConfig(vocab_size=2, context=args.tokens, n_layer=1, n_head=1, d_model=args.d_model, bias=True))
+    x = torch.randn(args.batch, args.tokens, args.d_model)
+    return mlp, x, torch.randn(args.batch, args.tokens, args.d_model)
+
+
+def save_shards(out: str | Path, rank: int, module: nn.Module) -> None:
+    """What the rank holds before it runs (``shards_rank{rank}.safetensors``): every parameter by name."""
+    from safetensors.torch import save_file
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in module.named_parameters()},
+              str(Path(out) / f"shards_rank{rank}.safetensors"))
+
+
+def save_results(out: str | Path, rank: int, module: nn.Module, y: torch.Tensor, x_grad: torch.Tensor | None) -> None:
+    """The rank's output, the gradient of its input, and its parameters' gradients (``results_rank{rank}``)."""
+    from safetensors.torch import save_file
+
+    tensors = {"y": y.detach(), **{f"grad.{n}": p.grad for n, p in module.named_parameters() if p.grad is not None}}
+    if x_grad is not None:
+        tensors["x_grad"] = x_grad
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(out) / f"results_rank{rank}.safetensors"))
+
+
+def load_operators(script: str | Path) -> ModuleType:
+    """The f (``CopyToRanks``), g (``SumOverRanks``) and ``ParallelMLP`` of a script of exercise 11.1, imported from
+    its file (its ``if __name__ == "__main__":`` part does not run)."""
+    path = Path(script)
+    if not path.is_file():
+        raise FileNotFoundError(f"no script at {path}: write it first (the %%writefile cell of exercise 11.1).")
+    spec = importlib.util.spec_from_file_location(f"megatron_operators_{abs(hash(str(path.resolve())))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = [name for name in ("CopyToRanks", "SumOverRanks", "ParallelMLP") if not hasattr(module, name)]
+    if missing:
+        raise ValueError(f"{path.name} defines no {missing[0]}: keep the names of the exercise's template.")
+    return module
