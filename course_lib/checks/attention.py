@@ -169,7 +169,7 @@ def check_causal_mask(fn: Callable[[int], torch.Tensor]) -> None:
             continue
         wrong = {
             "it is upper-triangular; row i is query i and column j is key j, and query i may attend to keys "
-            "j <= i, which is the lower triangle (tril)": expected.T.clone(),
+            "j <= i only": expected.T.clone(),
             "it excludes the diagonal; a position may attend to itself (use tril(), not tril(-1))":
                 expected.tril(-1),
             "it is inverted; True must mean 'may attend', so the allowed keys j <= i must be True":
