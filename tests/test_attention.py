@@ -255,3 +255,36 @@ def test_attention_backward_matches_autograd_in_float64(case):
     if mask is not None:   # a key no query may see gets no gradient
         unseen = ~mask.expand(2, 3, 6, 6).any(dim=-2)
         assert torch.all(ours[1][unseen] == 0) and torch.all(ours[2][unseen] == 0)
+
+
+def test_multihead_runs_the_attention_it_is_given():
+    # notebook 01 runs MultiHeadAttention on the student's attention (exercise 01.3)
+    calls = []
+
+    def fused(q, k, v, mask=None):
+        calls.append(tuple(q.shape))
+        weights = torch.softmax((q @ k.mT / math.sqrt(q.shape[-1])).masked_fill(~mask, -math.inf), -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), weights
+
+    torch.manual_seed(2)
+    default = MultiHeadAttention(16, 4)
+    given = MultiHeadAttention(16, 4, attend=fused)
+    given.load_state_dict(default.state_dict())
+    x = _rand(2, 5, 16, seed=23)
+    torch.testing.assert_close(given(x, causal_mask(5)), default(x, causal_mask(5)), atol=ATOL, rtol=RTOL)
+    assert calls == [(2, 4, 5, 4)]                       # one call, the heads an axis of the batch
+    torch_mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    assert MultiHeadAttention.from_torch(torch_mha, attend=fused).attend is fused
+    with pytest.raises(TypeError, match="must be an attention function"):
+        MultiHeadAttention(16, 4, attend="softmax")
+    with pytest.raises(TypeError, match="must return a pair \\(out, weights\\)"):
+        MultiHeadAttention(16, 4, attend=lambda q, k, v, mask=None: q)(x)
+
+
+def test_masks_take_numpy_integers():
+    import numpy as np
+
+    assert torch.equal(causal_mask(np.int64(4)), causal_mask(4))
+    assert torch.equal(padding_mask(np.array([3, 1]), np.int64(4)), padding_mask([3, 1], 4))
+    with pytest.raises(ValueError, match="positive int"):
+        causal_mask(np.float64(4.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,22 @@ def softmax_via_logsumexp(z, dim=-1):
     return (z - torch.logsumexp(z, dim=dim, keepdim=True)).exp()
 
 
+def softmax_moved_axis(z, dim=-1):
+    moved = z.movedim(dim, -1)
+    e = (moved - torch.max(moved, dim=-1, keepdim=True)[0]).exp()
+    return (e / e.sum(-1, keepdim=True)).movedim(-1, dim)
+
+
+def softmax_in_numpy(z, dim=-1):
+    e = np.exp(z.numpy() - z.numpy().max(axis=dim, keepdims=True))
+    return torch.from_numpy(e / e.sum(axis=dim, keepdims=True))
+
+
 @pytest.mark.parametrize("fn", [
     softmax_manual,
     softmax_via_logsumexp,
+    softmax_moved_axis,
+    softmax_in_numpy,
     lambda z, dim=-1: torch.softmax(z, dim=dim),
     lambda z, dim=-1: F.softmax(z, dim),
 ])
@@ -146,6 +160,9 @@ def test_check_softmax_stub_and_crash():
     lambda T: torch.tril(torch.ones(T, T)).bool(),
     lambda T: torch.arange(T)[:, None] >= torch.arange(T)[None, :],
     lambda T: ~torch.ones(T, T, dtype=torch.bool).triu(1),
+    lambda T: torch.from_numpy(np.tril(np.ones((T, T), dtype=bool))),
+    lambda T: torch.tensor([[j <= i for j in range(T)] for i in range(T)]),
+    lambda T: torch.ones(T, T).tril() == 1,
 ])
 def test_check_causal_mask_accepts(fn, capsys):
     checks.check_causal_mask(fn)
@@ -194,7 +211,37 @@ def attention_with_torch_sdpa(q, k, v, mask=None):
     return out, F.softmax(scores, dim=-1)
 
 
-@pytest.mark.parametrize("fn", [attention_manual, attention_big_negative, attention_with_torch_sdpa])
+def attention_filled_with(fill, *, scale=math.sqrt, additive=False):
+    """A right attention whose masked scores get ``fill(scores)`` (any value far enough below the rest)."""
+
+    def attention(q, k, v, mask=None):
+        scores = q @ k.transpose(-2, -1) / scale(q.shape[-1])
+        if mask is not None:
+            blocked = torch.zeros_like(scores).masked_fill(~mask, fill(scores))
+            scores = scores + blocked if additive else scores.masked_fill(~mask, fill(scores))
+        weights = torch.softmax(scores, dim=-1)
+        return weights @ v, weights
+
+    return attention
+
+
+RIGHT_ATTENTIONS = {
+    "-inf": attention_manual,
+    "-1e9 with torch.where and einsum": attention_big_negative,
+    "F.scaled_dot_product_attention for out": attention_with_torch_sdpa,
+    "torch.finfo(dtype).min": attention_filled_with(lambda s: torch.finfo(s.dtype).min),
+    "float32's finfo.min on every dtype": attention_filled_with(lambda s: torch.finfo(torch.float32).min),
+    "-1e4": attention_filled_with(lambda s: -1e4),
+    "an additive 0 / finfo.min mask": attention_filled_with(lambda s: torch.finfo(s.dtype).min, additive=True),
+    "an additive 0 / -inf mask": attention_filled_with(lambda s: float("-inf"), additive=True),
+    "the scale as a float32 tensor, torch.tensor(d_k).sqrt()":
+        attention_filled_with(lambda s: float("-inf"), scale=lambda d: torch.tensor(d).sqrt()),
+    "the scale as a NumPy scalar, np.sqrt(d_k)": attention_filled_with(lambda s: -1e9, scale=np.sqrt),
+    "the scale as np.float32": attention_filled_with(lambda s: -1e9, scale=lambda d: np.float32(np.sqrt(d))),
+}
+
+
+@pytest.mark.parametrize("fn", RIGHT_ATTENTIONS.values(), ids=RIGHT_ATTENTIONS.keys())
 def test_check_attention_accepts(fn, capsys):
     checks.check_attention(fn)
     assert "check_attention passed" in capsys.readouterr().out
@@ -297,7 +344,37 @@ def backward_library(q, k, v, d_out, mask=None):
     return attention_backward(q, k, v, d_out, mask)
 
 
-@pytest.mark.parametrize("fn", [backward_manual, backward_jacobian_explicit])
+def backward_filled_with(fill, scale=math.sqrt):
+    """A right backward pass whose forward recomputation fills the masked scores with ``fill(scores)``."""
+
+    def attention_backward(q, k, v, d_out, mask=None):
+        scores = q @ k.mT / scale(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, fill(scores))
+        A = scores.softmax(-1)
+        dA = d_out @ v.mT
+        dS = A * (dA - (dA * A).sum(-1, keepdim=True))
+        return dS @ k / scale(q.shape[-1]), dS.mT @ q / scale(q.shape[-1]), A.mT @ d_out
+
+    return attention_backward
+
+
+def backward_flash_form(q, k, v, d_out, mask=None):
+    # FlashAttention's form of the softmax step: rowsum(dA ⊙ A) = rowsum(dO ⊙ O)
+    scale = q.shape[-1] ** -0.5
+    scores = (q @ k.mT * scale).masked_fill(~mask, float("-inf")) if mask is not None else q @ k.mT * scale
+    A = scores.softmax(-1)
+    dS = A * (d_out @ v.mT - (d_out * (A @ v)).sum(-1, keepdim=True))
+    return dS @ k * scale, dS.mT @ q * scale, A.mT @ d_out
+
+
+@pytest.mark.parametrize("fn", [
+    backward_manual, backward_jacobian_explicit, backward_flash_form,
+    backward_filled_with(lambda s: -1e9),
+    backward_filled_with(lambda s: torch.finfo(s.dtype).min),
+    backward_filled_with(lambda s: torch.finfo(torch.float32).min, scale=np.sqrt),
+    backward_filled_with(lambda s: float("-inf"), scale=lambda d: torch.tensor(d).sqrt()),
+])
 def test_check_attention_backward_accepts(fn, capsys):
     checks.check_attention_backward(fn)
     assert "check_attention_backward passed" in capsys.readouterr().out

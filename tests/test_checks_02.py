@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,14 @@ def grad_library(logits, targets):
     return cross_entropy_grad(logits, targets)
 
 
-@pytest.mark.parametrize("fn", [grad_manual, grad_builtins])
+@pytest.mark.parametrize("fn", [
+    grad_manual, grad_builtins,
+    lambda z, y: (torch.softmax(z, 1) - torch.eye(z.shape[1])[y]) / len(z),          # a float32 one-hot
+    lambda z, y: (torch.softmax(z, -1) - torch.zeros_like(z).scatter(1, y[:, None], 1.0)) / z.size(0),
+    lambda z, y: (torch.exp(z - torch.logsumexp(z, 1, keepdim=True)) - F.one_hot(y, z.shape[1])) / len(z),
+    lambda z, y: (torch.softmax(z, -1) - F.one_hot(y, z.shape[-1])) / np.int64(z.shape[0]),   # NumPy N
+    lambda z, y: (torch.softmax(z, -1) - F.one_hot(y, z.shape[-1])) * np.float64(1 / len(z)),
+])
 def test_cross_entropy_grad_accepts(fn, capsys):
     checks.check_cross_entropy_grad(fn)
     assert "✅ check_cross_entropy_grad passed" in capsys.readouterr().out
@@ -235,7 +243,33 @@ def ng_library(f, x, eps):
     return numerical_grad(f, x, eps)
 
 
-@pytest.mark.parametrize("fn", [ng_loop, ng_basis])
+def ng_ndindex(f, x, eps):
+    grad = torch.zeros_like(x)
+    for index in np.ndindex(*x.shape):
+        x_plus, x_minus = x.clone(), x.clone()
+        x_plus[index] += eps
+        x_minus[index] -= eps
+        grad[index] = (f(x_plus) - f(x_minus)) / 2 / eps
+    return grad
+
+
+def ng_numpy(f, x, eps):
+    # Python floats from f, a NumPy array of differences, turned into a tensor at the end
+    grad = np.zeros(x.shape)
+    for index in np.ndindex(*x.shape):
+        x_plus, x_minus = x.clone(), x.clone()
+        x_plus[index] += eps
+        x_minus[index] -= eps
+        grad[index] = (float(f(x_plus)) - float(f(x_minus))) / (2 * eps)
+    return torch.from_numpy(grad)
+
+
+def ng_stacked(f, x, eps):
+    steps = torch.eye(x.numel(), dtype=x.dtype) * eps
+    return torch.stack([(f(x + e.view_as(x)) - f(x - e.view_as(x))) / (2 * eps) for e in steps]).view_as(x)
+
+
+@pytest.mark.parametrize("fn", [ng_loop, ng_basis, ng_ndindex, ng_numpy, ng_stacked])
 def test_numerical_grad_accepts(fn, capsys):
     checks.check_numerical_grad(fn)
     assert "✅ check_numerical_grad passed" in capsys.readouterr().out

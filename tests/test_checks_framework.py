@@ -1,5 +1,6 @@
 """The check framework and the warm-up check of notebook 00: right answers pass, each wrong one is named."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,10 @@ CORRECT = {
     "torch built-in": lambda p, t: torch.nn.functional.mse_loss(p, t),
     "sum over numel": lambda p, t: ((p - t) ** 2).sum() / p.numel(),
     "float64 inside": lambda p, t: ((p.double() - t.double()) ** 2).mean().float(),
+    # one number is what is asked: a Python float or a NumPy scalar is as right as a 0-d tensor
+    "python float": lambda p, t: float(((p - t) ** 2).mean()),
+    "numpy scalar": lambda p, t: np.mean((p - t).numpy() ** 2),
+    "0-d numpy array": lambda p, t: np.asarray(((p - t) ** 2).mean().item()),
 }
 
 WRONG = {
@@ -24,7 +29,8 @@ WRONG = {
     "mae": (lambda p, t: (p - t).abs().mean(), "absolute errors"),
     "square of mean": (lambda p, t: (p - t).mean() ** 2, "squared the mean error"),
     "per-row mean": (lambda p, t: ((p - t) ** 2).mean(dim=-1), "one number"),
-    "python float": (lambda p, t: float(((p - t) ** 2).mean()), "should be a torch.Tensor"),
+    "a list": (lambda p, t: [float(((p - t) ** 2).mean())], "should be a torch.Tensor"),
+    "numpy sum": (lambda p, t: np.sum((p - t).numpy() ** 2), "summed the squared errors instead of averaging"),
     "off by a factor": (lambda p, t: 0.5 * ((p - t) ** 2).mean(), "differs from the reference"),
 }
 

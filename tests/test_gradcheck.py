@@ -128,3 +128,25 @@ def test_bad_input():
         numerical_grad(lambda t: t.sum(), x, method="backward")
     with pytest.raises(ValueError, match="shape of its input"):
         gradcheck(lambda t: t.sum(), x, torch.ones(4))
+
+
+def test_gradcheck_runs_the_central_differences_it_is_given():
+    # notebook 02 checks the cross-entropy gradient with the student's central differences (exercise 02.3)
+    import numpy as np
+
+    Z, Y = _x(3, 4, seed=9), torch.tensor([0, 3, 1])
+    calls = []
+
+    def mine(f, x, eps):
+        calls.append(eps)
+        return numerical_grad(f, x, eps)
+
+    result = gradcheck(lambda t: L.cross_entropy(t, Y), Z, lambda t: L.cross_entropy_grad(t, Y), numerical=mine)
+    assert result.passed and calls == [1e-6] and "central differences by mine" in str(result)
+    wrong = gradcheck(lambda t: L.cross_entropy(t, Y), Z, lambda t: L.cross_entropy_grad(t, Y),
+                      numerical=lambda f, x, eps: -numerical_grad(f, x, eps))
+    assert not wrong.passed
+    with pytest.raises(ValueError, match="must return a tensor of x's shape"):
+        gradcheck(lambda t: (t ** 2).sum(), Z, 2 * Z, numerical=lambda f, x, eps: x.sum())
+    # NumPy numbers where a number is expected: f's value and eps
+    assert gradcheck(lambda t: np.float32((t ** 2).sum().item()), Z, 2 * Z, tol=1e-2, eps=np.float64(1e-3))

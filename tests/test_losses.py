@@ -221,6 +221,14 @@ def test_perplexity_of_uniform_guess_is_vocab_size(vocab):
     assert L.perplexity(ce.item()) == pytest.approx(vocab, rel=1e-12)
 
 
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    assert L.perplexity(np.float32(math.log(10))) == pytest.approx(10, rel=1e-6)
+    assert L.perplexity(np.float64(0.0)) == 1.0
+    torch.testing.assert_close(L.one_hot(torch.tensor([2, 0]), np.int64(3)), F.one_hot(torch.tensor([2, 0]), 3).float())
+
+
 def test_perplexity_bad_input():
     with pytest.raises(ValueError, match="never negative"):
         L.perplexity(-0.5)

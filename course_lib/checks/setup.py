@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from course_lib.checks.framework import (
@@ -23,7 +25,8 @@ register_hint("00.1",
 
 @exercise("00.1", points=1)
 def check_mse(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-    """Warm-up: ``fn(pred, target)`` returns the mean squared error, a 0-d tensor."""
+    """Warm-up: ``fn(pred, target)`` returns the mean squared error: one number (a 0-d tensor, or a Python or
+    NumPy number)."""
     __tracebackhide__ = True
     generator = torch.Generator().manual_seed(0)
     cases = {
@@ -34,6 +37,11 @@ def check_mse(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
     for case, (pred, target) in cases.items():
         result = call_student(fn, pred.clone(), target.clone(), case=case)
         expected = ((pred - target) ** 2).mean()
+        # one number is what is asked: a Python or NumPy number (np.mean(...)) is as good as a 0-d tensor
+        if isinstance(result, np.ndarray) and result.ndim == 0:
+            result = result.item()
+        if isinstance(result, numbers.Real) and not isinstance(result, bool):
+            result = torch.tensor(float(result), dtype=torch.float64)
         result = require_tensor(result, "your mse")
         if result.dim() != 0:
             fail(f"your mse returns shape {tuple(result.shape)} on {case}; it should return one number "

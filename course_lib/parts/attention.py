@@ -22,7 +22,8 @@ never NaN, and its gradient is zero too. (Recent PyTorch versions do the same in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -136,10 +137,16 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out:
     return dS @ k * scale, dS.transpose(-2, -1) @ q * scale, dV
 
 
+def _positive_int(T: object, what: str) -> int:
+    # NumPy integers (np.int64 from an array's shape or len) are ints too
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:
+        raise ValueError(f"T must be a positive int ({what}), but it is {T!r}.")
+    return int(T)
+
+
 def causal_mask(T: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The (T, T) bool mask in which query i may attend to keys 0..i: lower-triangular True."""
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be a positive int (the sequence length), but it is {T!r}.")
+    T = _positive_int(T, "the sequence length")
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
@@ -155,8 +162,7 @@ def padding_mask(lengths: Sequence[int] | torch.Tensor, T: int,
     if lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be a 1-D sequence of ints (one length per sequence), but it "
                          f"has shape {tuple(lengths.shape)} and dtype {lengths.dtype}.")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be a positive int (the padded sequence length), but it is {T!r}.")
+    T = _positive_int(T, "the padded sequence length")
     if len(lengths) and (lengths.min() < 0 or lengths.max() > T):
         raise ValueError(f"every length must lie in 0..T={T}, but lengths are {lengths.tolist()}.")
     positions = torch.arange(T, device=lengths.device)
@@ -180,13 +186,22 @@ class MultiHeadAttention(nn.Module):
         out = merged W_oᵀ
 
     Splitting and merging are only reshapes: no parameters, no arithmetic.
+
+    ``attend`` is the attention the heads run, ``attend(q, k, v, mask) -> (out, weights)`` on tensors of
+    shape (B, n_head, T, d_head); by default :func:`scaled_dot_product_attention`. Notebook 01 passes the
+    student's own attention (exercise 01.3) here, so that the module runs on their code.
     """
 
-    def __init__(self, d_model: int, n_head: int, bias: bool = True) -> None:
+    def __init__(self, d_model: int, n_head: int, bias: bool = True,
+                 attend: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         super().__init__()
         if d_model < 1 or n_head < 1 or d_model % n_head:
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_head ({n_head}) so "
                              f"that every head gets d_model / n_head dimensions.")
+        if attend is not None and not callable(attend):
+            raise TypeError(f"attend must be an attention function attend(q, k, v, mask) -> (out, weights), "
+                            f"but it is a {type(attend).__name__}.")
+        self.attend = attend or scaled_dot_product_attention
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
         self.W_q = nn.Linear(d_model, d_model, bias=bias)
         self.W_k = nn.Linear(d_model, d_model, bias=bias)
@@ -225,7 +240,11 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.W_q(x))
         k = self.split_heads(self.W_k(x))
         v = self.split_heads(self.W_v(x))
-        heads, weights = scaled_dot_product_attention(q, k, v, mask)
+        result = self.attend(q, k, v, mask)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise TypeError(f"the attention function {getattr(self.attend, '__name__', self.attend)!r} must "
+                            f"return a pair (out, weights), but it returned a {type(result).__name__}.")
+        heads, weights = result
         out = self.W_o(self.merge_heads(heads))
         return (out, weights) if return_weights else out
 
@@ -260,8 +279,10 @@ class MultiHeadAttention(nn.Module):
         return self
 
     @classmethod
-    def from_torch(cls, reference: nn.MultiheadAttention) -> MultiHeadAttention:
+    def from_torch(cls, reference: nn.MultiheadAttention,
+                   attend: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> MultiHeadAttention:
         """A new module holding the weights of ``reference`` (see :meth:`load_from_torch`)."""
-        module = cls(reference.embed_dim, reference.num_heads, bias=reference.in_proj_bias is not None)
+        module = cls(reference.embed_dim, reference.num_heads, bias=reference.in_proj_bias is not None,
+                     attend=attend)
         module = module.to(device=reference.out_proj.weight.device, dtype=reference.out_proj.weight.dtype)
         return module.load_from_torch(reference)

@@ -15,6 +15,7 @@ logits of size 1000 give finite answers (``exp(1000)`` is ``inf`` in every float
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -123,8 +124,9 @@ def log_softmax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def one_hot(targets: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows of zeros with a 1 at each target: shape ``(N, num_classes)``."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, but is {num_classes!r}.")
+    num_classes = int(num_classes)  # a NumPy integer (from an array's shape) is fine
     n = targets.shape[0] if isinstance(targets, torch.Tensor) and targets.dim() >= 1 else 1
     _, y = _logits_and_targets(torch.empty(n, num_classes, dtype=dtype), targets)
     return torch.zeros(n, num_classes, dtype=dtype, device=y.device).scatter_(1, y.unsqueeze(1), 1.0)
@@ -249,9 +251,11 @@ def perplexity(mean_ce: float | torch.Tensor) -> float | torch.Tensor:
             raise ValueError("a cross-entropy is never negative; did you pass a log-likelihood "
                              "(which is minus the cross-entropy)?")
         return torch.exp(mean_ce)
-    if isinstance(mean_ce, bool) or not isinstance(mean_ce, (int, float)):
+    # NumPy scalars (np.float32 from an array's .mean()) are numbers too
+    if isinstance(mean_ce, bool) or not isinstance(mean_ce, numbers.Real):
         raise TypeError(f"perplexity takes the mean cross-entropy as a number or tensor, not a "
                         f"{type(mean_ce).__name__}.")
+    mean_ce = float(mean_ce)
     if mean_ce < 0:
         raise ValueError("a cross-entropy is never negative; did you pass a log-likelihood "
                          "(which is minus the cross-entropy)?")
