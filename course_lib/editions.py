@@ -19,7 +19,9 @@ the exercise's first line states its points (``# Exercise 01.1 (1 point): ...``,
 check is registered with in ``course_lib.checks``), the exercise cell loses its outputs, and the check
 cell gets the friendly error the student will see as its stored output, plus nbval's ``raises-exception``
 tag, so that nbval proves that exactly this error, and no other, comes out. Everything else is copied
-unchanged: exercises are leaves, so the rest of the notebook runs the same in both editions.
+unchanged: a cell that builds on an exercise calls ``checks.yours_or_reference``, which falls back to the
+course's reference (saying so in one line) while the exercise is a stub, so the rest of the notebook runs in
+both editions.
 
 ``python -m course_lib.editions grading`` writes the same notebooks as an nbgrader *source*
 (``grading/source/NN_name/NN_name.ipynb``, see ``course_lib/grading.py``): the solution edition with the
