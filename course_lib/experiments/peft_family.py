@@ -107,4 +107,5 @@ def versus_full(results: dict[str, Any]) -> dict[str, Comparison]:
                          "peft_family`.")
     reference = results.get("reference", REFERENCE)
     right = {m: np.asarray(row["test_correct_by_seed"], dtype=float) for m, row in methods.items()}
-    return {m: compare(right[m], right[reference], a=m, b=reference) for m in methods if m != reference}
+    order = [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]  # a record sorts its keys
+    return {m: compare(right[m], right[reference], a=m, b=reference) for m in order if m != reference}
