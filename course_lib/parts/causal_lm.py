@@ -174,7 +174,7 @@ def draw_tokens(tokenizer: Any, ids: Sequence[int], labels: Sequence[int] | None
         else:
             face = "#f3f3f3" if labels[position] == IGNORE else "#fd8d3c"
         ax.add_patch(Rectangle((col, -row - 0.9), 0.95, 0.8, fc=face, ec="#555555", lw=0.6))
-        ax.text(col + 0.475, -row - 0.5, text[:9], ha="center", va="center", fontsize=7.5,
+        ax.text(col + 0.475, -row - 0.5, text[:11], ha="center", va="center", fontsize=7,
                 color="white" if labels is None and turns[position] == "special" else "black")
     if labels is None:
         legend = [Patch(fc=c, ec="#555555", label=name) for name, c in TURN_COLORS.items()]
@@ -195,6 +195,32 @@ def draw_tokens(tokenizer: Any, ids: Sequence[int], labels: Sequence[int] | None
     for side in ax.spines.values():
         side.set_visible(False)
     ax.set_title(title or f"{len(ids)} tokens" + (f", from position {first}" if first else ""), pad=28)
+    return ax
+
+
+def draw_answers(replies: dict[str, Sequence[str]], labels: Sequence[int], *, ax: Any = None,
+                 title: str | None = None) -> Any:
+    """One bar per method: on how many test snippets it answered positive, negative, or nothing valid, with
+    the number of truly positive snippets marked. A one-colour bar is a method that did not read the snippets."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.55 * len(replies) + 1.5))
+    names = list(replies)
+    left = [0] * len(names)
+    kinds = (("answered positive", 1, "#fd8d3c"), ("answered negative", 0, "#6baed6"),
+             ("no valid answer", None, "#d9d9d9"))
+    for what, value, color in kinds:
+        counts = [[parse(reply) for reply in replies[name]].count(value) for name in names]
+        ax.barh(names, counts, left=left, color=color, edgecolor="white", label=what)
+        left = [a + b for a, b in zip(left, counts)]
+    ax.axvline(sum(labels), color="black", ls="--", lw=1, label=f"truly positive: {sum(labels)}")
+    ax.set_xlim(0, len(labels))
+    ax.invert_yaxis()
+    ax.set_xlabel("test snippets (count)")
+    ax.set_ylabel("method")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(title or f"What each method answered on {len(labels)} test snippets")
     return ax
 
 
