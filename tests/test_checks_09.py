@@ -94,6 +94,12 @@ def render_default_unless_any_system(messages, add_generation_prompt=True):
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
+def render_drops_later_system_messages(messages, add_generation_prompt=True):
+    """Keeps a system message only in first place (the template renders every message it is given)."""
+    kept = [m for k, m in enumerate(messages) if k == 0 or m["role"] != "system"]
+    return render_right(kept, add_generation_prompt)
+
+
 def render_end_marker_typo(messages, add_generation_prompt=True):
     return render_right(messages, add_generation_prompt).replace("<|im_end|>", "<|end|>")
 
@@ -114,6 +120,7 @@ def test_render_chat_accepts(fn, tokenizer, capsys):
     (render_mutates, "changed the messages"),
     (render_end_marker_typo, "differs from the chat template's"),
     (render_default_unless_any_system, "a system message later in the chat does not count"),
+    (render_drops_later_system_messages, "differs from the chat template's"),
 ])
 def test_render_chat_refuses(fn, phrase, tokenizer):
     refused(checks.check_render_chat, fn, tokenizer, phrase=phrase)
