@@ -44,7 +44,22 @@ def nf4_library(w, block_size=64):
     return quantize_nf4(w, block_size)
 
 
-@pytest.mark.parametrize("fn", [nf4_argmin, nf4_midpoints])
+def nf4_numpy(w, block_size=64):  # all in NumPy: uint8 codes and float32 constants as arrays
+    import numpy as np
+
+    blocks = w.detach().double().numpy().reshape(-1, block_size)
+    absmax = np.abs(blocks).max(axis=1)
+    scaled = blocks / np.where(absmax > 0, absmax, 1.0)[:, None]
+    codes = np.abs(scaled[..., None] - NF4_CODEBOOK.double().numpy()).argmin(-1).astype(np.uint8)
+    return codes.reshape(tuple(w.shape)), absmax.astype(np.float32)
+
+
+def nf4_absmax_kept_as_a_column(w, block_size=64):
+    codes, absmax = nf4_argmin(w, block_size)
+    return codes, absmax[:, None]
+
+
+@pytest.mark.parametrize("fn", [nf4_argmin, nf4_midpoints, nf4_numpy, nf4_absmax_kept_as_a_column])
 def test_quantize_nf4_accepts_correct(fn, capsys):
     checks.check_quantize_nf4(fn)
     assert "check_quantize_nf4 passed" in capsys.readouterr().out
@@ -204,7 +219,15 @@ def phi_projection(A1, A2, i, j):  # trace of the product of the two projections
     return torch.trace((V1.T @ V1) @ (V2.T @ V2)) / min(i, j)
 
 
-@pytest.mark.parametrize("fn", [phi_svd, phi_numpy, phi_projection])
+def phi_numpy_scalar(A1, A2, i, j):  # a NumPy float64, not a Python float
+    import numpy as np
+
+    V1 = np.linalg.svd(A1.double().numpy(), full_matrices=False)[2][:i]
+    V2 = np.linalg.svd(A2.double().numpy(), full_matrices=False)[2][:j]
+    return np.square(V1 @ V2.T).sum() / min(i, j)
+
+
+@pytest.mark.parametrize("fn", [phi_svd, phi_numpy, phi_projection, phi_numpy_scalar])
 def test_subspace_similarity_accepts_correct(fn, capsys):
     checks.check_subspace_similarity(fn)
     assert "check_subspace_similarity passed" in capsys.readouterr().out

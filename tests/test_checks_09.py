@@ -86,6 +86,20 @@ def render_mutates(messages, add_generation_prompt=True):
     return render_right(messages, add_generation_prompt)
 
 
+def render_default_unless_any_system(messages, add_generation_prompt=True):
+    """Adds the default system message only when no message at all is a system message."""
+    text = "" if any(m["role"] == "system" for m in messages) else DEFAULT
+    for m in messages:
+        text += "<|im_start|>" + m["role"] + "\n" + m["content"] + "<|im_end|>\n"
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def render_drops_later_system_messages(messages, add_generation_prompt=True):
+    """Keeps a system message only in first place (the template renders every message it is given)."""
+    kept = [m for k, m in enumerate(messages) if k == 0 or m["role"] != "system"]
+    return render_right(kept, add_generation_prompt)
+
+
 def render_end_marker_typo(messages, add_generation_prompt=True):
     return render_right(messages, add_generation_prompt).replace("<|im_end|>", "<|end|>")
 
@@ -105,6 +119,8 @@ def test_render_chat_accepts(fn, tokenizer, capsys):
     (render_space_not_newline, "newlines differ"),
     (render_mutates, "changed the messages"),
     (render_end_marker_typo, "differs from the chat template's"),
+    (render_default_unless_any_system, "a system message later in the chat does not count"),
+    (render_drops_later_system_messages, "differs from the chat template's"),
 ])
 def test_render_chat_refuses(fn, phrase, tokenizer):
     refused(checks.check_render_chat, fn, tokenizer, phrase=phrase)
@@ -147,6 +163,40 @@ def encode_right(tokenizer, text, label):
 def encode_tensors(tokenizer, text, label):
     ids, labels = encode_right(tokenizer, text, label)
     return torch.tensor(ids), torch.tensor(labels)
+
+
+def encode_numpy(tokenizer, text, label):
+    import numpy as np
+
+    ids, labels = encode_right(tokenizer, text, label)
+    return np.array(ids), [np.int64(v) for v in labels]
+
+
+def _whole_chat(tokenizer, text, label):
+    """The template of the whole chat, the answer as the assistant's message: it ends with '<|im_end|>\n'."""
+    messages = chat(text) + [{"role": "assistant", "content": answer(label)}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=False)["input_ids"]), prompt_ids(
+        tokenizer, text)
+
+
+def encode_whole_chat(tokenizer, text, label):
+    ids, prompt = _whole_chat(tokenizer, text, label)
+    return ids, [-100] * len(prompt) + ids[len(prompt):]
+
+
+def encode_whole_chat_newline_masked(tokenizer, text, label):
+    ids, prompt = _whole_chat(tokenizer, text, label)
+    return ids, [-100] * len(prompt) + ids[len(prompt):-1] + [-100]
+
+
+def encode_whole_chat_unmasked(tokenizer, text, label):
+    ids, _ = _whole_chat(tokenizer, text, label)
+    return ids, list(ids)
+
+
+def encode_whole_chat_shifted(tokenizer, text, label):
+    ids, labels = encode_whole_chat(tokenizer, text, label)
+    return ids, labels[1:] + [-100]
 
 
 def encode_labels_are_ids(tokenizer, text, label):
@@ -202,7 +252,8 @@ def encode_batch_dim(tokenizer, text, label):
     return torch.tensor([ids]), torch.tensor([labels])
 
 
-@pytest.mark.parametrize("fn", [encode_right, encode_tensors])
+@pytest.mark.parametrize("fn", [encode_right, encode_tensors, encode_numpy, encode_whole_chat,
+                                encode_whole_chat_newline_masked])
 def test_prompt_masking_accepts(fn, tokenizer, capsys):
     checks.check_prompt_masking(fn, tokenizer)
     assert "✅ check_prompt_masking passed" in capsys.readouterr().out
@@ -219,6 +270,8 @@ def test_prompt_masking_accepts(fn, tokenizer, capsys):
     (encode_only_prompt, "only the prompt"),
     (encode_length_mismatch, "different lengths"),
     (encode_batch_dim, "one flat sequence"),
+    (encode_whole_chat_unmasked, "your labels are the input ids"),
+    (encode_whole_chat_shifted, "shifted by one"),
 ])
 def test_prompt_masking_refuses(fn, phrase, tokenizer):
     refused(checks.check_prompt_masking, fn, tokenizer, phrase=phrase)
@@ -258,7 +311,23 @@ def _variant(**change):
     return count
 
 
-@pytest.mark.parametrize("fn", [count_right, count_by_building])
+def count_numpy(config, r, targets):
+    import numpy as np
+
+    return np.int64(count_right(config, r, targets))
+
+
+def count_numpy_float(config, r, targets):
+    import numpy as np
+
+    return np.float64(count_right(config, r, targets))
+
+
+def count_tensor(config, r, targets):
+    return torch.tensor(count_right(config, r, targets))
+
+
+@pytest.mark.parametrize("fn", [count_right, count_by_building, count_numpy, count_numpy_float, count_tensor])
 def test_lora_param_count_accepts(fn, capsys):
     checks.check_lora_param_count(fn)
     assert "✅ check_lora_param_count passed" in capsys.readouterr().out
@@ -272,6 +341,8 @@ def test_lora_param_count_accepts(fn, capsys):
     (_variant(all_targets=True), "not only the targets"),
     (lambda config, r, targets: count_right(config, r, targets) + 1, "LoRA parameters"),
     (lambda config, r, targets: str(count_right(config, r, targets)), "return a number"),
+    (lambda config, r, targets: torch.full((len(targets),), count_right(config, r, targets) / len(targets)),
+     "return one number"),
 ])
 def test_lora_param_count_refuses(fn, phrase):
     refused(checks.check_lora_param_count, fn, phrase=phrase)

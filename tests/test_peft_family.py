@@ -6,6 +6,7 @@ A small random BERT (same architecture as MiniLM, 2 layers of width 32) keeps th
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -202,9 +203,10 @@ def test_build_knows_every_method_and_refuses_others(encoder):
     assert all(len(lrs) >= 2 for lrs in pf.METHODS.values())
 
 
-def test_experiment_records_choices_and_paired_intervals(monkeypatch, encoder):
+def test_experiment_records_choices_per_seed_correctness_and_comparisons(monkeypatch, encoder):
     """The experiment's bookkeeping, with the cheapest method twice and a tiny data set."""
     from course_lib.experiments import peft_family as px
+    from course_lib.experiments.stats import compare
     from course_lib.tools.profiles import get_profile
 
     small = {"text": [f"w{i}" for i in range(16)], "label": [0, 1] * 8}
@@ -214,13 +216,30 @@ def test_experiment_records_choices_and_paired_intervals(monkeypatch, encoder):
     monkeypatch.setattr(finetune, "_length_sorted_batches",
                         lambda tok, texts, bs, ml: iter([(list(range(len(texts))), tok(texts, return_tensors="pt"))]))
     result = px.experiment(get_profile("ci"), seeds=2)
-    probe = result["methods"]["linear probe"]
+    probe, full = result["methods"]["linear probe"], result["methods"]["full fine-tuning"]
     assert set(probe["validation_accuracy_by_lr"]) == {"0.001", "0.01"} and probe["lr"] in (1e-3, 1e-2)
     assert len(probe["test_accuracy_by_seed"]) == 2
     assert np.isclose(probe["test_accuracy"], np.mean(probe["test_accuracy_by_seed"]))
-    gap, low, high = probe["gap_to_full_points"]
-    assert low <= gap <= high
-    assert result["methods"]["full fine-tuning"]["gap_to_full_points"] == [0.0, 0.0, 0.0]
+    # which snippets each seed got right: (seeds, examples) of 0/1, consistent with the accuracies
+    right = np.array(probe["test_correct_by_seed"])
+    assert right.shape == (2, 16) and set(np.unique(right)) <= {0, 1}
+    assert np.allclose(right.mean(axis=1), probe["test_accuracy_by_seed"])
+    # the recorded comparison is compare() on those arrays: seeds and snippets resampled together
+    expected = compare(right, np.array(full["test_correct_by_seed"]), a="linear probe", b="full fine-tuning")
+    recorded = probe["versus_full"]
+    assert recorded["seeds"] == 2 and recorded["examples"] == 16 and recorded["verdict"] == expected.verdict
+    assert np.allclose([recorded["gap"], recorded["low"], recorded["high"]], [expected.gap, expected.low, expected.high])
+    assert "versus_full" not in full
+    json.dumps(result)  # plain JSON types: the record can be written
+
+
+def test_versus_full_names_a_stale_record_and_the_command_that_remakes_it():
+    from course_lib.experiments import peft_family as px
+
+    old = {"methods": {"full fine-tuning": {"test_accuracy_by_seed": [0.8]}, "LoRA": {"test_accuracy_by_seed": [0.7]}}}
+    with pytest.raises(ValueError, match=r"predates per-seed correctness .* `python -m course_lib.experiments "
+                                         r"peft_family`"):
+        px.versus_full(old)
 
 
 class TinyTok:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,9 @@ def _chat_cases() -> dict[str, tuple[list[dict[str, str]], bool]]:
         "one snippet with the course's system message": (chat("A gorgeous, moving film."), True),
         "a two-shot chat": (chat("Dull.", shots=[("Loved it.", 1), ("Awful.", 0)]), True),
         "a chat without a system message": ([{"role": "user", "content": "hi"}], True),
+        "a chat whose system message comes second": (
+            [{"role": "user", "content": "hi"}, {"role": "system", "content": "S"},
+             {"role": "user", "content": "again"}], True),
         "a finished chat (no generation prompt)": (
             [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
              {"role": "assistant", "content": '{"sentiment": "positive"}'}], False),
@@ -79,6 +83,9 @@ def check_render_chat(fn: Callable[..., str], tokenizer: Any) -> None:
         if result == expected:
             continue
         if DEFAULT_SYSTEM in expected and DEFAULT_SYSTEM not in result:
+            if any(m["role"] == "system" for m in messages):
+                fail(f"on {case} the template adds SmolLM2's default system message, because the *first* message "
+                     f"is not a system message: a system message later in the chat does not count.")
             fail(f"on {case} the template first adds SmolLM2's default system message (the chat does not start "
                  f"with one): '<|im_start|>system\\n{DEFAULT_SYSTEM}<|im_end|>\\n'.")
         if DEFAULT_SYSTEM in result and DEFAULT_SYSTEM not in expected:
@@ -103,13 +110,16 @@ def check_render_chat(fn: Callable[..., str], tokenizer: Any) -> None:
 
 
 def _as_id_list(value: Any, what: str, case: str) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 1:
-            fail(f"{what} has shape {tuple(value.shape)} on {case}; return one flat sequence per example.")
+    """A list of ints from a list, tuple, tensor or NumPy array of token ids (NumPy integers welcome)."""
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        shape = tuple(getattr(value, "shape", ()))
+        if len(shape) != 1:
+            fail(f"{what} has shape {shape} on {case}; return one flat sequence per example.")
         value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
         fail(f"{what} should be a list of ints (token ids) on {case}.")
-    return list(value)
+    return [int(v) for v in value]
 
 
 @exercise("09.2", points=2, fixtures=("tokenizer",), forbid=(
@@ -134,6 +144,13 @@ def check_prompt_masking(fn: Callable[..., tuple[Sequence[int], Sequence[int]]],
         ids, labels = (_as_id_list(v, w, case) for v, w in zip(result, ("input_ids", "labels")))
         expected_ids, expected_labels = encode(tokenizer, text, label)
         prompt, reply = prompt_ids(tokenizer, text), answer_ids(tokenizer, label)
+        # The template of the whole chat (answer as the assistant's message) ends with '<|im_end|>\n': that
+        # newline after the answer is as right as its absence, scored or masked.
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if ids == expected_ids + newline:
+            expected_ids = ids
+            scored, masked = expected_labels + newline, expected_labels + [IGNORE] * len(newline)
+            expected_labels = masked if labels == masked else scored
         if len(ids) != len(labels):
             fail(f"input_ids and labels have different lengths ({len(ids)} and {len(labels)}) on {case}: the "
                  f"labels have one entry per input position.")
@@ -215,9 +232,11 @@ def check_lora_param_count(fn: Callable[[Any, int, Sequence[str]], int]) -> None
     for name, config, r, targets in cases:
         case = f"{name}, r = {r}, targets {targets}"
         result = call_student(fn, config, r, list(targets), case=case)
-        if isinstance(result, torch.Tensor) and result.numel() == 1:
+        if isinstance(result, torch.Tensor) or type(result).__module__ == "numpy":  # a NumPy or torch number
+            if getattr(result, "ndim", 0) != 0 and len(result.reshape(-1)) != 1:
+                fail(f"your count holds {len(result.reshape(-1))} numbers on {case}; return one number.")
             result = result.item()
-        if not isinstance(result, (int, float)) or isinstance(result, bool):
+        if not isinstance(result, numbers.Real) or isinstance(result, bool):
             fail(f"your count is a {type(result).__name__} on {case}; return a number.")
         expected = _reference_count(config, r, targets)
         if result == expected:

@@ -126,7 +126,8 @@ def check_quantize_nf4(fn: Callable[..., Any]) -> None:
                  f"(work on a copy, e.g. w.reshape(-1).float() / absmax rather than w /= absmax).")
         if not (isinstance(result, tuple) and len(result) == 2):
             fail(f"your function should return a pair (codes, absmax), but it returned a {type(result).__name__}.")
-        codes, absmax = result
+        # NumPy arrays are as good an answer as tensors
+        codes, absmax = (torch.as_tensor(v.copy()) if type(v).__module__ == "numpy" else v for v in result)
         require_tensor(codes, "codes")
         require_tensor(absmax, "absmax")
         size = 64 if block_size is None else block_size

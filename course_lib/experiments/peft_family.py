@@ -1,20 +1,23 @@
 """The recorded comparison of lesson 08: every method of the PEFT family on one sentiment task, learning rates
-chosen on validation, several seeds, paired intervals against full fine-tuning, and the memory each needs.
+chosen on validation, several seeds, each method against full fine-tuning, and the memory each needs.
 
 Explained in notebooks/08_peft_family.ipynb. ``python -m course_lib.experiments peft_family`` writes
-data/results/peft_family_cpu.json; the notebook runs seed 0 live with the same settings.
+data/results/peft_family_cpu.json; the notebook runs seed 0 live with the same settings. The record keeps, per
+method and seed, which test snippets were right (``test_correct_by_seed``), so that every comparison
+(:func:`versus_full`, :func:`course_lib.experiments.stats.compare`) resamples seeds and snippets together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from course_lib.experiments.stats import paired_bootstrap_gap
+from course_lib.experiments.stats import compare, Comparison
 from course_lib.parts.classifier import _device_of, evaluate
 from course_lib.parts.peft_family import (ADAPTER_M, build, encode_batch, load_classifier_parts, LORA_ALPHA, LORA_R,
                                           LORA_TARGETS, memory_split, METHODS, N_VIRTUAL, train_method)
@@ -58,11 +61,13 @@ def run_method(method: str, encoder: nn.Module, tokenizer: Any, data: dict[str, 
     return model, row
 
 
+REFERENCE = "full fine-tuning"
+
+
 def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:
     """Every method of :data:`METHODS` on 07's task: each learning rate tried with seed 0 and judged on the
-    validation split, then the chosen one run with ``seeds - 1`` more seeds; test accuracy per seed and a
-    paired bootstrap interval of each method's gap to full fine-tuning (per test snippet, the fraction of
-    seeds that got it right; the same snippets resampled for both methods)."""
+    validation split, then the chosen one run with ``seeds - 1`` more seeds. Per method: test accuracy and
+    which test snippets were right, per seed; and its comparison with full fine-tuning (:func:`versus_full`)."""
     from tqdm.auto import tqdm
 
     sizes = settings(profile, quick)
@@ -70,24 +75,37 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     data = task_data(sizes)
     methods = {k: (v[:1] if quick else v) for k, v in METHODS.items()}  # --quick: one learning rate each
     table: dict[str, Any] = {}
-    correct: dict[str, np.ndarray] = {}
     for method, lrs in tqdm(methods.items(), desc="methods"):
         tried = {lr: run_method(method, encoder, tokenizer, data, sizes, lr=lr, seed=0)[1] for lr in lrs}
         best = max(lrs, key=lambda lr: (tried[lr]["validation_accuracy"], -lr))
         rows = [tried[best]] + [run_method(method, encoder, tokenizer, data, sizes, lr=best, seed=s,
                                            splits=("test",))[1] for s in range(1, seeds)]
-        correct[method] = np.array([r["test_correct"] for r in rows], dtype=float).mean(axis=0)
         accuracies = [r["test_accuracy"] for r in rows]
         table[method] = dict(
             lr=best, validation_accuracy_by_lr={f"{lr:g}": tried[lr]["validation_accuracy"] for lr in lrs},
             test_accuracy_by_seed=accuracies, test_accuracy=float(np.mean(accuracies)),
+            test_correct_by_seed=[r["test_correct"] for r in rows],
             trainable=rows[0]["trainable"], optimizer_bytes=rows[0]["optimizer_bytes"], memory=rows[0]["memory"],
             step_ms=float(np.median([r["step_ms"] for r in rows])))
-    reference = "full fine-tuning"
-    for method, row in table.items():
-        gap, low, high = paired_bootstrap_gap(correct[method], correct[reference],
-                                                       rng=np.random.default_rng(0))
-        row["gap_to_full_points"] = [100 * gap, 100 * low, 100 * high]
-    return dict(settings=sizes, seeds=seeds, methods=table, reference=reference,
-                lora=dict(targets=list(LORA_TARGETS), r=LORA_R, alpha=LORA_ALPHA), adapter_m=ADAPTER_M,
-                n_virtual=N_VIRTUAL)
+    results = dict(settings=sizes, seeds=seeds, methods=table, reference=REFERENCE,
+                   lora=dict(targets=list(LORA_TARGETS), r=LORA_R, alpha=LORA_ALPHA), adapter_m=ADAPTER_M,
+                   n_virtual=N_VIRTUAL)
+    for method, comparison in versus_full(results).items():
+        table[method]["versus_full"] = asdict(comparison)
+    return results
+
+
+def versus_full(results: dict[str, Any]) -> dict[str, Comparison]:
+    """Each method against full fine-tuning, from the per-seed test correctness of a record's ``results``:
+    :func:`~course_lib.experiments.stats.compare` resamples the seeds and the test snippets together and gives
+    the three-way verdict against its margin. Keyed by method, full fine-tuning itself left out."""
+    methods = results["methods"]
+    stale = [m for m, row in methods.items() if "test_correct_by_seed" not in row]
+    if stale:
+        raise ValueError("this peft_family record predates per-seed correctness (it has no test_correct_by_seed "
+                         "for " + ", ".join(stale) + "): record it again with `python -m course_lib.experiments "
+                         "peft_family`.")
+    reference = results.get("reference", REFERENCE)
+    right = {m: np.asarray(row["test_correct_by_seed"], dtype=float) for m, row in methods.items()}
+    order = [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]  # a record sorts its keys
+    return {m: compare(right[m], right[reference], a=m, b=reference) for m in order if m != reference}

@@ -123,6 +123,108 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 # ------------------------------------------------------------------------------------------------
+# A picture of one example: its tokens, the turn each belongs to, and which ones the loss scores
+# ------------------------------------------------------------------------------------------------
+
+TURN_COLORS = {"special": "#4d4d4d", "system": "#c6dbef", "user": "#c7e9c0", "assistant": "#fdd0a2"}
+
+
+def token_turns(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """For each token: ``"special"`` for the chat markers, else the role of the turn it belongs to (the text
+    between ``<|im_start|>`` and the next newline names it)."""
+    start, end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    turns, role = [], "system"
+    for k, i in enumerate(ids):
+        if i in (start, end):
+            turns.append("special")
+            if i == start:
+                header = tokenizer.decode(list(ids[k + 1:k + 6])).split("\n")[0].strip()
+                role = header if header in TURN_COLORS else "user"
+            continue
+        turns.append(role)
+    return turns
+
+
+def draw_tokens(tokenizer: Any, ids: Sequence[int], labels: Sequence[int] | None = None, *, first: int = 0,
+                per_row: int = 12, ax: Any = None, title: str | None = None) -> Any:
+    """Tokens ``first`` onwards of one example as a grid of boxes, read left to right, top to bottom.
+
+    Without ``labels`` each box is coloured by its chat turn (:func:`token_turns`). With ``labels`` (09.2's
+    training labels) a box is orange where the loss scores the position and light grey where its label is
+    ``IGNORE`` (a scored position's label is its own token; the model predicts it from the position before).
+    Spaces show as '·', newlines as '↵'; the chat markers as ⟨start⟩ and ⟨end⟩."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    if labels is not None and len(labels) != len(ids):
+        raise ValueError(f"ids and labels must be equally long (one label per position), got {len(ids)} and "
+                         f"{len(labels)}.")
+    shown = list(range(first, len(ids)))
+    rows = math.ceil(len(shown) / per_row)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(per_row * 1.0, 0.55 * rows + 1.3))
+    turns = token_turns(tokenizer, ids)
+    markers = {"<|im_start|>": "⟨start⟩", "<|im_end|>": "⟨end⟩"}
+    for k, position in enumerate(shown):
+        row, col = divmod(k, per_row)
+        text = tokenizer.decode([ids[position]])
+        text = markers.get(text, text.replace(" ", "·").replace("\n", "↵"))
+        if labels is None:
+            face = TURN_COLORS[turns[position]]
+        else:
+            face = "#f3f3f3" if labels[position] == IGNORE else "#fd8d3c"
+        ax.add_patch(Rectangle((col, -row - 0.9), 0.95, 0.8, fc=face, ec="#555555", lw=0.6))
+        ax.text(col + 0.475, -row - 0.5, text[:11], ha="center", va="center", fontsize=7,
+                color="white" if labels is None and turns[position] == "special" else "black")
+    if labels is None:
+        legend = [Patch(fc=c, ec="#555555", label=name) for name, c in TURN_COLORS.items()]
+    else:
+        legend = [Patch(fc="#f3f3f3", ec="#555555", label=f"label {IGNORE}: ignored by the loss"),
+                  Patch(fc="#fd8d3c", ec="#555555", label="label = this token: scored")]
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(legend), fontsize=8,
+              frameon=False)
+    ax.set_xlim(0, per_row)
+    ax.set_ylim(-rows - 0.1, 0.1)
+    ax.set_xticks([c + 0.475 for c in range(per_row)], [f"+{c}" for c in range(per_row)], fontsize=7)
+    ax.set_yticks([-r - 0.5 for r in range(rows)], [str(first + r * per_row) for r in range(rows)], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_xlabel("offset within the row (tokens)")
+    ax.xaxis.set_label_position("top")
+    ax.set_ylabel("position of the row's first token")
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title or f"{len(ids)} tokens" + (f", from position {first}" if first else ""), pad=28)
+    return ax
+
+
+def draw_answers(replies: dict[str, Sequence[str]], labels: Sequence[int], *, ax: Any = None,
+                 title: str | None = None) -> Any:
+    """One bar per method: on how many test snippets it answered positive, negative, or nothing valid, with
+    the number of truly positive snippets marked. A one-colour bar is a method that did not read the snippets."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.55 * len(replies) + 1.5))
+    names = list(replies)
+    left = [0] * len(names)
+    kinds = (("answered positive", 1, "#fd8d3c"), ("answered negative", 0, "#6baed6"),
+             ("no valid answer", None, "#d9d9d9"))
+    for what, value, color in kinds:
+        counts = [[parse(reply) for reply in replies[name]].count(value) for name in names]
+        ax.barh(names, counts, left=left, color=color, edgecolor="white", label=what)
+        left = [a + b for a, b in zip(left, counts)]
+    ax.axvline(sum(labels), color="black", ls="--", lw=1, label=f"truly positive: {sum(labels)}")
+    ax.set_xlim(0, len(labels))
+    ax.invert_yaxis()
+    ax.set_xlabel("test snippets (count)")
+    ax.set_ylabel("method")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(title or f"What each method answered on {len(labels)} test snippets")
+    return ax
+
+
+# ------------------------------------------------------------------------------------------------
 # Evaluation: greedy generation and the perplexity of the right answer
 # ------------------------------------------------------------------------------------------------
 
