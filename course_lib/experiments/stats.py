@@ -23,8 +23,8 @@ def paired_bootstrap_gap(right_a: Any, right_b: Any, *, rng: np.random.Generator
     resampled with replacement ``resamples`` times, the same examples for both methods (that pairing is
     what makes the interval narrow: both are judged on the same hard and easy examples), and the gap is
     recomputed on each resample. Returns (gap, low, high) as fractions; (low, high) holds the central
-    ``level`` of the resampled gaps. Notebook 06 compares its methods this way (exercise 06.3);
-    peft_family and causal_lm reuse it.
+    ``level`` of the resampled gaps. Notebook 06 writes it (exercise 06.3); :func:`compare` builds on its
+    seeds-and-examples form, :func:`paired_bootstrap_gap_seeds`.
     """
     a, b = np.asarray(right_a, dtype=float), np.asarray(right_b, dtype=float)
     if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
