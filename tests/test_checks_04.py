@@ -527,3 +527,47 @@ def test_an_answer_that_calls_the_reference_is_refused(name):
         check(fn)
     message = str(info.value)
     assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")
+
+
+# ------------------------------------------------------ leaks and false refusals (issue 20, item 6)
+
+def merge_step_counting_apart(chunks, new_id):
+    # counts a pair again only after the scan has moved past it: [7, 7, 7] would hold (7, 7) once
+    counts = Counter()
+    for chunk in chunks:
+        i = 0
+        while i + 1 < len(chunk):
+            counts[(chunk[i], chunk[i + 1])] += 1
+            i += 2 if chunk[i] == chunk[i + 1] else 1
+    pair = max(counts, key=counts.get)
+    return pair, [_merge_left_to_right(c, pair, new_id) for c in chunks]
+
+
+def test_merge_step_refuses_counting_overlapping_pairs_once():
+    refused(checks.check_merge_step, merge_step_counting_apart, "only when overlapping pairs are counted once")
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "0-d array"])
+def test_lr_schedule_accepts_numpy_numbers(kind, capsys):
+    import numpy as np
+
+    convert = {"float32": np.float32, "float64": np.float64, "0-d array": np.array}[kind]
+    accepted(checks.check_lr_schedule, lambda step, **kw: convert(schedule_right(step, **kw)), capsys)
+
+
+@pytest.mark.parametrize("fill", [-1e9, "finfo", -1e4])
+def test_top_k_accepts_a_very_low_fill(fill, capsys):
+    def topk_filled(logits, k):
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        low = torch.finfo(logits.dtype).min if fill == "finfo" else fill
+        return logits.masked_fill(logits < kth, low)
+
+    accepted(checks.check_top_k, topk_filled, capsys)
+
+
+def test_top_k_still_refuses_a_fill_that_keeps_probability():
+    def topk_minus_ten(logits, k):
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        return logits.masked_fill(logits < kth, -10.0)
+
+    refused(checks.check_top_k, topk_minus_ten, "")
