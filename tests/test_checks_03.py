@@ -431,7 +431,7 @@ def test_torch_built_ins_stay_allowed(capsys):
 
 # ---------------------------------------------------------------------------------------------- 03.4, NumPy
 
-@pytest.mark.parametrize("kind", ["int64", "int32", "float32", "float64", "0-d array"])
+@pytest.mark.parametrize("kind", ["int64", "float32", "0-d array"])
 def test_param_count_accepts_numpy_numbers(kind, capsys):
     import numpy as np
 
@@ -551,7 +551,7 @@ GPT_WRONG = {
                              "        self.ln_f = LayerNorm(config.d_model)\n        self.gain = nn.Parameter(torch.ones(1))\n"),),
                            "`gain`"),
     "a detached block": ((("            x = block(x)\n", "            x = block(x.detach())\n"),), "gets no gradient"),
-    "logits only": ((("        return logits, loss\n", "        return logits\n"),), "should return (logits, loss)"),
+    "logits only": ((("        return logits, loss", "        return logits"),), "should return (logits, loss)"),
     "the unbiased variance": ((("var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)", "var = x.var(dim=-1, keepdim=True)"),),
                               "your GPT's output differs from the reference"),
 }
