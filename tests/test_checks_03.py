@@ -630,3 +630,8 @@ def test_your_gpt_builds_on_the_checked_file_or_falls_back(tmp_path, capsys, mon
     mine = checks.your_gpt(recheck=True)
     assert mine is not GPT and mine.__name__ == "GPT"
     assert "Using your GPT (exercise 03.5 passed its check)." in capsys.readouterr().out
+
+
+def test_the_pasted_key_line_of_03_5_works(tmp_path, capsys):
+    key_line = checks.HINTS["03.5"][2]
+    accepted(checks.check_gpt, gpt_file(tmp_path, (BLOCK, "        " + key_line)), capsys)

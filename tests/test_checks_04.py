@@ -755,3 +755,35 @@ def test_course_loop_is_the_same_loop_as_the_students():
                          evaluate=lambda m: 1.0, eval_every=3))
     assert runs[0][1] == runs[1][1] == [(3, 1.0), (6, 1.0)]
     assert max(abs(a - b) for a, b in zip(runs[0][0], runs[1][0])) < 1e-6
+
+
+def _loop_cell():
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "04_training_a_language_model.ipynb"
+    return next(c.source for c in nbformat.read(path, as_version=4).cells
+                if "exercise" in c.metadata.get("tags", []) and re.search(r"^# Exercise 04\.5", c.source, re.M))
+
+
+def test_the_notebooks_loop_passes_its_stub_is_not_attempted_and_the_pasted_key_line_works(capsys):
+    from tqdm.auto import tqdm
+
+    from course_lib.editions import strip_solutions
+
+    source = _loop_cell()
+    namespace = {"torch": torch, "tqdm": tqdm}
+    exec(source, namespace)
+    accepted(checks.check_train_loop, namespace["train_loop"], capsys)
+    stub = {"torch": torch, "tqdm": tqdm}
+    exec(strip_solutions(source, "04.5", "test"), stub)
+    with pytest.raises(NotAttempted, match="Exercise 04.5 is not done yet"):
+        checks.check_train_loop(stub["train_loop"])
+    key_line = checks.HINTS["04.5"][2]
+    lines = "        for group in optimizer.param_groups:\n            group[\"lr\"] = lr_at(step)\n"
+    assert lines in source
+    pasted = {"torch": torch, "tqdm": tqdm}
+    exec(source.replace(lines, "        " + key_line + "\n"), pasted)
+    accepted(checks.check_train_loop, pasted["train_loop"], capsys)
