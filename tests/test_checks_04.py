@@ -1,6 +1,7 @@
 """The checks of notebook 04 (training_a_language_model) accept correct answers and name each common mistake."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -787,3 +788,53 @@ def test_the_notebooks_loop_passes_its_stub_is_not_attempted_and_the_pasted_key_
     pasted = {"torch": torch, "tqdm": tqdm}
     exec(source.replace(lines, "        " + key_line + "\n"), pasted)
     accepted(checks.check_train_loop, pasted["train_loop"], capsys)
+
+
+from course_lib.parts import loop as course_loop_module  # noqa: E402
+from course_lib.parts.loop import make_optimizer as decaying_adamw  # noqa: E402 -- under another name
+
+
+def loop_with_the_course_optimizer(model, tokens, steps, *, batch_size, context, lr_at, generator, weight_decay=0.1,
+                                   grad_clip=1.0, evaluate=None, eval_every=100):
+    optimizer = decaying_adamw(model, lr_at(0), weight_decay)
+    return _drive(model, tokens, steps, optimizer, batch_size, context, lr_at, generator, grad_clip, evaluate,
+                  eval_every)
+
+
+def _drive(model, tokens, steps, optimizer, batch_size, context, lr_at, generator, grad_clip, evaluate, eval_every):
+    losses, evaluations = [], []
+    for s in range(steps):
+        starts = torch.randint(len(tokens) - context, (batch_size,), generator=generator)
+        x = torch.stack([tokens[i:i + context] for i in starts])
+        y = torch.stack([tokens[i + 1:i + context + 1] for i in starts])
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(s)
+        optimizer.zero_grad()
+        loss = model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if evaluate is not None and (s + 1) % eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                evaluations.append((s + 1, evaluate(model)))
+            model.train()
+    return losses, evaluations
+
+
+def loop_through_the_course_train(model, tokens, steps, *, batch_size, context, lr_at, generator, weight_decay=0.1,
+                                  grad_clip=1.0, evaluate=None, eval_every=100):
+    from course_lib.parts.lm import get_batch, lm_loss
+
+    batches = iter([get_batch(tokens, batch_size, context, generator) for _ in range(steps)])
+    history = course_loop_module.train(model, batches, lm_loss, course_loop_module.LoopConfig(
+        steps=steps, lr=lr_at(0), schedule=lr_at, weight_decay=weight_decay, grad_clip=grad_clip, progress=False))
+    return history.losses, []
+
+
+@pytest.mark.parametrize("fn, called", [(loop_with_the_course_optimizer, "course_lib.parts.loop.make_optimizer"),
+                                        (loop_through_the_course_train, "course_lib.parts.loop.train")])
+def test_train_loop_that_calls_the_reference_is_refused(fn, called):
+    with pytest.raises(ReferenceCalled, match=re.escape(called)):
+        checks.check_train_loop(fn)
