@@ -58,3 +58,12 @@ def test_the_search_is_registered_and_the_cpu_recipe_is_its_recorded_choice():
     assert {k: RECIPES["cpu"][k] for k in chosen} == chosen
     best = min(r["tuning_loss"] for r in record["results"]["stage1_lr"] + record["results"]["stage2_shape"])
     assert math.isclose(record["results"]["seed_spread"]["losses"][0], best)
+
+
+def test_the_reference_run_is_registered_and_runs_in_its_quick_form():
+    from course_lib import experiments
+    from course_lib.experiments import char_lm
+
+    assert experiments.resolve("char_lm_reference") is char_lm.reference
+    run = char_lm._reference_run("ci", 0, True)
+    assert run["seed"] == 0 and 2.0 < run["heldout_loss"] < 6.0 and run["eval_step"][-1] == 4

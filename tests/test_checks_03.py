@@ -356,10 +356,10 @@ def test_catalogues_hold_at_least_five_wrong_answers_each():
 
 
 def test_hints_exist(capsys):
-    for exercise in ("03.1", "03.2", "03.3", "03.4"):
+    for exercise in ("03.1", "03.2", "03.3", "03.4", "03.5"):
         assert len(checks.HINTS[exercise]) == 3
         checks.hint(exercise, level=3)
-    assert capsys.readouterr().out.count("the key line") == 4
+    assert capsys.readouterr().out.count("the key line") == 5
 
 
 # --------------------------------------------- answers that call the course's reference are refused
@@ -427,3 +427,211 @@ def test_an_answer_that_calls_the_reference_is_refused(name):
 
 def test_torch_built_ins_stay_allowed(capsys):
     accepted(checks.check_layer_norm, lambda x, g, b, eps=1e-5: F.layer_norm(x, x.shape[-1:], g, b, eps), capsys)
+
+
+# ---------------------------------------------------------------------------------------------- 03.4, NumPy
+
+@pytest.mark.parametrize("kind", ["int64", "float32", "0-d array"])
+def test_param_count_accepts_numpy_numbers(kind, capsys):
+    import numpy as np
+
+    convert = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float64": np.float64,
+               "0-d array": np.array}[kind]
+    accepted(checks.check_param_count, lambda **kw: convert(count_right(**kw)), capsys)
+
+
+def test_the_pasted_key_lines_of_03_2_and_03_4_work(capsys):
+    # level 3 of a hint is the line that solves the exercise: pasted into the function it must pass
+    key_04 = checks.HINTS["03.4"][2]
+    namespace: dict = {}
+    exec("def param_count(vocab_size, context, n_layer, d_model):\n    " + key_04, namespace)
+    accepted(checks.check_param_count, namespace["param_count"], capsys)
+    key_02 = checks.HINTS["03.2"][2]
+    exec("import torch\ndef lnb(x, gamma, dy, eps=1e-5):\n"
+         "    mean = x.mean(-1, keepdim=True)\n    sigma = torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)\n"
+         "    x_hat = (x - mean) / sigma\n    g = dy * gamma\n    " + key_02.replace("; ", "\n    "), namespace)
+    accepted(checks.check_layer_norm_backward, namespace["lnb"], capsys)
+
+
+# ---------------------------------------------------------------------------------------------- 03.5
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import nbformat  # noqa: E402
+
+from course_lib.checks.gpt import MY_GPT  # noqa: E402
+from course_lib.editions import strip_solutions  # noqa: E402
+
+NOTEBOOK_03 = Path(__file__).resolve().parent.parent / "notebooks" / "03_transformer_block.ipynb"
+
+
+def my_gpt_cell() -> str:
+    """The exercise cell of 03.5 in the solution edition, without its %%writefile line."""
+    for cell in nbformat.read(NOTEBOOK_03, as_version=4).cells:
+        if "exercise" in cell.metadata.get("tags", []) and re.search(r"^# Exercise 03\.5", cell.source, re.M):
+            first, _, rest = cell.source.partition("\n")
+            assert first == f"%%writefile {MY_GPT}"
+            return rest
+    raise AssertionError("no exercise 03.5 in the notebook")
+
+
+SOLUTION = my_gpt_cell()
+
+
+def gpt_file(tmp_path, *edits):
+    """The solution with (old, new) replacements applied (each must apply), written to tmp_path/my_gpt.py."""
+    source = SOLUTION
+    for old, new in edits:
+        assert old in source, old
+        source = source.replace(old, new)
+    path = tmp_path / MY_GPT
+    path.write_text(source)
+    return str(path)
+
+
+BLOCK = "        x = x + self.attn(self.ln_1(x))\n        return x + self.mlp(self.ln_2(x))"
+MASK = "mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()"
+SCORES = "scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])"
+EMBED = "x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))"
+
+GPT_RIGHT = {
+    "the solution": (),
+    "torch's fused LayerNorm and attention": (
+        ("    mean = x.mean(dim=-1, keepdim=True)\n", "    return F.layer_norm(x, x.shape[-1:], gamma, beta, eps)\n"),
+        ("y, _ = attention(q, k, v, mask)",
+         "y = F.scaled_dot_product_attention(q, k, v, is_causal=True)")),
+    "a -1e9 fill": (('float("-inf")', "-1e9"),),
+    "finfo.min fill": (('float("-inf")', "torch.finfo(scores.dtype).min"),),
+    "a float mask of ones": ((MASK, "mask = torch.tril(torch.ones(T, T, device=x.device)) == 1"),),
+    "var_mean and rsqrt": (("    mean = x.mean(dim=-1, keepdim=True)\n    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)\n"
+                            "    return gamma * (x - mean) / torch.sqrt(var + eps) + beta",
+                            "    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)\n"
+                            "    return (x - mean) * torch.rsqrt(var + eps) * gamma + beta"),),
+}
+
+
+@pytest.mark.parametrize("name", list(GPT_RIGHT))
+def test_gpt_accepts(name, tmp_path, capsys):
+    accepted(checks.check_gpt, gpt_file(tmp_path, *GPT_RIGHT[name]), capsys)
+
+
+GPT_WRONG = {
+    "post-LN": (((BLOCK, "        x = self.ln_1(x + self.attn(x))\n        return self.ln_2(x + self.mlp(x))"),),
+                "post-LN"),
+    "residual around the normalised x": (((BLOCK, "        h = self.ln_1(x)\n        x = h + self.attn(h)\n"
+                                                  "        h = self.ln_2(x)\n        return h + self.mlp(h)"),),
+                                         "carry the normalised x"),
+    "no residual": (((BLOCK, "        return self.mlp(self.ln_2(self.attn(self.ln_1(x))))"),), "no residual additions"),
+    "MLP on the block's input": (((BLOCK, "        return x + self.attn(self.ln_1(x)) + self.mlp(self.ln_2(x))"),),
+                                 "reads the block's input"),
+    "no final LayerNorm": ((("logits = self.lm_head(self.ln_f(x))", "logits = self.lm_head(x)"),),
+                           "final LayerNorm"),
+    "untied head": ((("        self.lm_head.weight = self.tok_emb.weight\n", "        pass\n"),), "tie it"),
+    "mask off by one (sees the next token)": (((MASK, MASK.replace("tril()", "tril(1)")),), "off by one"),
+    "mask hides the diagonal": (((MASK, MASK.replace("tril()", "tril(-1)")),), "hides the diagonal"),
+    "no mask": ((("y, _ = attention(q, k, v, mask)", "y, _ = attention(q, k, v)"),), "looks at the future"),
+    "upper triangle": (((MASK, MASK.replace("tril()", "triu()")),), "looks at the future"),
+    "missing 1/√d": (((SCORES, "scores = q @ k.transpose(-2, -1)"),), "not divided by √d_head"),
+    "divided by d": (((SCORES, "scores = q @ k.transpose(-2, -1) / q.shape[-1]"),), "divided the attention scores by d_head"),
+    "divided by √d_model": ((("y, _ = attention(q, k, v, mask)",
+                              "y, _ = attention(q / math.sqrt(self.n_head), k, v, mask)"),), "√d_model"),
+    "no positions": (((EMBED, "x = self.tok_emb(idx)"),), "position embedding"),
+    "ln_1 twice": ((("return x + self.mlp(self.ln_2(x))", "return x + self.mlp(self.ln_1(x))"),), "read ln_1"),
+    "softmax over the queries": ((("torch.softmax(scores, dim=-1)", "torch.softmax(scores, dim=-2)"),), "over the queries"),
+    "embeddings times √d": (((EMBED, "x = self.tok_emb(idx) * math.sqrt(self.config.d_model) + "
+                                     "self.pos_emb(torch.arange(T, device=idx.device))"),), "√d_model"),
+    "the whole position table": (((EMBED, "x = self.tok_emb(idx) + self.pos_emb.weight"),),
+                                 "for the input's own T"),
+    "a renamed parameter": ((("self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)",
+                              "self.wte = nn.Embedding(config.vocab_size, config.d_model)"),
+                             ("self.lm_head.weight = self.tok_emb.weight", "self.lm_head.weight = self.wte.weight"),
+                             ("self.tok_emb(idx)", "self.wte(idx)")), "no parameter `tok_emb.weight`"),
+    "an extra parameter": ((("        self.ln_f = LayerNorm(config.d_model)\n",
+                             "        self.ln_f = LayerNorm(config.d_model)\n        self.gain = nn.Parameter(torch.ones(1))\n"),),
+                           "`gain`"),
+    "a detached block": ((("            x = block(x)\n", "            x = block(x.detach())\n"),), "gets no gradient"),
+    "logits only": ((("        return logits, loss", "        return logits"),), "should return (logits, loss)"),
+    "the unbiased variance": ((("var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)", "var = x.var(dim=-1, keepdim=True)"),),
+                              "your GPT's output differs from the reference"),
+}
+
+
+@pytest.mark.parametrize("name", list(GPT_WRONG))
+def test_gpt_refuses(name, tmp_path):
+    edits, phrase = GPT_WRONG[name]
+    message = refused(checks.check_gpt, gpt_file(tmp_path, *edits), phrase)
+    assert len(message) < 400 and "tensor(" not in message
+
+
+def test_gpt_catalogue_names_at_least_eight_slips():
+    from course_lib.checks.gpt import _SLIPS
+
+    assert len(_SLIPS) >= 8 and len(GPT_WRONG) >= 8
+
+
+def test_gpt_diagnoses_start_from_the_reference():
+    # the written-out forward behind the diagnoses, without slips, is the course's GPT
+    from course_lib.checks.gpt import _SMALL, _forward64, _reference
+    from course_lib.parts.model import GPTConfig
+
+    config = GPTConfig(**_SMALL)
+    reference = _reference(config)
+    idx = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(_forward64(reference.state_dict(), idx, 2), reference(idx)[0])
+
+
+def test_gpt_stub_missing_file_and_broken_file(tmp_path):
+    stub = tmp_path / MY_GPT
+    stub.write_text(strip_solutions(SOLUTION, "03.5", "test"))
+    with pytest.raises(NotAttempted, match="Exercise 03.5 is not done yet"):
+        checks.check_gpt(str(stub))
+    refused(checks.check_gpt, str(tmp_path / "absent.py"), "there is no absent.py", "run the exercise cell")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def GPT(:\n")
+    refused(checks.check_gpt, str(broken), "broken.py does not parse")
+    crash = tmp_path / "crash.py"
+    crash.write_text("raise ValueError('boom')\n")
+    with pytest.raises(StudentCodeError, match="importing crash.py raised ValueError: boom"):
+        checks.check_gpt(str(crash))
+
+
+@pytest.mark.parametrize("source, called", [
+    ("from course_lib.parts.model import GPT\n", "course_lib.parts.model.GPT"),
+    ("from course_lib.parts import attention as a\n", "course_lib.parts.attention"),
+    ("from course_lib.parts.model import layer_norm as ln\n", "course_lib.parts.model.layer_norm"),
+])
+def test_gpt_that_calls_the_reference_is_refused(source, called, tmp_path):
+    if "attention as a" in source:
+        path = gpt_file(tmp_path, ("import math\n", "import math\n" + source),
+                        ("y, _ = attention(q, k, v, mask)", "y, _ = a.scaled_dot_product_attention(q, k, v, mask)"))
+    elif "layer_norm as ln" in source:
+        path = gpt_file(tmp_path, ("import math\n", "import math\n" + source),
+                        ("return layer_norm(x, self.weight, self.bias)", "return ln(x, self.weight, self.bias)"))
+    else:
+        path = tmp_path / MY_GPT
+        path.write_text(source)
+    with pytest.raises(ReferenceCalled, match=re.escape(called)):
+        checks.check_gpt(str(path))
+
+
+def test_your_gpt_builds_on_the_checked_file_or_falls_back(tmp_path, capsys, monkeypatch):
+    from course_lib.parts.model import GPT
+
+    monkeypatch.chdir(tmp_path)
+    assert checks.your_gpt(recheck=True) is GPT                          # no file yet: the reference, no error
+    out = capsys.readouterr().out
+    assert "No my_gpt.py beside this notebook yet" in out and "uses the course's GPT" in out
+    (tmp_path / MY_GPT).write_text(strip_solutions(SOLUTION, "03.5", "test"))
+    assert checks.your_gpt(recheck=True) is GPT                          # the stub: the reference, no error
+    assert "does not pass exercise 03.5's check yet: Exercise 03.5 is not done yet" in capsys.readouterr().out
+    (tmp_path / MY_GPT).write_text(SOLUTION)
+    mine = checks.your_gpt(recheck=True)
+    assert mine is not GPT and mine.__name__ == "GPT"
+    assert "Using your GPT (exercise 03.5 passed its check)." in capsys.readouterr().out
+
+
+def test_the_pasted_key_line_of_03_5_works(tmp_path, capsys):
+    key_line = checks.HINTS["03.5"][2]
+    accepted(checks.check_gpt, gpt_file(tmp_path, (BLOCK, "        " + key_line)), capsys)

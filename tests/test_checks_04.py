@@ -1,6 +1,7 @@
 """The checks of notebook 04 (training_a_language_model) accept correct answers and name each common mistake."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -527,3 +528,313 @@ def test_an_answer_that_calls_the_reference_is_refused(name):
         check(fn)
     message = str(info.value)
     assert message.startswith("your answer calls ") and f"`{called}`" in message and message.endswith("write it yourself.")
+
+
+# ------------------------------------------------------ leaks and false refusals (issue 20, item 6)
+
+def merge_step_counting_apart(chunks, new_id):
+    # counts a pair again only after the scan has moved past it: [7, 7, 7] would hold (7, 7) once
+    counts = Counter()
+    for chunk in chunks:
+        i = 0
+        while i + 1 < len(chunk):
+            counts[(chunk[i], chunk[i + 1])] += 1
+            i += 2 if chunk[i] == chunk[i + 1] else 1
+    pair = max(counts, key=counts.get)
+    return pair, [_merge_left_to_right(c, pair, new_id) for c in chunks]
+
+
+def test_merge_step_refuses_counting_overlapping_pairs_once():
+    refused(checks.check_merge_step, merge_step_counting_apart, "only when overlapping pairs are counted once")
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "0-d array"])
+def test_lr_schedule_accepts_numpy_numbers(kind, capsys):
+    import numpy as np
+
+    convert = {"float32": np.float32, "float64": np.float64, "0-d array": np.array}[kind]
+    accepted(checks.check_lr_schedule, lambda step, **kw: convert(schedule_right(step, **kw)), capsys)
+
+
+@pytest.mark.parametrize("fill", [-1e9, "finfo", -1e4])
+def test_top_k_accepts_a_very_low_fill(fill, capsys):
+    def topk_filled(logits, k):
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        low = torch.finfo(logits.dtype).min if fill == "finfo" else fill
+        return logits.masked_fill(logits < kth, low)
+
+    accepted(checks.check_top_k, topk_filled, capsys)
+
+
+def test_top_k_still_refuses_a_fill_that_keeps_probability():
+    def topk_minus_ten(logits, k):
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        return logits.masked_fill(logits < kth, -10.0)
+
+    refused(checks.check_top_k, topk_minus_ten, "")
+
+
+# ---------------------------------------------------------------------------------------------- 04.5
+
+from course_lib.checks.training_loop import _SLIPS as LOOP_SLIPS, _assert_slips_differ  # noqa: E402
+
+
+def make_loop(*, zero_grad="before", clip="before_step", lr="set", decay="matrices", betas=(0.9, 0.95), adam=False,
+              targets="shifted", eval_mode="eval", eval_grad=False, back_to_train=True, eval_when="after",
+              returns="both", loss_outside=False, extra_forward=False, losses_as="item", step=True):
+    """A student's loop with switches for the slips (the defaults are a right answer)."""
+    def train_loop(model, tokens, steps, *, batch_size, context, lr_at, generator, weight_decay=0.1, grad_clip=1.0,
+                   evaluate=None, eval_every=100):
+        params = list(model.parameters())
+        groups = {"matrices": [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                  "all": [{"params": params, "weight_decay": weight_decay}]}
+        if decay == "default":
+            optimizer = torch.optim.AdamW(params, lr=lr_at(0), betas=betas)
+        else:
+            optimizer = (torch.optim.Adam if adam else torch.optim.AdamW)(groups[decay], lr=lr_at(0), betas=betas)
+        losses, evaluations = [], []
+        model.train()
+        for s in range(steps):
+            starts = torch.randint(len(tokens) - context, (batch_size,), generator=generator)
+            x = torch.stack([tokens[i:i + context] for i in starts])
+            y = x if targets == "inputs" else torch.stack([tokens[i + 1:i + context + 1] for i in starts])
+            if lr == "set":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(s)
+            elif lr == "ahead":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(s + 1)
+            if eval_when == "before" and evaluate is not None and s % eval_every == 0:
+                model.eval()
+                with torch.no_grad():
+                    evaluations.append((s + eval_every, evaluate(model)))
+                model.train()
+            if zero_grad == "before":
+                optimizer.zero_grad()
+            if loss_outside:
+                logits = model(x)[0]
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            else:
+                loss = model(x, y)[1]
+            if extra_forward:
+                model(x, y)
+            loss.backward()
+            if zero_grad == "after_backward":
+                optimizer.zero_grad()
+            if clip == "before_step":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if step:
+                optimizer.step()
+            if clip == "after_step":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if lr == "behind":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(s)
+            if zero_grad == "after_step":
+                optimizer.zero_grad(set_to_none=False)
+            losses.append({"item": loss.item(), "tensor": loss.detach(), "numpy": loss.detach().numpy()}[losses_as])
+            if eval_when == "after" and evaluate is not None and (s + 1) % eval_every == 0:
+                if eval_mode == "eval":
+                    model.eval()
+                if eval_grad:
+                    evaluations.append((s + 1, evaluate(model)))
+                else:
+                    with torch.no_grad():
+                        evaluations.append((s + 1, evaluate(model)))
+                if back_to_train:
+                    model.train()
+        return (losses, evaluations) if returns == "both" else losses
+    return train_loop
+
+
+def loop_with_lambda_lr(model, tokens, steps, *, batch_size, context, lr_at, generator, weight_decay=0.1,
+                        grad_clip=1.0, evaluate=None, eval_every=100):
+    """torch's scheduler, stepped after the optimiser, and the course's batches."""
+    from course_lib.parts.lm import get_batch
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
+                                  lr=1.0, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    losses, evaluations = [], []
+    for s in range(steps):
+        x, y = get_batch(tokens, batch_size, context, generator)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if evaluate is not None and (s + 1) % eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                evaluations.append((s + 1, evaluate(model)))
+            model.train()
+    return losses, evaluations
+
+
+LOOP_RIGHT = {
+    "written out": make_loop(),
+    "zero_grad after the step": make_loop(zero_grad="after_step"),
+    "the loss computed outside the model": make_loop(loss_outside=True),
+    "losses as tensors": make_loop(losses_as="tensor"),
+    "losses as NumPy scalars": make_loop(losses_as="numpy"),
+    "torch's LambdaLR and the course's get_batch": loop_with_lambda_lr,
+}
+
+
+@pytest.mark.parametrize("name", list(LOOP_RIGHT))
+def test_train_loop_accepts(name, capsys):
+    accepted(checks.check_train_loop, LOOP_RIGHT[name], capsys)
+
+
+LOOP_WRONG = {
+    "gradients accumulated": (make_loop(zero_grad="never"), "pile up across steps"),
+    "zero_grad between backward and step": (make_loop(zero_grad="after_backward"), "never change"),
+    "clipping after the step": (make_loop(clip="after_step"), "not clipped"),
+    "no clipping": (make_loop(clip="none"), "not clipped"),
+    "schedule one step ahead": (make_loop(lr="ahead"), "one step ahead"),
+    "schedule one step behind": (make_loop(lr="behind"), "one step behind"),
+    "constant learning rate": (make_loop(lr="never"), "never changes"),
+    "decay on biases and norms": (make_loop(decay="all"), "decay every parameter"),
+    "AdamW's default decay everywhere": (make_loop(decay="default"), "default weight decay (0.01)"),
+    "default betas": (make_loop(betas=(0.9, 0.999)), "default betas"),
+    "Adam with L2": (make_loop(adam=True), "torch.optim.Adam"),
+    "no optimiser step": (make_loop(step=False), "never change"),
+    "targets not shifted": (make_loop(targets="inputs"), "targets are the inputs themselves"),
+    "targets not shifted, loss outside": (make_loop(targets="inputs", loss_outside=True), "targets are not shifted"),
+    "evaluation in train mode": (make_loop(eval_mode="train"), "in train mode"),
+    "evaluation with gradients": (make_loop(eval_grad=True), "gradients switched on"),
+    "left in eval mode": (make_loop(back_to_train=False), "leaves the model in eval mode"),
+    "evaluating before the step": (make_loop(eval_when="before"), "runs before the step"),
+    "never evaluates": (make_loop(eval_when="never"), "never calls evaluate"),
+    "returns the losses only": (make_loop(returns="losses"), "should return (losses, evaluations)"),
+    "two forward passes per step": (make_loop(extra_forward=True), "one forward pass per step"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOP_WRONG))
+def test_train_loop_refuses(name):
+    fn, phrase = LOOP_WRONG[name]
+    message = refused(checks.check_train_loop, fn, phrase)
+    assert len(message) < 400 and "tensor(" not in message
+
+
+def test_train_loop_slips_are_far_apart():
+    # every replayed slip lands far beyond the tolerance from the right losses, and from every other slip
+    assert len(LOOP_SLIPS) >= 8 and len(LOOP_WRONG) >= 8
+    assert min(_assert_slips_differ().values()) > 1e-4
+
+
+def test_course_loop_passes_the_check_and_stubs_are_not_attempted(capsys):
+    from course_lib.checks.training_loop import course_loop
+
+    with pytest.raises(ReferenceCalled, match="course_lib.checks.training_loop.course_loop"):
+        checks.check_train_loop(course_loop)      # the fallback is the reference: it may not be handed in
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError("Exercise 04.5 is not done yet")
+
+    with pytest.raises(NotAttempted, match="Exercise 04.5 is not done yet"):
+        checks.check_train_loop(stub)
+
+
+def test_course_loop_is_the_same_loop_as_the_students():
+    # the fallback (the course's loop behind the exercise's signature) gives the right answer's losses
+    from course_lib.checks.training_loop import _TINY, _schedule, _stream, course_loop
+    from course_lib.parts.model import GPT, GPTConfig
+
+    tokens, runs = _stream(300, 0), []
+    for loop in (course_loop, make_loop()):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**_TINY)).double()
+        runs.append(loop(model, tokens, 6, batch_size=4, context=8, lr_at=_schedule,
+                         generator=torch.Generator().manual_seed(0), weight_decay=0.5, grad_clip=0.1,
+                         evaluate=lambda m: 1.0, eval_every=3))
+    assert runs[0][1] == runs[1][1] == [(3, 1.0), (6, 1.0)]
+    assert max(abs(a - b) for a, b in zip(runs[0][0], runs[1][0])) < 1e-6
+
+
+def _loop_cell():
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "04_training_a_language_model.ipynb"
+    return next(c.source for c in nbformat.read(path, as_version=4).cells
+                if "exercise" in c.metadata.get("tags", []) and re.search(r"^# Exercise 04\.5", c.source, re.M))
+
+
+def test_the_notebooks_loop_passes_its_stub_is_not_attempted_and_the_pasted_key_line_works(capsys):
+    from tqdm.auto import tqdm
+
+    from course_lib.editions import strip_solutions
+
+    source = _loop_cell()
+    namespace = {"torch": torch, "tqdm": tqdm}
+    exec(source, namespace)
+    accepted(checks.check_train_loop, namespace["train_loop"], capsys)
+    stub = {"torch": torch, "tqdm": tqdm}
+    exec(strip_solutions(source, "04.5", "test"), stub)
+    with pytest.raises(NotAttempted, match="Exercise 04.5 is not done yet"):
+        checks.check_train_loop(stub["train_loop"])
+    key_line = checks.HINTS["04.5"][2]
+    lines = "        for group in optimizer.param_groups:\n            group[\"lr\"] = lr_at(step)\n"
+    assert lines in source
+    pasted = {"torch": torch, "tqdm": tqdm}
+    exec(source.replace(lines, "        " + key_line + "\n"), pasted)
+    accepted(checks.check_train_loop, pasted["train_loop"], capsys)
+
+
+from course_lib.parts import loop as course_loop_module  # noqa: E402
+from course_lib.parts.loop import make_optimizer as decaying_adamw  # noqa: E402 -- under another name
+
+
+def loop_with_the_course_optimizer(model, tokens, steps, *, batch_size, context, lr_at, generator, weight_decay=0.1,
+                                   grad_clip=1.0, evaluate=None, eval_every=100):
+    optimizer = decaying_adamw(model, lr_at(0), weight_decay)
+    return _drive(model, tokens, steps, optimizer, batch_size, context, lr_at, generator, grad_clip, evaluate,
+                  eval_every)
+
+
+def _drive(model, tokens, steps, optimizer, batch_size, context, lr_at, generator, grad_clip, evaluate, eval_every):
+    losses, evaluations = [], []
+    for s in range(steps):
+        starts = torch.randint(len(tokens) - context, (batch_size,), generator=generator)
+        x = torch.stack([tokens[i:i + context] for i in starts])
+        y = torch.stack([tokens[i + 1:i + context + 1] for i in starts])
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(s)
+        optimizer.zero_grad()
+        loss = model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if evaluate is not None and (s + 1) % eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                evaluations.append((s + 1, evaluate(model)))
+            model.train()
+    return losses, evaluations
+
+
+def loop_through_the_course_train(model, tokens, steps, *, batch_size, context, lr_at, generator, weight_decay=0.1,
+                                  grad_clip=1.0, evaluate=None, eval_every=100):
+    from course_lib.parts.lm import get_batch, lm_loss
+
+    batches = iter([get_batch(tokens, batch_size, context, generator) for _ in range(steps)])
+    history = course_loop_module.train(model, batches, lm_loss, course_loop_module.LoopConfig(
+        steps=steps, lr=lr_at(0), schedule=lr_at, weight_decay=weight_decay, grad_clip=grad_clip, progress=False))
+    return history.losses, []
+
+
+@pytest.mark.parametrize("fn, called", [(loop_with_the_course_optimizer, "course_lib.parts.loop.make_optimizer"),
+                                        (loop_through_the_course_train, "course_lib.parts.loop.train")])
+def test_train_loop_that_calls_the_reference_is_refused(fn, called):
+    with pytest.raises(ReferenceCalled, match=re.escape(called)):
+        checks.check_train_loop(fn)

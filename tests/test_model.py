@@ -372,3 +372,12 @@ def test_default_gpt_keeps_learned_positions_and_its_count():
         GPTConfig(position="alibi")
     with pytest.raises(ValueError, match="d_model / n_head must be even"):
         GPTConfig(d_model=12, n_head=4, position="rope")
+
+
+def test_the_speed_experiment_times_another_gpt_with_the_course_names():
+    # lesson 04 times the student's GPT of lesson 03 against the course's: it is built with the course's weights
+    from course_lib.experiments import speed
+
+    result = speed.model_vs_anchor(steps=1, windows=1, anchor_class=speed.AnchorGPT)
+    assert result["ratio"] > 0 and "AnchorGPT (the course's weights)" in result["anchor"]
+    assert result["parameters"]["course"] == result["parameters"]["anchor"]

@@ -145,3 +145,16 @@ def test_experiment_settings_per_profile():
     for name in ("ci", "cpu"):
         settings = experiment_settings(get_profile(name))
         assert settings["eval_lengths"] == [settings["context"], 2 * settings["context"], 4 * settings["context"]]
+
+
+def test_every_length_is_judged_on_the_same_windows():
+    # the recorded comparison draws windows of the longest length once; the loss at a shorter length L is that of
+    # their first L tokens, which a causal model predicts exactly as in a window of L tokens
+    tokens = torch.randint(0, 20, (500,), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, context=8, n_layer=1, n_head=2, d_model=16, position="rope"))
+    long = per_position_loss(model, tokens, 32, 4, span=32)
+    short = per_position_loss(model, tokens, 8, 4, span=32)
+    torch.testing.assert_close(long[:, :8], short)
+    with pytest.raises(ValueError, match="span"):
+        per_position_loss(model, tokens, 8, 4, span=4)

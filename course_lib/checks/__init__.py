@@ -39,8 +39,14 @@ from course_lib.checks.cross_entropy import (  # noqa: F401
 from course_lib.checks.transformer_block import (  # noqa: F401
     check_layer_norm, check_param_count, check_layer_norm_backward, check_rope,
 )
+from course_lib.checks.gpt import (  # noqa: F401
+    check_gpt, your_gpt,
+)
 from course_lib.checks.training import (  # noqa: F401
     check_lr_schedule, check_top_k, check_merge_step, check_kv_cache_step,
+)
+from course_lib.checks.training_loop import (  # noqa: F401
+    check_train_loop, course_loop,
 )
 from course_lib.checks.scaling_laws import (  # noqa: F401
     check_isoflop_vertex, check_power_law_fit, check_compute_optimal, check_scaling_prediction,

@@ -79,6 +79,8 @@ def check_lr_schedule(fn: Callable[..., float]) -> None:
                                  case=f"step {step} with {case}")
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
+            if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+                value = value.item()                     # np.float32, np.int64, a 0-d array
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 fail(f"your schedule should return a number, but at step {step} with {case} it returned a "
                      f"{type(value).__name__}.")
@@ -170,7 +172,8 @@ def check_top_k(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
             fail(f"your top-k filter returns {result.dtype} for {z.dtype} logits on {case}; keep the input's "
                  f"dtype (torch.full_like or masked_fill, not torch.full without dtype=).")
         result = result.detach().cpu()
-        kept = torch.isfinite(result)
+        # dropped = probability exactly 0 after the softmax: -inf, or a fill such as -1e9 or finfo.min
+        kept = torch.softmax(result.double(), dim=-1) > 0
         want = torch.isfinite(expected)
         probs = torch.softmax(z.double(), dim=-1)
         if torch.equal(kept, want):
@@ -194,8 +197,8 @@ def check_top_k(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
             if close(result, z.masked_fill(~want, 0.0)):
                 fail(f"your top-k filter sets the dropped logits to 0 on {case}; exp(0) = 1 still gives them "
                      f"probability, set them to -inf.")
-            fail(f"your top-k filter drops nothing on {case}: every logit is still finite; set all but the "
-                 f"k largest of each row to -inf.")
+            fail(f"your top-k filter drops nothing on {case}: every logit still gets some probability; set all "
+                 f"but the k largest of each row to -inf.")
         counts = kept.reshape(-1, z.shape[-1]).sum(-1)
         if kept.sum() == k and z.dim() > 1:
             fail(f"your top-k filter keeps {k} logits of the whole tensor on {case}; keep the k largest of "
@@ -245,6 +248,8 @@ def check_merge_step(fn: Callable[[list[list[int]], int], tuple]) -> None:
         ("the pre-tokens [1], [2], [1], [2], … [3, 4] ×3, where (1, 2) is only frequent across pre-tokens",
          [[1], [2]] * 4 + [[3, 4]] * 3, 256),
         ("a run [7, 7, 7, 7, 7] and [8, 9] twice (merges must not overlap)", [[7, 7, 7, 7, 7], [8, 9], [8, 9]], 261),
+        ("a run [7, 7, 7, 7, 7] and [8, 9] three times (the run holds the pair (7, 7) four times)",
+         [[8, 9], [7, 7, 7, 7, 7], [8, 9], [8, 9]], 262),
         ("a tie between (1, 2) and (3, 4)", [[1, 2], [3, 4], [5]], 400),
     ]
     for case, chunks, new_id in cases:
@@ -275,6 +280,11 @@ def check_merge_step(fn: Callable[[list[list[int]], int], tuple]) -> None:
                 fail(f"your merge step picks {pair} on {case}, which is most frequent only when pairs are counted "
                      f"across pre-tokens; count pairs inside each pre-token (zip(chunk, chunk[1:]) per chunk), "
                      f"never from the end of one to the start of the next.")
+            apart = Counter({p: sum(_merge(chunk, p, -1).count(-1) for chunk in chunks) for p in counts})
+            if apart.get(pair, 0) == max(apart.values()):
+                fail(f"your merge step picks {pair} on {case}, which is most frequent only when overlapping pairs are "
+                     f"counted once; counting looks at every adjacent pair: [7, 7, 7] holds the pair (7, 7) twice "
+                     f"(only merging skips ahead).")
             if counts.get(pair, 0) == min(counts.values()):
                 fail(f"your merge step picks {pair} on {case}, a least frequent pair; BPE merges a most "
                      f"frequent one (it occurs {top} times).")

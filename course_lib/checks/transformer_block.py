@@ -31,7 +31,7 @@ register_hint(
     "Per block: attention 4 d x d matrices + 4d biases; MLP d x 4d and 4d x d matrices + 4d + d biases; two "
     "LayerNorms of 2d each. Outside: the final LayerNorm (2d), the token embedding (V d), the position "
     "embedding (T d); the tied lm head adds nothing.",
-    "return n_layer * (12 * d * d + 13 * d) + 2 * d + vocab_size * d + context * d")
+    "d = d_model; return n_layer * (12 * d * d + 13 * d) + 2 * d + vocab_size * d + context * d")
 register_hint(
     "03.2",
     "y = gamma ⊙ x̂ + beta with x̂ = (x - μ)/σ: gamma and beta are shared by every position, so their "
@@ -40,7 +40,7 @@ register_hint(
     "(dy ⊙ x̂) summed the same way (a sum, not a mean). With g = dy ⊙ gamma: dx = (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂)) "
     "/ σ, the means over the last axis: the mean(g) term is the path through μ, the x̂ term the path through σ.",
     "dx = (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma; "
-    "lead = tuple(range(x.dim() - 1)); return dx, (dy * x_hat).sum(lead), dy.sum(lead)")
+    "rows = (-1, x.shape[-1]); return dx, (dy * x_hat).reshape(rows).sum(0), dy.reshape(rows).sum(0)")
 register_hint(
     "03.3",
     "RoPE turns each pair of neighbouring dimensions (x[2i], x[2i+1]) of the vector at position m into a "
@@ -148,6 +148,22 @@ def check_layer_norm(fn: Callable[..., torch.Tensor]) -> None:
                                f"(batch axes, tiny variances, the default eps, float64, random gamma and beta).")
 
 
+def _whole_number(value: object) -> object:
+    """An int for any whole number the student may return (int, a whole float, a NumPy or one-element torch
+    scalar); anything else unchanged, for the check to name."""
+    import numbers
+
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        value = value.item()        # np.int64, np.float32, a 0-d array
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    return value
+
+
 @exercise("03.4", points=1, forbid=(
     "course_lib.parts.model:param_count_formula",
     "course_lib.parts.model:count_params",
@@ -162,11 +178,7 @@ def check_param_count(fn: Callable[..., int]) -> None:
     cases = [(65, 64, 2, 64), (50257, 1024, 12, 768), (1000, 32, 1, 16), (256, 128, 6, 384)]
     for V, T, L, d in cases:
         case = f"vocab_size={V}, context={T}, n_layer={L}, d_model={d}"
-        result = call_student(fn, vocab_size=V, context=T, n_layer=L, d_model=d, case=case)
-        if isinstance(result, torch.Tensor) and result.numel() == 1:
-            result = result.item()
-        if isinstance(result, float) and result.is_integer():
-            result = int(result)
+        result = _whole_number(call_student(fn, vocab_size=V, context=T, n_layer=L, d_model=d, case=case))
         if isinstance(result, bool) or not isinstance(result, int):
             fail(f"your parameter count should be an int, but on {case} it is a {type(result).__name__} "
                  f"({result!r}).")

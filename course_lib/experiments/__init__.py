@@ -44,6 +44,9 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "char_lm": ("course_lib.experiments.char_lm:experiment", "recipe search (learning rate, then batch × context at equal "
                 "tokens) of the character-level Shakespeare GPT, chosen on two tuning works; seeds",
                 "04_training_a_language_model"),
+    "char_lm_reference": ("course_lib.experiments.char_lm:reference", "the course's GPT trained by the course's loop at "
+                          "the profile's recipe on the lesson's split; seeds; exact held-out loss",
+                          "04_training_a_language_model"),
     "positions": ("course_lib.experiments.positions:experiment", "tiny GPT with learned, sinusoidal, RoPE and no position "
                   "encoding; seeds; held-out loss at and past the training context", "03_transformer_block"),
 }

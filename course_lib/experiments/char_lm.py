@@ -5,7 +5,12 @@ Explained in notebooks/04_training_a_language_model.ipynb. The search is
 
     python -m course_lib.experiments char_lm          # data/results/char_lm_cpu.json
 
-It never looks at the lesson's held-out plays: it trains on the training works minus two *tuning*
+and the run that lesson 04's own GPT and loop are compared with, the course's GPT trained by the course's loop at
+the profile's recipe on the lesson's split, several seeds, with its exact held-out loss:
+
+    python -m course_lib.experiments char_lm_reference   # data/results/char_lm_reference_cpu.json
+
+The search never looks at the lesson's held-out plays: it trains on the training works minus two *tuning*
 works (``TUNING_WORKS``) and compares recipes on those, so the held-out number the lesson reports was
 not used to choose anything. Every recipe of a stage gets the same number of training tokens, so
 the comparison is at equal compute (and, on one machine, nearly equal time).
@@ -21,7 +26,7 @@ import torch
 from course_lib.parts.lm import char_vocabulary, heldout_loss
 from course_lib.tools.timing import Stopwatch
 
-__all__ = ["RECIPES", "TUNING_WORKS", "recipe", "experiment"]
+__all__ = ["RECIPES", "TUNING_WORKS", "recipe", "experiment", "reference"]
 
 # The model is the profile's (cpu: 4 layers, 4 heads, d_model 128: nanoGPT's CPU shape); the rest is
 # the recipe. cpu: chosen by the recorded search (data/results/char_lm_cpu.json, 2026-11-29: 4e-3 beat
@@ -136,3 +141,58 @@ def experiment(profile: Any, *, seeds: int = 2, quick: bool = False) -> dict[str
             "stage1_lr": stage1, "stage2_shape": stage2, "chosen": {k: best[k] for k in (
                 "context", "batch_size", "steps", "lr", "warmup_steps")},
             "repeats": repeats, "seed_spread": spread}
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference run: the course's GPT and loop at the recipe, on the lesson's split
+# ----------------------------------------------------------------------------------------------
+
+def _reference_run(profile_name: str, seed: int, quick: bool) -> dict[str, Any]:
+    """One seed of the reference: what lesson 04 does with the student's GPT and loop, done by the course's."""
+    torch.set_num_threads(1)                       # one thread per process, as the lesson's recorded profile
+    from course_lib.parts.lm import TrainConfig, train_lm
+    from course_lib.parts.model import GPT, GPTConfig
+    from course_lib.tools.data import shakespeare_split
+    from course_lib.tools.profiles import get_profile, seed_everything
+
+    seed_everything(0)
+    profile = get_profile(profile_name)
+    plan = recipe(profile)
+    train_text, val_text = shakespeare_split()
+    chars = char_vocabulary(train_text)
+    stoi = {c: i for i, c in enumerate(chars)}
+    train_ids = torch.tensor([stoi[c] for c in train_text], dtype=torch.long)
+    val_ids = torch.tensor([stoi[c] for c in val_text], dtype=torch.long)
+    config = GPTConfig.from_profile(profile, vocab_size=len(chars), context=plan["context"])
+    if quick:
+        config = GPTConfig(vocab_size=len(chars), context=plan["context"], n_layer=1, n_head=2, d_model=32)
+        plan.update(steps=4, warmup_steps=1)
+        val_ids = val_ids[:5_000]
+    torch.manual_seed(seed)
+    model = GPT(config).to(profile.device)
+    settings = TrainConfig(steps=plan["steps"], batch_size=plan["batch_size"], lr=plan["lr"],
+                           warmup_steps=plan["warmup_steps"], eval_every=max(1, plan["steps"] // 10),
+                           eval_batches=profile.pick(ci=4, cpu=10, gpu=20), seed=seed, progress=False)
+    with Stopwatch(profile.device) as watch:
+        history = train_lm(model, train_ids, val_ids, settings)
+    return {"seed": seed, "heldout_loss": heldout_loss(model, val_ids, plan["context"]),
+            "eval_step": history.eval_step, "val_loss": history.val_loss, "train_loss": history.eval_train_loss,
+            "train_seconds": round(watch.seconds, 1)}
+
+
+def reference(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:
+    """``python -m course_lib.experiments char_lm_reference``: the course's GPT trained by the course's loop at
+    ``recipe(profile)`` on the lesson's split (training works; the four held-out plays), ``seeds`` seeds in parallel
+    (one process and one thread each), each with the exact held-out loss (:func:`course_lib.parts.lm.heldout_loss`)
+    and its evaluation curve. Lesson 04 prints its own GPT's held-out loss, trained by its own loop, beside it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    seeds = min(seeds, 2) if quick else seeds
+    with ProcessPoolExecutor(max_workers=max(1, min(seeds, torch.multiprocessing.cpu_count())),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = list(pool.map(_reference_run, [profile.name] * seeds, range(seeds), [quick] * seeds))
+    losses = [r["heldout_loss"] for r in runs]
+    return {"recipe": recipe(profile), "model": {k: getattr(profile, k) for k in ("d_model", "n_layer", "n_head")},
+            "threads_per_run": 1, "runs": runs, "heldout_loss": {"mean": sum(losses) / len(losses),
+                                                                 "min": min(losses), "max": max(losses)}}

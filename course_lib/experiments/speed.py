@@ -15,7 +15,9 @@
    logging, progress bar off) against the same steps written as a bare ``for`` loop with the same batches,
    clipping and optimiser, on the course's model: how much the loop adds.
 
-Explained in notebooks/04_training_a_language_model.ipynb ("How fast is it?"); the README quotes both ratios.
+Explained in notebooks/04_training_a_language_model.ipynb (Going further, "How fast are the model and the loop?"),
+which also times the student's own GPT of lesson 03 against the course's (``anchor_class``); the README quotes both
+ratios.
 """
 
 from __future__ import annotations
@@ -112,13 +114,19 @@ def _window(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list, s
     return watch.seconds / steps
 
 
-def model_vs_anchor(*, steps: int = 40, windows: int = 5, nanogpt: Path | None = None, seed: int = 0
-                    ) -> dict[str, Any]:
-    """Seconds per training step of the course's GPT and of the anchor, interleaved; their ratio."""
+def model_vs_anchor(*, steps: int = 40, windows: int = 5, nanogpt: Path | None = None, seed: int = 0,
+                    anchor_class: type | None = None) -> dict[str, Any]:
+    """Seconds per training step of the course's GPT and of the anchor, interleaved; their ratio.
+
+    ``anchor_class`` times another GPT with the course's parameter names instead (lesson 04 times the student's
+    GPT of lesson 03, built with the course's weights, against the course's)."""
     config, batch = NANOGPT_CPU["config"], NANOGPT_CPU["batch"]
     torch.manual_seed(seed)
     ours = GPT(config)
-    if nanogpt is not None:
+    if anchor_class is not None:
+        anchor, what = anchor_class(config), f"{anchor_class.__module__}.{anchor_class.__qualname__} (the course's weights)"
+        anchor.load_state_dict(ours.state_dict())
+    elif nanogpt is not None:
         anchor, what = _nanogpt(Path(nanogpt), config), f"nanoGPT's model.py ({nanogpt})"
     else:
         anchor, what = AnchorGPT(config), "AnchorGPT (nanoGPT's architecture written here, the course's weights)"
