@@ -171,9 +171,8 @@ def write_grading_source(lessons: list[str], source_dir: Path = REPO / "notebook
         folder = target_dir / path.stem
         folder.mkdir(parents=True, exist_ok=True)
         nbformat.write(grading_notebook(nbformat.read(path, as_version=4), path.name), folder / path.name)
-        for extra in source_dir.iterdir():
-            if extra.is_file() and extra.suffix in {".py", ".cfg", ".txt", ".json"}:
-                (folder / extra.name).write_bytes(extra.read_bytes())
+        for extra in _travelling_files(source_dir):
+            (folder / extra.name).write_bytes(extra.read_bytes())
         written.append(folder / path.name)
     return written
 
@@ -216,11 +215,17 @@ def write_student_edition(source_dir: Path = REPO / "notebooks", target_dir: Pat
         written.append(out)
         exercises += [exercise_id(c, path.name) for c in nb.cells if "exercise" in _tags(c)]
     (target_dir.parent / "AGENTS.md").write_text(AGENTS_MD.format(exercises=", ".join(exercises) or "none"))
-    # Files the notebooks read next to themselves travel along.
-    for extra in source_dir.iterdir():
-        if extra.is_file() and extra.suffix in {".py", ".cfg", ".txt", ".json"}:
-            (target_dir / extra.name).write_bytes(extra.read_bytes())
+    for extra in _travelling_files(source_dir):
+        (target_dir / extra.name).write_bytes(extra.read_bytes())
     return written
+
+
+def _travelling_files(source_dir: Path) -> list[Path]:
+    """The files the notebooks read next to themselves (lesson 10's accelerate script), which travel with an
+    edition; never ``my_*.py``, which an exercise cell writes (``%%writefile my_gpt.py``): the solution
+    edition's copy holds the solution."""
+    return sorted(p for p in source_dir.iterdir() if p.is_file() and p.suffix in {".py", ".cfg", ".txt", ".json"}
+                  and not p.name.startswith("my_"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,15 @@ def test_an_unknown_lesson_is_named_with_the_known_ones(tmp_path):
 
     with pytest.raises(EditionError, match="there is no lesson '01_atention'; the lessons are: .*01_attention"):
         write_grading_source(["01_atention"], target_dir=tmp_path)
+
+
+def test_a_file_an_exercise_writes_never_travels_with_an_edition(tmp_path):
+    """03.5 writes the student's GPT to my_gpt.py beside the notebook; the solution edition's copy holds the
+    solution, so neither the student edition nor the grading source may carry it."""
+    from course_lib import editions
+
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    (source / "my_gpt.py").write_text("SOLUTION = True\n")
+    (source / "accelerate_train.py").write_text("print('needed by lesson 10')\n")
+    assert [p.name for p in editions._travelling_files(source)] == ["accelerate_train.py"]
