@@ -106,16 +106,17 @@ def recorded_right(bit_strings: Mapping[str, Sequence[str]]) -> dict[str, np.nda
 
 
 def plot_comparisons(comparisons: Sequence[Comparison], *, ax: Any = None, title: str = "") -> Any:
-    """Each comparison as a row: its gap (dot) and interval (bar), the band ±margin shaded, and the verdict
-    in the bar's colour and at its right end. Returns the axes (the caller shows the figure)."""
+    """Each comparison A − B as a row: its gap (dot) and 95% interval (bar), the band ±margin shaded, and the
+    verdict in the bar's colour and at its right end. Returns the axes (the caller shows the figure)."""
     import matplotlib.pyplot as plt
 
     colours = {"ahead": "tab:green", "behind": "tab:red", "within": "tab:blue", "undecided": "tab:gray"}
-    words = {"ahead": "ahead", "behind": "behind", "within": "within ±margin", "undecided": "not yet distinguishable"}
+    margin = comparisons[0].margin if comparisons else 1.0
+    words = {"ahead": "A ahead", "behind": "B ahead", "within": f"within ±{margin:g}",
+             "undecided": "not yet distinguishable"}
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 0.45 * len(comparisons) + 1.4))
-    margin = comparisons[0].margin if comparisons else 1.0
-    ax.axvspan(-margin, margin, color="tab:blue", alpha=0.12, label=f"±{margin:g} point (the practical margin)")
+    ax.axvspan(-margin, margin, color="tab:blue", alpha=0.12)
     ax.axvline(0, color="k", lw=0.8)
     for row, c in enumerate(comparisons):
         ax.plot([c.low, c.high], [row, row], color=colours[c.verdict], lw=3, solid_capstyle="butt")
@@ -123,10 +124,9 @@ def plot_comparisons(comparisons: Sequence[Comparison], *, ax: Any = None, title
         ax.annotate(words[c.verdict], (c.high, row), xytext=(6, 0), textcoords="offset points", va="center",
                     fontsize=8, color=colours[c.verdict])
     ax.set_yticks(range(len(comparisons)), [f"{c.a} − {c.b}" for c in comparisons], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("accuracy gap A − B (points, 95% interval)")
+    ax.set_ylim(len(comparisons) - 0.5, -0.5)
+    ax.set_xlabel(f"accuracy gap A − B (points): dot = gap, bar = 95% interval, shaded = ±{margin:g}-point margin")
     ax.set_title(title or "Paired comparisons")
-    ax.legend(loc="lower right", fontsize=8)
     ax.margins(x=0.25)
     return ax
 
