@@ -215,6 +215,7 @@ def apply_lora(model: nn.Module, target_modules: Sequence[str], r: int, alpha: f
         if not is_lora_layer(new):
             raise TypeError(f"layer(base, r, alpha) built a {type(new).__name__} without nn.Parameter attributes "
                             f"lora_A and lora_B: pass a LoRA layer class such as lora.LoRALinear.")
+        new.to(module.weight.device)  # a layer of one's own may make A and B on the CPU
         _set_child(model, name, new)
         matched.append(name)
     if not matched:
