@@ -45,7 +45,19 @@ def pool_library(hidden, mask):
     return mean_pool(hidden, mask)
 
 
-@pytest.mark.parametrize("fn", [pool_manual, pool_loop, pool_einsum, pool_masked_fill_nanmean])
+def pool_sentence_transformers(hidden, mask):
+    """sentence-transformers' own snippet: a float32 mask, promoted to float64 by float64 states."""
+    m = mask.unsqueeze(-1).expand(hidden.size()).float()
+    return torch.sum(hidden * m, 1) / torch.clamp(m.sum(1), min=1e-9)
+
+
+def pool_bmm(hidden, mask):
+    m = mask.type_as(hidden)
+    return torch.bmm(m.unsqueeze(1), hidden).squeeze(1) / m.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("fn", [pool_manual, pool_loop, pool_einsum, pool_masked_fill_nanmean,
+                                pool_sentence_transformers, pool_bmm])
 def test_mean_pooling_accepts(fn, capsys):
     checks.check_mean_pooling(fn)
     assert "✅ check_mean_pooling passed" in capsys.readouterr().out
@@ -136,7 +148,27 @@ def metrics_library(y_true, y_pred):
     return classification_metrics(y_true, y_pred)
 
 
-@pytest.mark.parametrize("fn", [metrics_counts, metrics_sklearn, metrics_tensors])
+def metrics_numpy(y_true, y_pred):
+    """NumPy all the way: np.int64 counts, np.float64 and np.float32 numbers."""
+    t, p = y_true.numpy(), y_pred.numpy()
+    tp, fp, fn = np.sum((p == 1) & (t == 1)), np.sum((p == 1) & (t == 0)), np.sum((p == 0) & (t == 1))
+    precision = tp / (tp + fp) if tp + fp > 0 else 0
+    recall = tp / (tp + fn) if tp + fn > 0 else 0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0
+    return {"accuracy": np.mean(t == p), "precision": np.float32(precision), "recall": recall, "f1": f1}
+
+
+def metrics_confusion_matrix(y_true, y_pred):
+    from sklearn.metrics import confusion_matrix
+
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return dict(accuracy=(tp + tn) / (tp + tn + fp + fn), precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0)
+
+
+@pytest.mark.parametrize("fn", [metrics_counts, metrics_sklearn, metrics_tensors, metrics_numpy,
+                                metrics_confusion_matrix])
 def test_precision_recall_f1_accepts(fn, capsys):
     checks.check_precision_recall_f1(fn)
     assert "✅ check_precision_recall_f1 passed" in capsys.readouterr().out
@@ -232,7 +264,26 @@ def bootstrap_library(right_a, right_b, rng, resamples=2000):
     return paired_bootstrap_gap(right_a, right_b, rng=rng, resamples=resamples)
 
 
-@pytest.mark.parametrize("fn", [bootstrap_vectorised, bootstrap_loop, bootstrap_differences])
+def bootstrap_scipy(right_a, right_b, rng, resamples=2000):
+    """scipy's bootstrap, paired, percentile method: an independent implementation."""
+    from scipy.stats import bootstrap
+
+    a, b = right_a.astype(float), right_b.astype(float)
+    result = bootstrap((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=True, vectorized=True,
+                       n_resamples=resamples, method="percentile", random_state=rng)
+    return a.mean() - b.mean(), result.confidence_interval.low, result.confidence_interval.high
+
+
+def bootstrap_torch(right_a, right_b, rng, resamples=2000):
+    """Returns 0-d torch tensors (torch.quantile) instead of floats."""
+    a, b = torch.as_tensor(right_a, dtype=torch.float64), torch.as_tensor(right_b, dtype=torch.float64)
+    gaps = (lambda i: a[i].mean(1) - b[i].mean(1))(torch.as_tensor(rng.integers(0, len(a), (resamples, len(a)))))
+    low, high = torch.quantile(gaps, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return a.mean() - b.mean(), low, high
+
+
+@pytest.mark.parametrize("fn", [bootstrap_vectorised, bootstrap_loop, bootstrap_differences, bootstrap_scipy,
+                                bootstrap_torch])
 def test_paired_bootstrap_accepts(fn, capsys):
     checks.check_paired_bootstrap(fn)
     assert "✅ check_paired_bootstrap passed" in capsys.readouterr().out
@@ -349,6 +400,9 @@ REFERENCE_CALLS = {
         a, b, rng=rng, resamples=resamples), "course_lib.experiments.stats.paired_bootstrap_gap"),
     "06.3 the seeds variant": (checks.check_paired_bootstrap, lambda a, b, rng, resamples=2000: stats.paired_bootstrap_gap_seeds(
         a, b, rng=rng, resamples=resamples), "course_lib.experiments.stats.paired_bootstrap_gap_seeds"),
+    "06.3 through compare": (checks.check_paired_bootstrap, lambda a, b, rng, resamples=2000: (lambda c: (
+        c.gap / 100, c.low / 100, c.high / 100))(stats.compare(a, b, resamples=resamples)),
+        "course_lib.experiments.stats.compare"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,11 @@ def forward_einsum(x, W0, A, B, alpha, r):
     return torch.einsum("oi,...i->...o", W0, x) + alpha / r * torch.einsum("or,ri,...i->...o", B, A, x)
 
 
-@pytest.mark.parametrize("fn", [forward_formula, forward_merged_weight, forward_einsum])
+def forward_numpy_scale(x, W0, A, B, alpha, r):  # the scale as a NumPy scalar
+    return F.linear(x, W0) + F.linear(F.linear(x, A), B) * np.float64(alpha / r)
+
+
+@pytest.mark.parametrize("fn", [forward_formula, forward_merged_weight, forward_einsum, forward_numpy_scale])
 def test_lora_forward_accepts_correct(fn, capsys):
     checks.check_lora_forward(fn)
     assert "check_lora_forward passed" in capsys.readouterr().out
@@ -143,27 +148,66 @@ class WithCopiedBaseFunctional(nn.Module):
             p.requires_grad = False
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features).uniform_(-0.1, 0.1))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
-        self.s = alpha / r
+        self.scaling = alpha / r
         self.is_merged = False
 
     def forward(self, x):
         out = F.linear(x, self.base.weight, self.base.bias)
         if not self.is_merged:
-            out = out + F.linear(F.linear(x, self.lora_A), self.lora_B, None) * self.s
+            out = out + F.linear(F.linear(x, self.lora_A), self.lora_B, None) * self.scaling
         return out
 
     def merge(self):
         if not self.is_merged:
-            self.base.weight.data.addmm_(self.lora_B.data, self.lora_A.data, alpha=self.s)
+            self.base.weight.data.addmm_(self.lora_B.data, self.lora_A.data, alpha=self.scaling)
             self.is_merged = True
 
     def unmerge(self):
         if self.is_merged:
-            self.base.weight.data.addmm_(self.lora_B.data, self.lora_A.data, alpha=-self.s)
+            self.base.weight.data.addmm_(self.lora_B.data, self.lora_A.data, alpha=-self.scaling)
             self.is_merged = False
 
 
-@pytest.mark.parametrize("cls", [variant(), RaisingOnSecondMerge, WithCopiedBaseFunctional])
+class KeepsAlphaAndRank(nn.Module):
+    """Correct: keeps alpha and r (no attribute called scaling), A Gaussian as the paper says, and a forward
+    that builds the merged weight on the fly."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base, self.r, self.alpha, self.merged = base.requires_grad_(False), r, alpha, False
+        self.lora_A = nn.Parameter(0.02 * torch.randn(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        return F.linear(x, self.base.weight + self.alpha / self.r * self.lora_B @ self.lora_A, self.base.bias)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight.add_(self.alpha / self.r * self.lora_B @ self.lora_A)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight.sub_(self.alpha / self.r * self.lora_B @ self.lora_A)
+            self.merged = False
+
+
+class ScalingAsTensorBuffer(Variant):
+    """Correct: the scale kept as a 0-d tensor buffer."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        scale = self.scaling
+        del self.scaling
+        self.register_buffer("scaling", torch.tensor(scale))
+
+
+@pytest.mark.parametrize("cls", [variant(), RaisingOnSecondMerge, WithCopiedBaseFunctional, KeepsAlphaAndRank,
+                                 ScalingAsTensorBuffer])
 def test_lora_linear_accepts_correct(cls, capsys):
     checks.check_lora_linear(cls)
     assert "check_lora_linear passed" in capsys.readouterr().out
@@ -218,6 +262,43 @@ def test_lora_linear_refuses_plain_tensors_and_missing_methods():
 
     with pytest.raises(CheckFailed, match=r"no method merge\(\)"):
         checks.check_lora_linear(NoMerge)
+
+
+class ScaleUnderAnotherName(WithCopiedBaseFunctional):
+    """Right outputs, but the scale is kept as self.s: later cells (and lora.save_adapter) cannot read it."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.s = self.__dict__.pop("scaling")
+
+    def forward(self, x):
+        out = F.linear(x, self.base.weight, self.base.bias)
+        return out if self.is_merged else out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.s
+
+    def merge(self):
+        if not self.is_merged:
+            self.base.weight.data.addmm_(self.lora_B.data, self.lora_A.data, alpha=self.s)
+            self.is_merged = True
+
+    def unmerge(self):
+        if self.is_merged:
+            self.base.weight.data.addmm_(self.lora_B.data, self.lora_A.data, alpha=-self.s)
+            self.is_merged = False
+
+
+class AlphaHoldsTheScale(KeepsAlphaAndRank):
+    """Right outputs, but self.alpha holds alpha / r, so a reader of alpha would scale by alpha / r**2."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha / r)
+        self.r = 1
+
+
+def test_lora_linear_wants_the_scale_where_later_cells_read_it():
+    assert "does not keep its scale: store self.scaling = alpha / r" in str(
+        pytest.raises(CheckFailed, checks.check_lora_linear, ScaleUnderAnotherName).value)
+    assert "self.alpha is 4 on r=2, alpha=8.0" in str(pytest.raises(CheckFailed, checks.check_lora_linear,
+                                                                    AlphaHoldsTheScale).value)
 
 
 def test_lora_linear_keeps_the_global_rng_and_reports_stub():
@@ -279,7 +360,30 @@ def inject_own_layer(model, target_modules, r, alpha):
     return model
 
 
-@pytest.mark.parametrize("fn", [inject_recursive, inject_own_layer])
+def inject_into_every_parent(model, target_modules, r, alpha):
+    """Correct: visit every module's direct children by their own names (no dotted names at all)."""
+    for p in model.parameters():
+        p.requires_grad = False
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name in target_modules:
+                setattr(module, name, lora.LoRALinear(child, r, alpha))
+    return model
+
+
+def inject_walking_the_path(model, target_modules, r, alpha):
+    """Correct: split the dotted name and walk it with getattr (ModuleList items and ModuleDict keys too)."""
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in target_modules:
+            *path, last = name.split(".")
+            parent = model
+            for part in path:
+                parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+            setattr(parent, last, lora.LoRALinear(module, r, alpha))
+
+
+@pytest.mark.parametrize("fn", [inject_recursive, inject_own_layer, inject_into_every_parent, inject_walking_the_path])
 def test_apply_lora_accepts_correct(fn, capsys):
     checks.check_apply_lora(fn)
     assert "check_apply_lora passed" in capsys.readouterr().out
@@ -303,6 +407,13 @@ def inject_substring(model, target_modules, r, alpha):
     model.requires_grad_(False)
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and any(t in name for t in target_modules):
+            _replace(model, name, r, alpha)
+
+
+def inject_suffix_without_dot(model, target_modules, r, alpha):
+    model.requires_grad_(False)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and any(name.endswith(t) for t in target_modules):
             _replace(model, name, r, alpha)
 
 
@@ -397,6 +508,8 @@ WRONG_INJECTION = {
     inject_rslora: "alpha/sqrt(r) (that is rsLoRA)",
     inject_without_freezing: "pretrained parameters trainable",
     inject_substring: "you replaced 'layers.0.query_proj', which does not match",
+    inject_suffix_without_dot: "you replaced 'layers.0.key_value', which does not match ['query', 'value']: its last "
+                               "part 'key_value' only ends with a target",
     inject_known_layers_only: "you missed 'deep.inner.extra.query'",
     inject_setattr_dotted: "you did not replace 'layers.0.attention.query'",
     inject_fixed_rank: "has rank 4, but r=2 was asked for",
@@ -436,7 +549,14 @@ def grads_autograd(x, A, B, alpha, r, g):
     return torch.autograd.grad(h, (A_, B_), grad_outputs=g)
 
 
-@pytest.mark.parametrize("fn", [grads_matrix, grads_einsum])
+def grads_row_by_row(x, A, B, alpha, r, g):
+    """The one-row formulas, summed over the rows."""
+    X, G, s = x.flatten(0, -2), g.flatten(0, -2), alpha / r
+    return (sum(s * torch.outer(B.T @ G[n], X[n]) for n in range(len(X))),
+            sum(s * torch.outer(G[n], A @ X[n]) for n in range(len(X))))
+
+
+@pytest.mark.parametrize("fn", [grads_matrix, grads_einsum, grads_row_by_row])
 def test_lora_grads_accepts(fn, capsys):
     checks.check_lora_grads(fn)
     assert "check_lora_grads passed" in capsys.readouterr().out

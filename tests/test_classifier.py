@@ -350,3 +350,41 @@ def test_compare_resamples_seeds_and_examples_and_gives_a_three_way_verdict():
         result.sentence()
     with pytest.raises(ValueError, match="margin"):
         compare(a, a, margin=-1)
+
+
+def test_fixed_step_training_reports_every_steps_loss(tokenizer):
+    from course_lib.parts.classifier import SentenceClassifier, train_fixed_steps
+
+    torch.manual_seed(0)
+    model = SentenceClassifier(tiny_encoder(), n_classes=2)
+    out = train_fixed_steps(model, tokenizer, toy_data(24, 0), lr=1e-3, steps=6, batch_size=4, max_length=12)
+    assert len(out["losses"]) == 6 and all(isinstance(x, float) for x in out["losses"])
+    assert out["final_loss"] == pytest.approx(np.mean(out["losses"][-5:]))
+
+
+def test_records_keep_what_compare_needs_and_what_it_said():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(1)
+    truth = rng.random(300) < 0.8
+    right = {"A": np.stack([truth ^ (rng.random(300) < 0.05) for _ in range(2)]),
+             "B": np.stack([truth ^ (rng.random(300) < 0.3) for _ in range(2)]),
+             "C": np.stack([truth ^ (rng.random(300) < 0.06) for _ in range(2)])}
+    table = finetuning.all_comparisons(right)
+    assert list(table) == ["A − B", "A − C", "B − C"]
+    direct = stats.compare(right["A"], right["B"], a="A", b="B")
+    assert table["A − B"]["verdict"] == direct.verdict == "ahead" and table["A − B"]["low"] == direct.low
+    # a record stores each seed's correctness as a bit string; recorded_right reads it back
+    stored = {m: [cache.bits(row) for row in rows] for m, rows in right.items()}
+    back = finetuning.recorded_right(json.loads(json.dumps(stored)))
+    assert all(np.array_equal(back[m], right[m]) for m in right)
+    assert stats.compare(back["A"], back["B"], a="A", b="B") == direct
+    with pytest.raises(TypeError, match="table of bit strings"):
+        finetuning.recorded_right(["0101"])
+    comparisons = [stats.Comparison(**row) for row in table.values()]
+    ax = finetuning.plot_comparisons(comparisons, title="test")
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(table) and ax.get_title() == "test"
+    plt.close("all")

@@ -327,3 +327,77 @@ def test_a_target_matches_whole_name_parts_only():
     model.block.query = nn.Linear(4, 4)
     apply_lora(model, ["query"], r=2, alpha=2)
     assert set(lora.lora_layers(model)) == {"query", "block.query"}
+
+
+# ---- a LoRA layer of the student's own (exercise 07.3) inside the library's machinery ----------
+
+class StudentLayer(nn.Module):
+    """The layer a student writes in exercise 07.3: no dropout, no dtype handling, its own arithmetic."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.scaling = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.merged = False
+
+    def forward(self, x):
+        h = self.base(x)
+        return h if self.merged else h + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += self.scaling * self.lora_B @ self.lora_A
+            self.merged = True
+
+
+def test_apply_lora_builds_any_layer_class_and_the_adapter_comes_back_as_the_courses(tmp_path):
+    base = tiny_bert(classifier=True)
+    theirs = apply_lora(copy.deepcopy(base), ["query", "value"], r=4, alpha=6, trainable_extra=["classifier"],
+                        layer=StudentLayer)
+    ours = apply_lora(copy.deepcopy(base), ["query", "value"], r=4, alpha=6, trainable_extra=["classifier"])
+    assert all(type(m) is StudentLayer for m in lora.lora_layers(theirs).values())
+    assert set(lora.lora_layers(theirs)) == set(lora.lora_layers(ours)) and count_trainable(theirs) == count_trainable(ours)
+    randomise_lora(theirs)
+    randomise_lora(ours)
+    x = ids()
+    torch.testing.assert_close(out(theirs, x), out(ours, x), atol=1e-5, rtol=1e-5)
+    for name, layer in lora.lora_layers(theirs).items():
+        assert lora.scaling_of(layer) == 1.5
+        torch.testing.assert_close(lora.low_rank_update(layer), lora.lora_layers(ours)[name].delta_weight())
+    # saved from the student's layers, loaded as the course's: the same model
+    fresh = lora.load_adapter(copy.deepcopy(base), lora.save_adapter(theirs, tmp_path / "a.safetensors"))
+    assert all(isinstance(m, LoRALinear) and m.alpha == 6 for m in lora.lora_layers(fresh).values())
+    torch.testing.assert_close(out(fresh, x), out(theirs, x), atol=1e-5, rtol=1e-5)
+    plain = lora.merge_lora(theirs)
+    assert not lora.lora_layers(plain)
+    torch.testing.assert_close(out(plain, x), out(fresh, x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_of_ones_own_gets_one_sentence_where_it_falls_short(tmp_path):
+    with pytest.raises(ValueError, match="dropout=0.1 belongs to the course's LoRALinear"):
+        apply_lora(tiny_bert(), ["query"], r=2, alpha=4, dropout=0.1, layer=StudentLayer)
+    with pytest.raises(TypeError, match="without nn.Parameter attributes lora_A and lora_B"):
+        apply_lora(tiny_bert(), ["query"], r=2, alpha=4, layer=lambda base, r, alpha: nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        apply_lora(apply_lora(tiny_bert(), ["query"], r=2, alpha=4, layer=StudentLayer), ["value"], r=2, alpha=4)
+
+    class NoScale(StudentLayer):
+        def __init__(self, base, r, alpha):
+            super().__init__(base, r, alpha)
+            del self.scaling
+
+    model = apply_lora(tiny_bert(), ["query"], r=2, alpha=4, layer=NoScale)
+    with pytest.raises(ValueError, match="says neither its scaling nor its alpha"):
+        lora.save_adapter(model, tmp_path / "a.safetensors")
+    del next(iter(lora.lora_layers(model).values())).base
+    with pytest.raises(ValueError, match="no merge\\(\\) or no wrapped nn.Linear called base"):
+        lora.merge_lora(model)
+    with pytest.raises(TypeError, match="takes a LoRA layer"):
+        lora.low_rank_update(nn.Linear(2, 2))
+    assert not lora.lora_layers(peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"])))

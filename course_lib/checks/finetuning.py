@@ -261,6 +261,7 @@ def _three_numbers(result: Any, case: str) -> tuple[float, float, float]:
 @exercise("06.3", points=2, forbid=(
     "course_lib.experiments.stats:paired_bootstrap_gap",
     "course_lib.experiments.stats:paired_bootstrap_gap_seeds",
+    "course_lib.experiments.stats:compare",
 ))
 def check_paired_bootstrap(fn: Callable[..., Any]) -> None:
     """``fn(right_a, right_b, rng, resamples=...)`` returns (gap, low, high): A's accuracy minus B's and a

@@ -36,7 +36,7 @@ register_hint("07.3",
               "at zero so that the layer starts exactly at the pretrained one.",
               "In __init__: store base, freeze its parameters, make lora_A an nn.Parameter of shape (r, in) "
               "filled by nn.init.kaiming_uniform_(a=math.sqrt(5)) and lora_B an nn.Parameter of zeros (out, r), "
-              "remember alpha / r and merged = False. forward adds the scaled branch unless merged; merge() adds "
+              "store self.scaling = alpha / r and merged = False. forward adds the scaled branch unless merged; merge() adds "
               "(alpha/r) B @ A to base.weight once, unmerge() subtracts it once.",
               "return self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T")
 register_hint("07.4",
@@ -104,6 +104,25 @@ def _lora_attr(layer: Any, name: str, shape: tuple[int, int]) -> torch.Tensor:
         fail(f"{name} is a {type(value).__name__}, not an nn.Parameter, so the optimiser would never see it: "
              f"wrap it, self.{name} = nn.Parameter(...).")
     return value
+
+
+def _lora_scaling_attribute(layer: Any, r: int, alpha: float, case: str) -> None:
+    """The layer keeps its scale where later cells read it: ``scaling`` (= alpha / r), or else ``alpha``."""
+    __tracebackhide__ = True
+    for name, expected in (("scaling", alpha / r), ("alpha", alpha)):
+        value = getattr(layer, name, None)
+        if value is None:
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            fail(f"self.{name} should be a number on {case}, but it is a {type(value).__name__}.")
+        if abs(value - expected) > 1e-9 * max(1.0, abs(expected)):
+            fail(f"self.{name} is {value:g} on {case}, but it should be {'alpha / r' if name == 'scaling' else 'alpha'}"
+                 f" = {expected:g}: later cells read the layer's scale from it.")
+        return
+    fail("your layer does not keep its scale: store self.scaling = alpha / r in __init__ (later cells, like peft, "
+         "read it from there).")
 
 
 def _lora_try(method: Callable[[], Any], what: str) -> bool:
@@ -225,6 +244,7 @@ def check_lora_linear(cls: Callable[..., torch.nn.Module]) -> None:
             if _lora_try(layer.unmerge, "unmerge()") and not close(base.weight.detach(), w0):
                 fail("calling unmerge() on a layer that is not merged changed base.weight: only subtract the update "
                      "when the layer is merged.")
+            _lora_scaling_attribute(layer, r, alpha, case)
     passed("check_lora_linear", "shapes, B = 0 start, frozen base, scaling alpha/r, gradients, merge and unmerge "
                                 "all match the reference on 2 layers.")
 
@@ -244,11 +264,12 @@ class _LoRAToyBlock(torch.nn.Module):
         super().__init__()
         self.attention = _LoRAToyAttention(d)
         self.query_proj = torch.nn.Linear(d, d)  # matches "query" as a substring only
+        self.key_value = torch.nn.Linear(d, d)   # ends with "value", but its last name part is not "value"
         self.ffn = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = self.attention(h)
-        return h + self.ffn(h) + 0.1 * self.query_proj(h)
+        return h + self.ffn(h) + 0.1 * self.query_proj(h) + 0.1 * self.key_value(h)
 
 
 class _LoRAToyModel(torch.nn.Module):
@@ -322,6 +343,11 @@ def check_apply_lora(fn: Callable[..., Any]) -> None:
                     fail(f"you did not replace {name!r} ({case}): every nn.Linear whose name ends with "
                          f"'.' + a target should become a LoRA layer (set it on its parent with setattr).")
                 if name not in wanted and is_lora:
+                    last = name.rsplit(".", 1)[-1]
+                    if any(last.endswith(t) for t in targets):
+                        fail(f"you replaced {name!r}, which does not match {targets}: its last part {last!r} only "
+                             f"ends with a target; a name matches when name == t or name.endswith('.' + t), "
+                             f"with the dot.")
                     fail(f"you replaced {name!r}, which does not match {targets}: compare the whole last part of the "
                          f"name (name == t or name.endswith('.' + t)), not a substring.")
                 if is_lora and tuple(module.lora_A.shape)[0] != r:

@@ -25,7 +25,7 @@ def sizes_for(table: Mapping[str, dict[str, Any]], profile: Any, quick: bool) ->
 
 # Part of every cached run's key: bump it whenever a change alters what a run computes (data, model,
 # training loop, evaluation), so that no number made by older code is reused.
-RUN_CODE_VERSION = 2
+RUN_CODE_VERSION = 3
 
 
 

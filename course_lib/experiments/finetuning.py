@@ -1,15 +1,18 @@
 """The recorded comparison of lesson 06: majority class, VADER, bag of words, a linear probe on frozen MiniLM
 and full fine-tuning of MiniLM, on the same labelled examples, several seeds, learning rates chosen on
-validation, paired intervals.
+validation, and every pair of methods compared the course's one way (:func:`course_lib.experiments.stats.compare`).
 
 Explained in notebooks/06_finetuning.ipynb. ``python -m course_lib.experiments finetuning`` writes
-data/results/finetuning_cpu.json.
+data/results/finetuning_cpu.json. A record keeps which test examples each method got right in each seed
+(``right``, one bit string per seed; :func:`recorded_right` reads them back), so a notebook compares any two
+methods with ``compare`` itself; ``comparisons`` holds what ``compare`` said for every pair when it was recorded.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from course_lib.experiments.cache import bits, log, RunCache, sizes_for, unbits, is_worker, json_ready
-from course_lib.experiments.stats import pairwise_gaps
+from course_lib.experiments.stats import compare, Comparison
 from course_lib.parts.classifier import (_device_of, classification_metrics, embed, evaluate, load_encoder,
                                          SentenceClassifier, train_classifier, TrainingRun)
 from course_lib.tools.data import take
@@ -85,6 +88,49 @@ def fit_probe(e_train: Any, y_train: Any, e_val: Any, y_val: Any):
     return fits[c], c
 
 
+def all_comparisons(right: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """:func:`compare` of every pair of methods in ``right`` (name -> (seeds, examples) booleans), in the
+    order given, keyed ``"A − B"``; each value is the :class:`Comparison` as a dict (gap, interval, verdict)."""
+    names = list(right)
+    return {f"{a} − {b}": asdict(compare(right[a], right[b], a=a, b=b))
+            for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def recorded_right(bit_strings: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+    """A record's per-example correctness as arrays, what :func:`compare` takes: ``record["results"]["right"]``
+    (method -> one bit string per seed) becomes method -> (seeds, examples) booleans."""
+    if not isinstance(bit_strings, Mapping):
+        raise TypeError(f"recorded_right takes a record's table of bit strings (method -> one string per seed), "
+                        f"e.g. record['results']['right'], got a {type(bit_strings).__name__}.")
+    return {method: np.stack([unbits(b) for b in rows]) for method, rows in bit_strings.items()}
+
+
+def plot_comparisons(comparisons: Sequence[Comparison], *, ax: Any = None, title: str = "") -> Any:
+    """Each comparison A − B as a row: its gap (dot) and 95% interval (bar), the band ±margin shaded, and the
+    verdict in the bar's colour and at its right end. Returns the axes (the caller shows the figure)."""
+    import matplotlib.pyplot as plt
+
+    colours = {"ahead": "tab:green", "behind": "tab:red", "within": "tab:blue", "undecided": "tab:gray"}
+    margin = comparisons[0].margin if comparisons else 1.0
+    words = {"ahead": "A ahead", "behind": "B ahead", "within": f"within ±{margin:g}",
+             "undecided": "not yet distinguishable"}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.45 * len(comparisons) + 1.4))
+    ax.axvspan(-margin, margin, color="tab:blue", alpha=0.12)
+    ax.axvline(0, color="k", lw=0.8)
+    for row, c in enumerate(comparisons):
+        ax.plot([c.low, c.high], [row, row], color=colours[c.verdict], lw=3, solid_capstyle="butt")
+        ax.plot(c.gap, row, "o", color="k", ms=4)
+        ax.annotate(words[c.verdict], (c.high, row), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=8, color=colours[c.verdict])
+    ax.set_yticks(range(len(comparisons)), [f"{c.a} − {c.b}" for c in comparisons], fontsize=8)
+    ax.set_ylim(len(comparisons) - 0.5, -0.5)
+    ax.set_xlabel(f"accuracy gap A − B (points): dot = gap, bar = 95% interval, shaded = ±{margin:g}-point margin")
+    ax.set_title(title or "Paired comparisons")
+    ax.margins(x=0.25)
+    return ax
+
+
 def finetune_once(encoder: nn.Module, tokenizer: Any, train_data: Any, val_data: Any, *, lr: float, seed: int,
                   sizes: Mapping[str, Any], progress: bool = False) -> tuple[nn.Module, TrainingRun]:
     """Full fine-tuning of a fresh copy of ``encoder`` as notebook 06 does it: ``(model, run)``.
@@ -124,8 +170,10 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     words, the linear probe and full fine-tuning. VADER's threshold, the C of both logistic regressions
     and the fine-tuning learning rate are chosen on the validation split; the learning rate by a search
     over ``lrs`` on seed 0, after which the other seeds run at the chosen rate (seed 0's run at that
-    rate is reused). Every pair of methods gets a paired bootstrap interval over test examples and
-    seeds (:func:`pairwise_gaps`). Extra processes can share the fine-tuning runs (:func:`is_worker`).
+    rate is reused). Every pair of methods is compared with :func:`compare` (test examples and seeds
+    resampled together, a three-way verdict against the margin); which examples each method got right is
+    kept per seed, on the movie test split (``right``) and out of domain (``right_ood``), so any other
+    comparison can be made from the record. Extra processes can share the fine-tuning runs (:func:`is_worker`).
     """
     from course_lib.tools.data import load_sentiment
     from course_lib.tools.profiles import code_version
@@ -149,8 +197,8 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
                    stopped_early=run.stopped_early, seconds=run.seconds,
                    examples_per_second=run.train_examples_per_second, history=run.history,
                    test_predictions=bits(evaluate(model, tokenizer, test, max_length=max_length)["predictions"]),
-                   ood_accuracy={d: evaluate(model, tokenizer, data, max_length=max_length)["accuracy"]
-                                 for d, data in ood.items()})
+                   ood_predictions={d: bits(evaluate(model, tokenizer, data, max_length=max_length)["predictions"])
+                                    for d, data in ood.items()})
         log(name, f"fine-tuning lr={lr:g} seed {seed}: validation {out['val_accuracy']:.3f} "
                    f"(best step {run.best_step} of {run.steps}) in {run.seconds:.0f} s")
         return out
@@ -179,7 +227,7 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     methods = ["majority class", "VADER (compound ≥ 0)", "VADER (tuned threshold)", "bag of words + LR",
                "linear probe (frozen MiniLM)", "fine-tuned MiniLM"]
     predictions = {m: [] for m in methods}
-    transfer = {m: {d: [] for d in ood} for m in methods[1:]}
+    ood_predictions = {d: {m: [] for m in methods[1:]} for d in ood}  # domain -> method -> one array per seed
     chosen_c = {"bag of words + LR": [], "linear probe (frozen MiniLM)": []}
     for seed in range(seeds):
         pool = take(movies["train"], sizes["n_label"], seed=seed)
@@ -194,19 +242,19 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
         predictions["linear probe (frozen MiniLM)"].append(probe.predict(e_test))
         chosen_c["linear probe (frozen MiniLM)"].append(c)
         for d, data in ood.items():
-            transfer["VADER (compound ≥ 0)"][d].append(float(((vader_ood[d] >= 0) == y_ood[d]).mean()))
-            transfer["VADER (tuned threshold)"][d].append(float(((vader_ood[d] >= t) == y_ood[d]).mean()))
-            transfer["bag of words + LR"][d].append(
-                float((bow.predict(vectorizer.transform(list(data["text"]))) == y_ood[d]).mean()))
-            transfer["linear probe (frozen MiniLM)"][d].append(float((probe.predict(e_ood[d]) == y_ood[d]).mean()))
+            ood_predictions[d]["VADER (compound ≥ 0)"].append((vader_ood[d] >= 0).astype(int))
+            ood_predictions[d]["VADER (tuned threshold)"].append((vader_ood[d] >= t).astype(int))
+            ood_predictions[d]["bag of words + LR"].append(bow.predict(vectorizer.transform(list(data["text"]))))
+            ood_predictions[d]["linear probe (frozen MiniLM)"].append(probe.predict(e_ood[d]))
         log(name, f"seed {seed}: baselines done (bag of words C={chosen_c['bag of words + LR'][-1]}, "
                    f"probe C={c})")
     for run in runs:
         predictions["fine-tuned MiniLM"].append(unbits(run["test_predictions"]).astype(int))
         for d in ood:
-            transfer["fine-tuned MiniLM"][d].append(run["ood_accuracy"][d])
+            ood_predictions[d]["fine-tuned MiniLM"].append(unbits(run["ood_predictions"][d]).astype(int))
 
     right = {m: [np.asarray(p) == y_test for p in predictions[m]] for m in methods}
+    right_ood = {d: {m: [np.asarray(p) == y_ood[d] for p in by[m]] for m in by} for d, by in ood_predictions.items()}
     table = _summarise(right, predictions, y_test)
     n_pool = len(take(movies["train"], sizes["n_label"]))
     for m in methods:
@@ -220,10 +268,12 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
                      stopped_early=r["stopped_early"], seconds=r["seconds"],
                      test_accuracy=float((unbits(r["test_predictions"]) == y_test).mean()))
                 for lr, r in search.items()],
-        runs=[{k: v for k, v in r.items() if k != "test_predictions"} | {"seed": s} for s, r in enumerate(runs)],
-        table=table, gaps=pairwise_gaps({m: right[m] for m in methods}),
+        runs=[{k: v for k, v in r.items() if k not in ("test_predictions", "ood_predictions")} | {"seed": s}
+              for s, r in enumerate(runs)],
+        table=table, comparisons=all_comparisons({m: np.stack(right[m]) for m in methods}),
         run_commits=sorted({r.get("commit", "not recorded") for r in [*search.values(), *runs]}),
-        transfer={m: {d: float(np.mean(v)) for d, v in by.items()} for m, by in transfer.items()},
+        transfer={m: {d: float(np.mean([r.mean() for r in right_ood[d][m]])) for d in ood} for m in methods[1:]},
         transfer_majority={d: float(max(y.mean(), 1 - y.mean())) for d, y in y_ood.items()},
         right={m: [bits(r) for r in right[m]] for m in methods},
+        right_ood={d: {m: [bits(r) for r in rows] for m, rows in by.items()} for d, by in right_ood.items()},
     ))

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from course_lib.experiments.cache import bits, log, RunCache, sizes_for, unbits, is_worker, json_ready
-from course_lib.experiments.finetuning import _summarise, _vader
-from course_lib.experiments.stats import pairwise_gaps
+from course_lib.experiments.finetuning import _summarise, _vader, all_comparisons
 from course_lib.parts.classifier import (_device_of, embed, evaluate, load_encoder, SentenceClassifier,
                                          train_fixed_steps, train_head_on_embeddings)
 from course_lib.tools.data import take
@@ -60,7 +59,9 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
     the same labelled examples ``take(train, n_train, seed=s)`` for the same number of steps. Each
     method family's learning rate is chosen on the validation split by a search on seed 0 (LoRA's at
     ``search_rank``, then used at every rank); the other seeds run at the chosen rates. Every pair of
-    methods, and each against VADER, gets a paired bootstrap interval over test examples and seeds.
+    methods, and each against VADER, is compared with :func:`course_lib.experiments.stats.compare` (test
+    examples and seeds resampled together, a three-way verdict); which test examples each method got right in
+    each seed is kept (``right``) so that a notebook can make any comparison from the record.
     """
     import copy
 
@@ -179,14 +180,15 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
         table[m].update(lr=chosen_lr[family(m)], trainable=rows[0]["trainable"], adam_bytes=rows[0]["adam_bytes"],
                         step_ms=float(np.median([r["step_ms"] for r in rows])),
                         seconds_mean=float(np.mean([r["seconds"] for r in rows])))
-    gaps = pairwise_gaps({**right, "VADER (compound ≥ 0)": [vader_right] * seeds})
+    right["VADER (compound ≥ 0)"] = [vader_right] * seeds  # no training: the same answers in every seed
     return json_ready(dict(
         sizes=sizes, seeds=seeds, steps=steps, n_train=n_train, n_val=len(val), n_test=len(test),
         targets=list(LORA_TARGETS), code_at_start=code_at_start, chosen_lr=chosen_lr,
         search={fam: [dict(lr=lr, method=search_method[fam], val_accuracy=r["val_accuracy"],
                            test_accuracy=float((unbits(r["test_predictions"]) == y_test).mean()))
                       for lr, r in by_lr.items()] for fam, by_lr in search.items()},
-        table=table, vader_accuracy=float(vader_right.mean()), gaps=gaps,
+        table=table, vader_accuracy=float(vader_right.mean()),
+        comparisons=all_comparisons({m: np.stack(rows) for m, rows in right.items()}),
         run_commits=sorted({r.get("commit", "not recorded") for rows in results.values() for r in rows}
                            | {r.get("commit", "not recorded") for by_lr in search.values() for r in by_lr.values()}),
         right={m: [bits(r) for r in rows] for m, rows in right.items()},

@@ -392,7 +392,8 @@ def _fixed_step_result(model: nn.Module, history: History) -> dict[str, Any]:
     timed = sorted(history.step_seconds[1:] or history.step_seconds)   # the first step allocates Adam's state
     return dict(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                 adam_bytes=history.optimizer_bytes, step_ms=1000 * timed[len(timed) // 2],
-                final_loss=float(np.mean(history.losses[-5:])), seconds=history.seconds)
+                final_loss=float(np.mean(history.losses[-5:])), seconds=history.seconds,
+                losses=[float(x) for x in history.losses])
 
 
 def _fixed_step_config(lr: float, steps: int, weight_decay: float, warmup_fraction: float, clip_norm: float,
@@ -415,7 +416,7 @@ def train_fixed_steps(model: nn.Module, tokenizer: Any, train_data: Any, *, lr: 
     over ``warmup_fraction`` of the steps then linear decay, gradient clipping. Returns the number of
     trainable parameters, the bytes of Adam's state (measured after training), the median step time in
     ms (the first step, which allocates the optimiser state, left out), the mean loss of the last five
-    steps and the seconds of the whole run.
+    steps, the loss of every step (``losses``) and the seconds of the whole run.
     """
     texts, labels = texts_and_labels(train_data)
     if batch_size < 1:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "LoRALinear", "apply_lora", "apply_bitfit", "lora_layers", "merge_lora", "count_trainable",
-    "trainable_parameters", "save_adapter", "load_adapter",
+    "LoRALinear", "apply_lora", "apply_bitfit", "lora_layers", "is_lora_layer", "scaling_of", "low_rank_update",
+    "merge_lora", "count_trainable", "trainable_parameters", "save_adapter", "load_adapter",
 ]
 
 
@@ -178,21 +178,28 @@ def _train_extra(model: nn.Module, trainable_extra: Sequence[str]) -> None:
 
 
 def apply_lora(model: nn.Module, target_modules: Sequence[str], r: int, alpha: float,
-               dropout: float = 0.0, trainable_extra: Sequence[str] = ()) -> nn.Module:
-    """Freeze ``model`` and wrap every ``nn.Linear`` whose name matches ``target_modules`` in a LoRALinear.
+               dropout: float = 0.0, trainable_extra: Sequence[str] = (),
+               layer: Callable[[nn.Linear, int, float], nn.Module] | None = None) -> nn.Module:
+    """Freeze ``model`` and wrap every ``nn.Linear`` whose name matches ``target_modules`` in a LoRA layer.
 
     A module matches a target when its full name equals it or ends with ``"." + target`` (peft's rule), so
     ``["query", "value"]`` picks ``encoder.layer.3.attention.self.query`` but not ``query_proj``.
     Afterwards only the LoRA matrices are trainable, plus every parameter of the modules named in
     ``trainable_extra`` -- e.g. ``trainable_extra=["classifier"]`` to train a new task head too (peft calls
     this ``modules_to_save``). The model is changed in place and returned.
+
+    ``layer`` builds the LoRA layers: :class:`LoRALinear` by default, or another class called as
+    ``layer(base, r, alpha)`` -- notebook 07 passes the student's own layer of exercise 07.3 here.
     """
     targets = _as_names(target_modules, "target_modules", "['query', 'value']")
     extra = _as_names(trainable_extra, "trainable_extra", "['classifier']")
     if not targets:
         raise ValueError("target_modules is empty: name the linear layers to adapt, e.g. ['query', 'value'].")
     _check_rank_alpha(r, alpha)
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if layer is not None and dropout:
+        raise ValueError(f"dropout={dropout!r} belongs to the course's LoRALinear; a layer of your own is built as "
+                         f"layer(base, r, alpha): leave dropout at 0 (or pass layer=None).")
+    if lora_layers(model):
         raise ValueError("this model already has LoRA layers: call apply_lora once, on a fresh model "
                          "(or merge_lora(model) first).")
     for p in model.parameters():
@@ -204,7 +211,12 @@ def apply_lora(model: nn.Module, target_modules: Sequence[str], r: int, alpha: f
         if not isinstance(module, nn.Linear):
             raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear; this LoRA wraps "
                              f"linear layers only: name the linear layers inside it instead.")
-        _set_child(model, name, LoRALinear(module, r, alpha, dropout))
+        new = LoRALinear(module, r, alpha, dropout) if layer is None else layer(module, r, alpha)
+        if not is_lora_layer(new):
+            raise TypeError(f"layer(base, r, alpha) built a {type(new).__name__} without nn.Parameter attributes "
+                            f"lora_A and lora_B: pass a LoRA layer class such as lora.LoRALinear.")
+        new.to(module.weight.device)  # a layer of one's own may make A and B on the CPU
+        _set_child(model, name, new)
         matched.append(name)
     if not matched:
         raise ValueError(f"no nn.Linear of the model matches target_modules={targets}; its linear layers are "
@@ -227,21 +239,51 @@ def apply_bitfit(model: nn.Module, trainable_extra: Sequence[str] = ()) -> nn.Mo
     return model
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRALinear layers by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a LoRA layer: the course's :class:`LoRALinear`, or any module with nn.Parameter
+    attributes ``lora_A`` (r, in) and ``lora_B`` (out, r) -- such as the one a student writes in exercise 07.3.
+    (peft's layers keep their matrices in ModuleDicts and do not count.)"""
+    return isinstance(module, LoRALinear) or (isinstance(getattr(module, "lora_A", None), nn.Parameter)
+                                              and isinstance(getattr(module, "lora_B", None), nn.Parameter))
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's LoRA layers by name (see :func:`is_lora_layer`)."""
+    return {n: m for n, m in model.named_modules() if is_lora_layer(m)}
+
+
+def scaling_of(layer: nn.Module) -> float:
+    """alpha / r of a LoRA layer: its ``scaling``, or else its ``alpha`` over its rank (``lora_A``'s rows)."""
+    scaling = getattr(layer, "scaling", None)
+    if scaling is None and getattr(layer, "alpha", None) is not None:
+        scaling = float(layer.alpha) / layer.lora_A.shape[0]
+    try:
+        return float(scaling)
+    except (TypeError, ValueError):
+        raise ValueError(f"this {type(layer).__name__} says neither its scaling nor its alpha: give it an attribute "
+                         f"scaling = alpha / r, as the course's and peft's layers have.") from None
+
+
+def low_rank_update(layer: nn.Module) -> torch.Tensor:
+    """The layer's update Delta W = (alpha / r) B A, shape (out_features, in_features), detached, float32."""
+    if not is_lora_layer(layer):
+        raise TypeError(f"low_rank_update takes a LoRA layer (with lora_A and lora_B), got a {type(layer).__name__}.")
+    return scaling_of(layer) * (layer.lora_B.detach().float() @ layer.lora_A.detach().float())
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRALinear (W0 += (alpha/r) B A) and put its plain ``nn.Linear`` back in its place.
+    """Merge every LoRA layer (W0 += (alpha/r) B A) and put its plain ``nn.Linear`` back in its place.
 
     The result is an ordinary model (same class, same state-dict keys as before LoRA) that can be saved
     with ``save_pretrained`` or safetensors and loaded without this library.
     """
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRALinear layers to merge: call apply_lora(model, ...) first.")
+        raise ValueError("the model has no LoRA layers to merge: call apply_lora(model, ...) first.")
     for name, layer in layers.items():
+        if not isinstance(getattr(layer, "base", None), nn.Linear) or not callable(getattr(layer, "merge", None)):
+            raise ValueError(f"layer {name!r} ({type(layer).__name__}) has no merge() or no wrapped nn.Linear called "
+                             f"base, so merge_lora cannot put a plain layer back: give it both, as LoRALinear has.")
         layer.merge()
         _set_child(model, name, layer.base)
     return model
@@ -263,12 +305,13 @@ _META_KEY = "course_lib.lora"  # the adapter format's name, kept as first writte
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     """Save only what training changed: every LoRA A and B plus the other trainable parameters
     (a task head from ``trainable_extra``), as safetensors, with r and alpha of each layer in the metadata.
+    Any LoRA layer will do (:func:`is_lora_layer`); :func:`load_adapter` rebuilds them as :class:`LoRALinear`.
     """
     from safetensors.torch import save_file
 
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRALinear layers: call apply_lora(model, ...) before save_adapter.")
+        raise ValueError("the model has no LoRA layers: call apply_lora(model, ...) before save_adapter.")
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         tensors[f"{name}.lora_A"] = layer.lora_A.detach().contiguous().cpu()
@@ -277,7 +320,8 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     params = dict(model.named_parameters())
     for n in extra:
         tensors[n] = params[n].detach().contiguous().cpu()
-    meta = {"layers": {n: {"r": l.r, "alpha": l.alpha} for n, l in layers.items()}, "extra": extra}
+    meta = {"layers": {n: {"r": l.lora_A.shape[0], "alpha": l.alpha if isinstance(l, LoRALinear)
+                           else scaling_of(l) * l.lora_A.shape[0]} for n, l in layers.items()}, "extra": extra}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
