@@ -15,6 +15,14 @@ from typing import Any
 import numpy as np
 
 
+def run_load() -> float | None:
+    """The machine's 1-minute load average as a run ends: every recorded run keeps it, so its seconds can be
+    read (a run beside other busy processes is slower, and small models on a CPU are slowed most)."""
+    from course_lib.tools.profiles import machine_load
+
+    return machine_load()["load_average_1min"]
+
+
 def sizes_for(table: Mapping[str, dict[str, Any]], profile: Any, quick: bool) -> dict[str, Any]:
     name = "quick" if quick else getattr(profile, "name", profile)
     if name not in table:
@@ -123,7 +131,7 @@ class RunCache:
         from course_lib.tools.profiles import code_version
 
         try:
-            value = json_ready({**compute(), "commit": code_version()})
+            value = json_ready({**compute(), "commit": code_version(), "load_average_1min": run_load()})
             self.done[key] = value
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from course_lib.experiments.cache import run_load
 from course_lib.parts.lm import char_vocabulary, heldout_loss
 from course_lib.tools.timing import Stopwatch
 
@@ -81,7 +82,7 @@ def _run(profile: Any, train_ids: torch.Tensor, tune_ids: torch.Tensor, vocab_si
     return {"context": context, "batch_size": batch_size, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
             "seed": seed, "tokens": steps * batch_size * context, "parameters": count_params(model, non_embedding=False),
             "train_seconds": round(seconds, 1), "final_train_loss": history.train_loss[-1],
-            "tuning_loss": loss, "tuning_bits_per_char": loss / math.log(2)}
+            "tuning_loss": loss, "tuning_bits_per_char": loss / math.log(2), "load_average_1min": run_load()}
 
 
 def _run_in_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +178,7 @@ def _reference_run(profile_name: str, seed: int, quick: bool) -> dict[str, Any]:
         history = train_lm(model, train_ids, val_ids, settings)
     return {"seed": seed, "heldout_loss": heldout_loss(model, val_ids, plan["context"]),
             "eval_step": history.eval_step, "val_loss": history.val_loss, "train_loss": history.eval_train_loss,
-            "train_seconds": round(watch.seconds, 1)}
+            "train_seconds": round(watch.seconds, 1), "load_average_1min": run_load()}
 
 
 def reference(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from course_lib.experiments.cache import run_load
 from course_lib.experiments.stats import compare, Comparison
 from course_lib.parts.classifier import _device_of, evaluate
 from course_lib.parts.peft_family import (ADAPTER_M, build, encode_batch, load_classifier_parts, LORA_ALPHA, LORA_R,
@@ -53,7 +54,7 @@ def run_method(method: str, encoder: nn.Module, tokenizer: Any, data: dict[str, 
     memory = memory_split(model, reference)
     row = train_method(model, tokenizer, data["train"], lr=lr, steps=sizes["steps"], batch_size=sizes["batch_size"],
                        max_length=sizes["max_length"], seed=seed, on_step=on_step, progress=progress, desc=method)
-    row |= dict(lr=lr, seed=seed, memory=memory)
+    row |= dict(lr=lr, seed=seed, memory=memory, load_average_1min=run_load())
     for split in splits:
         evaluation = evaluate(model, tokenizer, data[split], max_length=sizes["max_length"])
         row[f"{split}_accuracy"] = evaluation["accuracy"]

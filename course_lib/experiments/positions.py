@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from course_lib.experiments.cache import run_load
 from course_lib.parts.positions import POSITION_KINDS
 from course_lib.tools.timing import Stopwatch
 
@@ -104,7 +105,8 @@ def train_and_evaluate(kind: str, settings: dict[str, Any], seed: int, train_ids
     lengths = [n for n in settings["eval_lengths"] if not (kind == "learned" and n > config.context)]
     losses = per_position_loss(model, val_ids, max(lengths), settings["eval_windows"],
                                span=max(settings["eval_lengths"]))
-    out: dict[str, Any] = {"loss_at": {}, "window_loss": {}, "per_position": {}, "train_seconds": round(seconds, 1)}
+    out: dict[str, Any] = {"loss_at": {}, "window_loss": {}, "per_position": {}, "train_seconds": round(seconds, 1),
+                           "load_average_1min": run_load()}
     for length in lengths:
         first = losses[:, :length]
         out["loss_at"][str(length)] = float(first.mean())

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from course_lib.experiments.cache import run_load
 from course_lib.parts.scaling import (_positive_array, bootstrap_chinchilla, bootstrap_isoflop_exponent, COARSE_GRID,
                                       fit_chinchilla, fit_exponent, HOFFMANN_GRID, interval, isoflop_minima,
                                       isoflop_minimum, optimal_exponents)
@@ -193,7 +194,7 @@ def _train_one(entry: dict[str, Any], seed: int, train_tokens: Any, val_tokens: 
     return {**entry, "seed": seed, "N_total": count_params(model, non_embedding=False),
             "N_non_embedding": count_params(model, non_embedding=True), "D": D,
             "C_matmul": float(flops_per_token(config, training=True, seq_len=context) * D),
-            "val_loss": history.val_loss[-1], "seconds": round(watch.stop(), 2)}
+            "val_loss": history.val_loss[-1], "seconds": round(watch.stop(), 2), "load_average_1min": run_load()}
 
 
 #: The synthetic language, model shape and training recipe of the recorded sweep.
