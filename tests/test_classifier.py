@@ -298,13 +298,16 @@ def test_take_is_a_fixed_shuffle_and_sizes_exist_for_every_profile():
 
 def test_run_cache_resumes_and_shares_runs_between_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_COMMIT", "abc123")
+    LOAD = 0.25
+    monkeypatch.setattr(cache, "run_load", lambda: LOAD)   # every run keeps the load it ended at
     sizes = dict(n=3, lrs=(1, 2))
     first = cache.RunCache("demo", "cpu", sizes, root=tmp_path)
     calls = []
     assert first.get(dict(lr=1), lambda: calls.append(1) or {"x": 1})["x"] == 1
     # a new process (a new cache object) finds the run, also when only the grid changed
     again = cache.RunCache("demo", "cpu", dict(n=3, lrs=(1, 2, 3)), root=tmp_path)
-    assert again.get(dict(lr=1), lambda: calls.append(2) or {"x": 2}) == {"x": 1, "commit": "abc123 (from COURSE_COMMIT)"}
+    assert again.get(dict(lr=1), lambda: calls.append(2) or {"x": 2}) == {
+        "x": 1, "commit": "abc123 (from COURSE_COMMIT)", "load_average_1min": LOAD}
     assert calls == [1]
     # a run claimed by a live process is waited for, not computed twice
     other = cache.RunCache("demo", "cpu", sizes, root=tmp_path)
