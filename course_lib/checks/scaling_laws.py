@@ -36,8 +36,9 @@ register_hint("05.2",
 register_hint("05.3",
               "Do at each budget on offer what section 2 did with one line: find its best size and its loss there. "
               "Then see how both move with C, and extrapolate them to service.target_budget.",
-              "service.menu() lists the runs; the allowance buys five per budget on offer, enough for one "
-              "parabola each (scaling.isoflop_minimum). Fit N_opt ∝ C^a through the vertices "
+              "Take the sizes from service.menu() (the check also asks copies whose sizes differ); the allowance "
+              "buys five runs per budget on offer, enough for one parabola each (scaling.isoflop_minimum, or your "
+              "05.1). Fit N_opt ∝ C^a through the vertices "
               "(scaling.fit_exponent) and, for the loss, a power law in C of what is left above the floor: "
               "L_opt(C) − service.floor ∝ C^(−γ) (scaling.fit_power_law with floor=False).",
               "fit = scaling.fit_exponent(C_on_offer, N_opt_on_offer); "
