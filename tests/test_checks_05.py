@@ -505,8 +505,10 @@ def _buy(pick_first, pick_second):
             line = [m for m in service.menu() if m["C"] == C]
             chosen = [line[i] for i in pick]
             vertices.append(scaling.isoflop_minimum([m["N"] for m in chosen], [service.train(m["N"], C) for m in chosen]))
-        return scaling_lab.extrapolate_optimum(service.offered_budgets, vertices, floor=service.floor,
-                                               target=service.target_budget)
+        size = scaling.fit_exponent(service.offered_budgets, [v["N_opt"] for v in vertices])
+        excess = scaling.fit_power_law(service.offered_budgets, [v["L_opt"] - service.floor for v in vertices], floor=False)
+        T = service.target_budget
+        return {"N_opt": size["k"] * T ** size["a"], "loss": service.floor + excess["A"] * T ** -excess["alpha"]}
     return predict
 
 
@@ -824,6 +826,12 @@ def lab_reads_the_record_through_results(service):
             "loss": service.floor + 0.03}
 
 
+def lab_calls_the_suggested_method(service):  # the lab's whole method in one call of the course's code
+    vertices = _vertices(service)[1]
+    return scaling_lab.extrapolate_optimum(service.offered_budgets, vertices, floor=service.floor,
+                                           target=service.target_budget)
+
+
 def lab_builds_the_copies(service):             # answers each copy from the library's own copies
     answers = [scaling_lab.lab_worlds()]
     service.train(service.menu()[0]["N"], service.menu()[0]["C"])
@@ -845,6 +853,8 @@ REFERENCE_CALLS = {
                                               "course_lib.tools.results.recorded"),
     "05.3 the copies' answers": (checks.check_scaling_prediction, lab_builds_the_copies,
                                  "course_lib.experiments.scaling_lab.lab_worlds"),
+    "05.3 the suggested method in one call": (checks.check_scaling_prediction, lab_calls_the_suggested_method,
+                                              "course_lib.experiments.scaling_lab.extrapolate_optimum"),
     "05.4 directly": (checks.check_compute_optimal, lambda C, params: scaling.compute_optimal(C, params),
                       "course_lib.parts.scaling.compute_optimal"),
     "05.4 under another name": (checks.check_compute_optimal, lambda C, params: allocate(C, params),

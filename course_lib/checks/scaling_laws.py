@@ -403,6 +403,7 @@ def _why_loss_missed(L_pred: float, service: Any) -> str:
     "course_lib.experiments.scaling_lab:lab_truth",
     "course_lib.experiments.scaling_lab:lab_tolerances",
     "course_lib.experiments.scaling_lab:lab_choices",
+    "course_lib.experiments.scaling_lab:extrapolate_optimum",
     "course_lib.experiments.scaling_lab:lab_worlds",
     "course_lib.experiments.scaling_lab:copy_of_record",
     "course_lib.experiments.scaling_lab:naive_guesses",
