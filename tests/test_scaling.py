@@ -463,18 +463,57 @@ def test_recorded_runs_returns_only_the_budgets_and_seeds_asked_for():
     assert len(scaling_lab.recorded_runs([1e10], seeds=None, record=record)) == 2
 
 
-def test_lab_tolerances_refuse_the_nearest_naive_guess_by_one_tolerance():
+def _seeded_lab_record():
     law = {"E": 1.3, "A": 30.0, "B": 400.0, "alpha": 0.45, "beta": 0.4}
     plan = {C: np.round(scaling.compute_optimal(C, law)[0] * np.geomspace(1 / 4, 4, 7)) for C in (1e10, 3e10, 3e11)}
     runs = [{**r, "seed": s} for s in range(3) for r in _runs_from_law(law, plan, noise=0.002, seed=s)]
-    record = _lab_record(runs)
+    return _lab_record(runs), law
+
+
+def test_lab_tolerances_are_the_stated_factors_beside_the_measured_noise():
+    record, _ = _seeded_lab_record()
     tol, truth = scaling_lab.lab_tolerances(record, n_resamples=200), scaling_lab.lab_truth(record, n_resamples=200)
-    gaps_N = [abs(math.log(v / truth["N_opt"])) for q, v in tol["naive"].values() if q == "N_opt"]
-    gaps_L = [abs(v - truth["loss"]) for q, v in tol["naive"].values() if q == "loss"]
-    assert math.log(tol["N_factor"]) == pytest.approx(max(min(gaps_N) / 2, math.log(tol["noise_N_factor"])))
-    assert tol["loss_nats"] == pytest.approx(max(min(gaps_L) / 2, tol["noise_loss_nats"]))
-    assert tol["noise_loss_nats"] == pytest.approx(2 * math.hypot(tol["sd_loss_truth"], tol["sd_loss_sale"]))
-    assert 0 < tol["sd_loss_sale"] and 0 < tol["sd_loss_truth"]
+    assert (tol["N_factor"], tol["excess_factor"]) == (scaling_lab.N_FACTOR, scaling_lab.EXCESS_FACTOR)
+    assert tol["sd_log_N_truth"] == truth["sd_log_N"] > 0 and tol["sd_log_excess_truth"] == truth["sd_log_excess"] > 0
+    assert tol["noise_N_factor"] == pytest.approx(math.exp(2 * math.hypot(tol["sd_log_N_truth"], tol["sd_log_N_sale"])))
+    assert tol["noise_excess_factor"] == pytest.approx(
+        math.exp(2 * math.hypot(tol["sd_log_excess_truth"], tol["sd_log_excess_sale"])))
+    assert 0 < tol["sd_log_N_sale"] and 0 < tol["sd_log_excess_sale"]
+
+
+def test_grade_measures_N_on_a_log_scale_and_the_loss_above_the_floor():
+    truth = {"N_opt": 1000.0, "loss": 1.5, "floor": 1.3}
+    assert scaling_lab.grade({"N_opt": 1999.0, "loss": 1.3 + 0.2 * 2.49}, truth) == {
+        "N_ratio": 1.999, "excess_ratio": pytest.approx(2.49), "N_ok": True, "loss_ok": True}
+    assert not scaling_lab.grade({"N_opt": 2001.0, "loss": 1.5}, truth)["N_ok"]
+    assert not scaling_lab.grade({"N_opt": 499.0, "loss": 1.5}, truth)["N_ok"]
+    assert not scaling_lab.grade({"N_opt": 1000.0, "loss": 1.3 + 0.2 / 2.51}, truth)["loss_ok"]
+    assert not scaling_lab.grade({"N_opt": 1000.0, "loss": 1.29}, truth)["loss_ok"]        # below the floor
+
+
+def test_a_copy_moves_the_runs_and_its_answer_as_its_maps_say():
+    """On runs from a known law the copy's answer is the recorded one moved exactly (up to whole-parameter rounding),
+    its budgets, floor and allowance are the same, and its tokens keep 6·N·D at each run's budget."""
+    record, _ = _seeded_lab_record()
+    truth = scaling_lab.lab_truth(record, n_resamples=0)
+    moves = {"size": 2.0, "size_exponent": 0.3, "excess": 0.5, "excess_exponent": -0.2}
+    copy = scaling_lab.copy_of_record(record, **moves)
+    moved = scaling_lab.lab_truth(copy, n_resamples=0)
+    assert copy["results"]["lab"] == record["results"]["lab"]
+    assert moved["N_opt"] == pytest.approx(truth["N_opt"] * 2.0 * 10**0.3, rel=1e-3)
+    assert moved["loss"] - 1.3 == pytest.approx((truth["loss"] - 1.3) * 0.5 * 10**-0.2, rel=1e-5)
+    for before, after in zip(record["results"]["runs"], copy["results"]["runs"]):
+        assert after["N"] * after["D"] == pytest.approx(before["N"] * before["D"], rel=1e-3)
+    assert list(scaling_lab.lab_worlds(record)) == ["recorded", *scaling_lab.COPIES]
+
+
+def test_naive_guesses_need_no_fitting_beyond_the_largest_budget_on_sale():
+    record, _ = _seeded_lab_record()
+    guesses = scaling_lab.naive_guesses(record)
+    there = scaling.isoflop_minima(scaling_lab.recorded_runs([3e10], seeds=None, record=record))[0]
+    assert guesses["no growth beyond the largest budget on sale"] == {"N_opt": there["N_opt"]}
+    assert guesses["all the extra compute into parameters"]["N_opt"] == pytest.approx(10 * there["N_opt"])
+    assert guesses["the floor"] == {"loss": 1.3}
 
 
 def test_fit_chinchilla_can_hold_a_known_floor():
