@@ -28,15 +28,16 @@ from typing import Any
 EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "finetuning": ("course_lib.experiments.finetuning:experiment",
                    "probe, full fine-tuning and baselines; learning rates chosen on validation; seeds; "
-                   "paired bootstrap intervals", "06_finetuning"),
+                   "every pair compared (stats.compare: seeds and snippets resampled, three-way verdict)", "06_finetuning"),
     "lora": ("course_lib.experiments.lora:experiment",
-             "LoRA (rank sweep), BitFit, probe and full fine-tuning on one task; seeds; paired intervals",
+             "LoRA (rank sweep), BitFit, probe and full fine-tuning on one task; seeds; every pair compared "
+             "(stats.compare)",
              "07_lora"),
     "peft_family": ("course_lib.experiments.peft_family:experiment",
                     "full fine-tuning, probe, BitFit, adapters, prompt and prefix tuning, LoRA, AdaLoRA, QLoRA on one "
-                    "task; learning rates on validation; seeds; paired intervals; memory split", "08_peft_family"),
+                    "task; learning rates on validation; seeds; each against full fine-tuning (stats.compare); memory split", "08_peft_family"),
     "lora_causal_lm": ("course_lib.experiments.lora_causal_lm:experiment",
-                       "LoRA on SmolLM2-135M-Instruct vs zero-/few-shot prompting (seeds, paired intervals); "
+                       "LoRA on SmolLM2-135M-Instruct vs zero-/few-shot prompting (seeds, stats.compare); "
                        "our LoRA step vs peft's, timed interleaved", "09_lora_causal_lm_gpu"),
     "scaling": ("course_lib.experiments.scaling:experiment",
                 "IsoFLOP sweep of the tiny GPT on the synthetic language (Chinchilla Approach 2 and 3)",

@@ -202,6 +202,9 @@ SWEEP_SETUP: dict[str, Any] = {
     "language": {"vocab_size": 32, "bigram_successors": 4, "trigram_successors": 2, "seed": 0},
     "context": 16, "batch_size": 64, "lr": 1e-2, "n_train": 8_500_000, "n_val": 200_000, "data_seed": 0,
     "eval_batches": 100, "workers": 2,
+    # What a run computes besides the data and recipe: bump it when the model or the loop changes what a
+    # run's numbers come out as, so that no run of older code is reused (2: the model's fused LayerNorm).
+    "code": 2,
 }
 
 
@@ -278,7 +281,7 @@ def experiment(profile: Any, *, seeds: int = 3, quick: bool = False) -> dict[str
 
 
 #: What must be equal for runs of an earlier record to count as runs of this sweep.
-_SAME_RUNS = ("language", "context", "batch_size", "lr", "n_train", "n_val", "data_seed", "eval_batches")
+_SAME_RUNS = ("language", "context", "batch_size", "lr", "n_train", "n_val", "data_seed", "eval_batches", "code")
 
 
 def _reusable_record(profile: Any, setup: Mapping[str, Any]) -> dict[str, Any] | None:
