@@ -11,7 +11,7 @@ if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
 fi
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
-    names=(positions char_lm scaling finetuning lora peft_family)
+    names=(positions char_lm char_lm_reference scaling finetuning lora peft_family)
 fi
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 for name in "${names[@]}"; do
