@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from course_lib.parts.model import Block, CausalSelfAttention, GPT, GPTConfig
-from course_lib.tools.timing import Stopwatch
+from course_lib.tools.timing import seconds_of
 
 __all__ = ["korthikanti_bytes", "ByteMaskDropout", "MegatronAttention", "paper_layer", "recompute",
            "Checkpointed", "checkpoint_blocks", "step_seconds"]
@@ -166,12 +166,7 @@ def step_seconds(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, rep
     device = next(model.parameters()).device
 
     def timed(fn: Any) -> list[float]:
-        times = []
-        for _ in range(repeats):
-            with Stopwatch(device) as watch:
-                fn()
-            times.append(watch.seconds)
-        return times
+        return seconds_of(fn, repeats=repeats, warmup=0, device=device)
 
     def train_step() -> None:
         model.zero_grad(set_to_none=True)

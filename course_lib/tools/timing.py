@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["sync", "clock", "now", "Stopwatch", "fastest", "median_seconds", "timing_section", "PEAK_BF16_FLOPS",
+__all__ = ["sync", "clock", "now", "Stopwatch", "seconds_of", "fastest", "median_seconds", "timing_section", "PEAK_BF16_FLOPS",
            "peak_for_name", "peak_flops", "MFU", "mfu"]
 
 
@@ -96,7 +96,10 @@ class Stopwatch:
         self.stop()
 
 
-def _times(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device | str | None) -> list[float]:
+def seconds_of(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
+               device: torch.device | str | None = None) -> list[float]:
+    """The seconds of each of ``repeats`` synchronised calls of ``fn``, after ``warmup`` untimed ones: every
+    repeat, to judge how noisy a timing was (:func:`fastest` and :func:`median_seconds` summarise them)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}.")
     for _ in range(warmup):
@@ -114,13 +117,13 @@ def fastest(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
     """The fastest of ``repeats`` synchronised calls of ``fn`` (after ``warmup`` untimed ones), in seconds.
 
     The minimum is the least disturbed by other work on the machine: noise only ever adds time."""
-    return min(_times(fn, repeats, warmup, device))
+    return min(seconds_of(fn, repeats=repeats, warmup=warmup, device=device))
 
 
 def median_seconds(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
                    device: torch.device | str | None = None) -> float:
     """The median of ``repeats`` synchronised calls of ``fn`` (after ``warmup`` untimed ones), in seconds."""
-    return statistics.median(_times(fn, repeats, warmup, device))
+    return statistics.median(seconds_of(fn, repeats=repeats, warmup=warmup, device=device))
 
 
 @contextlib.contextmanager
