@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
-from transformers import BertConfig, BertModel, BertTokenizerFast, get_linear_schedule_with_warmup
+from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from course_lib.experiments import cache
 from course_lib.experiments import finetuning

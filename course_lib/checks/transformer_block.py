@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from course_lib.checks.framework import (
-    exercise, StudentCodeError, register_hint, fail, call_student, require_tensor, close, compare, passed,
+    exercise, register_hint, fail, call_student, require_tensor, close, compare, passed,
 )
 
 

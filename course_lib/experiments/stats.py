@@ -8,7 +8,6 @@ practical margin (:data:`MARGIN`): ahead, within ±margin, or not yet distinguis
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
