@@ -1,6 +1,7 @@
 """course_lib.tools.results: a recorded run comes back exactly, with where it came from; nothing is invented."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -25,6 +26,9 @@ def test_record_round_trip_with_provenance(results_dir, monkeypatch):
     path = results.record("lora", profile, {"accuracy": 0.75, "table": {"a": [1, 2]}}, note="a test")
     assert path == results_dir / "lora_cpu.json"
     assert not list(results_dir.glob("*.tmp")), "the temporary file must be renamed into place"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "a record is readable like any file, not private"
     run = results.recorded("lora", "cpu")
     assert run["results"] == {"accuracy": 0.75, "table": {"a": [1, 2]}}
     assert run["note"] == "a test"
