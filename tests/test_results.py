@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -112,3 +113,17 @@ def test_a_smoke_record_written_with_out_goes_through_the_same_checks(tmp_path):
     with pytest.raises(TypeError, match="JSON cannot hold"):
         results.record("demo", get_profile("ci"), {"seen": {1, 2}}, path=out)
     assert json.loads(out.read_text())["results"] == {"x": 1} and not list(tmp_path.glob(".*tmp"))
+
+
+RECORDS = sorted(results.RESULTS.glob("*_cpu.json"))
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=[p.name for p in RECORDS])
+def test_every_shipped_record_names_a_clean_commit_and_its_load(path):
+    """Issue 21: a record's numbers can be traced to committed code and its timings read against the load."""
+    provenance = json.loads(path.read_text(encoding="utf-8"))["provenance"]
+    assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"]), (
+        f"{path.name} names commit {provenance['commit']!r}: re-make it from a committed tree "
+        f"(bash scripts/record_all.sh {path.name.removesuffix('_cpu.json')})")
+    assert isinstance(provenance.get("load_average_1min"), float), f"{path.name} does not say how loaded the machine was"
+    assert provenance["cpu_threads"] == 1, f"{path.name} ran with {provenance['cpu_threads']} torch threads, not 1"
