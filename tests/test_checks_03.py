@@ -1,6 +1,5 @@
 """The checks of notebook 03 (transformer_block) accept correct answers and name each common mistake."""
 
-import math
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib import checks
-from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled, StudentCodeError
+from course_lib.checks import CheckFailed, NotAttempted, ReferenceCalled
 
 
 def refused(check, fn, *phrases):

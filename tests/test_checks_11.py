@@ -266,7 +266,7 @@ def one_micro_batch_at_a_time(p, m):
 
 def one_f_one_b(p, m):
     """Forward and backward passes interleaved once the pipeline is full (valid, but not GPipe's order)."""
-    events, when = {}, {}
+    when = {}
     t = 0
     pending_f = {s: list(range(m)) for s in range(p)}
     pending_b = {s: list(range(m)) for s in range(p)}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
-from transformers import BertConfig, BertModel, BertTokenizerFast, get_linear_schedule_with_warmup
+from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from course_lib.experiments import cache
 from course_lib.experiments import finetuning
@@ -266,19 +266,6 @@ def test_seed_bootstrap_resamples_seeds_and_examples_together():
     assert spread[2] - spread[1] > same[2] - same[1]
     with pytest.raises(ValueError, match="equally shaped"):
         stats.paired_bootstrap_gap_seeds(a, b[:2])
-
-
-def test_pairwise_gaps_and_their_sentences():
-    right = {"A": [[1, 1, 1, 0]] * 3, "B": [[0, 1, 0, 0]] * 3}
-    gaps = stats.pairwise_gaps(right, resamples=200)
-    assert list(gaps) == ["A − B"] and gaps["A − B"]["gap"] == pytest.approx(50.0)
-    assert gaps["A − B"]["per_seed"] == pytest.approx([50.0] * 3)
-    back = stats.gap_between(gaps, "B", "A")
-    assert back["gap"] == -50.0 and back["low"] == -gaps["A − B"]["high"]
-    assert "B is ahead" in stats.describe_gap(dict(gap=-3, low=-5, high=-1), "A", "B")
-    assert "includes 0" in stats.describe_gap(dict(gap=1, low=-1, high=3), "A", "B")
-    with pytest.raises(KeyError, match="no gap between"):
-        stats.gap_between(gaps, "A", "C")
 
 
 def test_take_is_a_fixed_shuffle_and_sizes_exist_for_every_profile():

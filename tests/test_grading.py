@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import io
 import logging
 import os
 import re
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 
 from course_lib import checks
 from course_lib import grading
@@ -195,7 +193,7 @@ def graded_notebook(*student_cells):
     nb.cells = [cell("import math\nimport torch\nfrom course_lib import checks\n"
                      "from course_lib.parts.attention import causal_mask", locked=True, grade_id="c0"),
                 *student_cells,
-                *[cell(f"checks.check_x(x)", grade=True, locked=True, grade_id=f"check-01_{k}", points=1)
+                *[cell("checks.check_x(x)", grade=True, locked=True, grade_id=f"check-01_{k}", points=1)
                   for k in (1, 2, 3, 4)]]
     return nb
 

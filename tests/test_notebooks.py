@@ -141,3 +141,38 @@ def test_finished_bar_text_is_rebuilt_from_the_saved_widget_state():
     assert finish_progress_bars(nb) == 1
     assert output["data"]["text/plain"] == "sweep: 100%|██████████| 20/20 [04:54<00:00, 31.43s/it]"
     assert unfinished_progress_bars(nb) == []
+
+
+GOING_FURTHER = re.compile(r"^#+ .*going further", re.MULTILINE | re.IGNORECASE)
+CORE_WORDS_MAX = 2_700  # issue 21: "a core path of at most ~2,500 words of markdown"
+
+
+def markdown_words(nb):
+    """Words of markdown before the first "Going further" heading and from it on."""
+    core = further = 0
+    in_further = False
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        in_further = in_further or bool(GOING_FURTHER.search(cell.source))
+        n = len(cell.source.split())
+        further, core = (further + n, core) if in_further else (further, core + n)
+    return core, further
+
+
+def readme_words():
+    """The README's course table: lesson number -> (core words, going-further words) as it states them."""
+    text = (NOTEBOOKS[0].parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d\d) \|.*\| ([\d,]+) / ([\d,]+) \|$", text, re.MULTILINE)
+    return {n: (int(a.replace(",", "")), int(b.replace(",", ""))) for n, a, b in rows}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
+def test_core_path_is_short_and_the_readme_counts_it(path):
+    core, further = markdown_words(load(path))
+    assert core <= CORE_WORDS_MAX, f"{path.name}: the core path holds {core} words of markdown; move depth to Going further"
+    stated = readme_words().get(path.name[:2])
+    assert stated is not None, f"the README's course table has no row for lesson {path.name[:2]}"
+    assert abs(stated[0] - core) <= 50 and abs(stated[1] - further) <= 50, (
+        f"{path.name}: README states {stated[0]} / {stated[1]} words (core / going further), the notebook "
+        f"has {core} / {further}; update the README's course table")

@@ -3,7 +3,6 @@ real processes (gloo, through torchrun) compared with one process, and failures 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -159,8 +159,8 @@ def check_causal_mask(fn: Callable[[int], torch.Tensor]) -> None:
             additive = result.is_floating_point() and torch.equal(
                 result.detach().cpu(), torch.zeros(T, T).masked_fill(~expected, float("-inf")))
             if additive:
-                fail(f"your causal mask is an additive float mask (0 / -inf); this course's masks are bool "
-                     f"with True = may attend: return the lower triangle as dtype torch.bool.")
+                fail("your causal mask is an additive float mask (0 / -inf); this course's masks are bool "
+                     "with True = may attend: return the lower triangle as dtype torch.bool.")
             detail = "has the right pattern but" if right_pattern else "is not bool: it"
             fail(f"your causal mask {detail} has dtype {result.dtype}; attention expects a bool mask "
                  f"(True = may attend), so build it with dtype=torch.bool or call .bool().")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from course_lib.checks.framework import (
-    exercise, StudentCodeError, register_hint, fail, call_student, require_tensor, close, compare, passed,
+    exercise, register_hint, fail, call_student, require_tensor, close, compare, passed,
 )
 
 
@@ -370,7 +370,6 @@ def check_rope(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         tol = 1e-5
         if close(result, expected, atol=tol, rtol=tol):
             continue
-        d = x.shape[-1]
         wrong: dict[str, Callable[[], torch.Tensor]] = {
             "you paired dimension i with i + d/2 (the layout of GPT-NeoX and Llama's code); this exercise pairs "
             "the neighbours 2i and 2i + 1, as in Su et al. (Eq. 34)": lambda: _rope64(x, halves=True),

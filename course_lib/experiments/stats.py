@@ -8,7 +8,6 @@ practical margin (:data:`MARGIN`): ahead, within ±margin, or not yet distinguis
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,51 +67,6 @@ def paired_bootstrap_gap_seeds(right_a: Any, right_b: Any, *, rng: np.random.Gen
     low, high = np.percentile(gaps, [50 * (1 - level), 100 - 50 * (1 - level)])
     return float(d.mean()), float(low), float(high)
 
-
-
-def pairwise_gaps(right: Mapping[str, Any], *, resamples: int = 2000, level: float = 0.95,
-                  seed: int = 0) -> dict[str, dict[str, Any]]:
-    """:func:`paired_bootstrap_gap_seeds` for every ordered pair of methods in ``right`` (name -> (seeds,
-    examples)), keyed ``"A − B"``; each value holds the gap, its interval and the per-seed gaps, in
-    accuracy points."""
-    names, out = list(right), {}
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            ra, rb = np.atleast_2d(np.asarray(right[a], float)), np.atleast_2d(np.asarray(right[b], float))
-            gap, low, high = paired_bootstrap_gap_seeds(ra, rb, rng=np.random.default_rng(seed),
-                                                        resamples=resamples, level=level)
-            per_seed = (ra.mean(axis=1) - rb.mean(axis=1)).tolist()
-            out[f"{a} − {b}"] = dict(gap=100 * gap, low=100 * low, high=100 * high,
-                                     per_seed=[100 * g for g in per_seed])
-    return out
-
-
-
-def gap_between(gaps: Mapping[str, Mapping[str, Any]], a: str, b: str) -> dict[str, Any]:
-    """The gap A − B from a :func:`pairwise_gaps` table, whichever order it was stored in."""
-    if f"{a} − {b}" in gaps:
-        return dict(gaps[f"{a} − {b}"])
-    if f"{b} − {a}" in gaps:
-        g = gaps[f"{b} − {a}"]
-        return dict(gap=-g["gap"], low=-g["high"], high=-g["low"], per_seed=[-x for x in g["per_seed"]])
-    raise KeyError(f"no gap between {a!r} and {b!r} in this table.")
-
-
-
-def describe_gap(g: Mapping[str, Any], a: str, b: str) -> str:
-    """One sentence: A's lead over B in points with its interval, and whether the interval excludes 0."""
-    if g["low"] > 0:
-        verdict = f"{a} is ahead"
-    elif g["high"] < 0:
-        verdict = f"{b} is ahead"
-    else:
-        verdict = "the interval includes 0: no difference this run can detect"
-    def pts(x: float) -> str:
-        return f"{round(x, 1) + 0.0:+.1f}"  # + 0.0 turns a rounded -0.0 into 0.0
-
-    seeds = ", ".join(pts(x) for x in g.get("per_seed", []))
-    return (f"{a} − {b}: {pts(g['gap'])} points (95% interval {pts(g['low'])} … {pts(g['high'])}"
-            + (f"; per seed {seeds}" if seeds else "") + f") → {verdict}")
 
 
 # ----------------------------------------------------------------------------------------------
