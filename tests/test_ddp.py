@@ -179,7 +179,7 @@ def test_ddp_on_two_processes_equals_one_process_with_twice_the_batch(tmp_path):
                for row in result["all_reduce"])  # 2 ranks: bus bandwidth = 2(W-1)/W x algbw = algbw
     phases = result["phases"]  # where the launch's seconds went, from the ranks' time stamps
     assert list(phases) == [name for _, name in launch.PHASES] + ["ending the job"]
-    # each phase is a difference of the ranks' time stamps (to 0.1 s): one can read 0.0, the whole job cannot
+    # one phase can read 0.0 (importing torch did once, in a full make test); the whole job cannot
     assert all(s >= 0 for s in phases.values()) and sum(phases.values()) > 0.5
 
 
