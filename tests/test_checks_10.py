@@ -96,10 +96,10 @@ def test_the_course_ring_sums_and_sends_2_w_minus_1_chunks_per_rank():
         assert sum(k for *_, k in log) == 2 * (W - 1) * n and all(d == (s + 1) % W for s, d, _ in log)
 
 
-def ring_all_reduce(grads, send):
-    """The textbook ring: W - 1 reduce-scatter steps, then W - 1 all-gather steps, always to rank r + 1."""
+def _textbook_ring(grads, send, split):
+    """W - 1 reduce-scatter steps, then W - 1 all-gather steps, always to rank r + 1, chunks cut by ``split``."""
     W = len(grads)
-    chunks = [list(torch.tensor_split(g.flatten().clone(), W)) for g in grads]
+    chunks = [list(split(g.flatten().clone(), W)) for g in grads]
     for j in range(W - 1):
         messages = [(r, (r - j) % W, send(r, (r + 1) % W, chunks[r][(r - j) % W])) for r in range(W)]
         for r, c, data in messages:
@@ -109,6 +109,11 @@ def ring_all_reduce(grads, send):
         for r, c, data in messages:
             chunks[(r + 1) % W][c] = data
     return [torch.cat(c).reshape(g.shape) for c, g in zip(chunks, grads)]
+
+
+def ring_all_reduce(grads, send):
+    """The textbook ring: W - 1 reduce-scatter steps, then W - 1 all-gather steps, always to rank r + 1."""
+    return _textbook_ring(grads, send, torch.tensor_split)
 
 
 def ring_to_the_left(grads, send):
@@ -175,17 +180,7 @@ def whole_tensor_around_the_ring(grads, send):
 
 def ring_cut_by_chunk(grads, send):
     """The textbook ring, its chunks cut with torch.chunk: fewer than W pieces for some sizes (6 numbers on 4 ranks)."""
-    W = len(grads)
-    chunks = [list(torch.chunk(g.flatten().clone(), W)) for g in grads]
-    for j in range(W - 1):
-        messages = [(r, (r - j) % W, send(r, (r + 1) % W, chunks[r][(r - j) % W])) for r in range(W)]
-        for r, c, data in messages:
-            chunks[(r + 1) % W][c] = chunks[(r + 1) % W][c] + data
-    for j in range(W - 1):
-        messages = [(r, (r + 1 - j) % W, send(r, (r + 1) % W, chunks[r][(r + 1 - j) % W])) for r in range(W)]
-        for r, c, data in messages:
-            chunks[(r + 1) % W][c] = data
-    return [torch.cat(c).reshape(g.shape) for c, g in zip(chunks, grads)]
+    return _textbook_ring(grads, send, torch.chunk)
 
 
 def sends_like_a_ring_but_reads_every_rank(grads, send):
