@@ -17,15 +17,8 @@ from course_lib.parts import causal_lm as clm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from course_lib.tools import assets
-
-    derived = assets.cache_dir() / "derived" / "smollm2-135m-instruct-f32"
-    if not (derived / "tokenizer.json").is_file():  # made by `make assets`; the model is not needed here
-        assets.load_causal_lm("smollm2-135m-instruct")
-    return AutoTokenizer.from_pretrained(derived)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_every_token_of_a_prompt_belongs_to_its_turn(tokenizer):

@@ -14,15 +14,8 @@ DEFAULT = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trai
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from course_lib.tools import assets
-
-    derived = assets.cache_dir() / "derived" / "smollm2-135m-instruct-f32"
-    if not (derived / "tokenizer.json").is_file():  # made by `make assets`; the model is not needed here
-        assets.load_causal_lm("smollm2-135m-instruct")
-    return AutoTokenizer.from_pretrained(derived)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def refused(check, fn, *args, phrase):
