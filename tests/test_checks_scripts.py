@@ -219,32 +219,21 @@ def checked(runs, monkeypatch):
     return call
 
 
-@pytest.mark.parametrize("name", DDP_RIGHT)
-def test_data_parallel_check_accepts_right_scripts(checked, name, capsys):
-    checked("10.2", "right", name)
-    assert "check_data_parallel passed" in capsys.readouterr().out
+SCRIPT_CHECKS = {"10.2": ("check_data_parallel", DDP_RIGHT, DDP_WRONG), "11.1": ("check_megatron_mlp", MLP_RIGHT, MLP_WRONG)}
 
 
-@pytest.mark.parametrize("name", DDP_WRONG)
-def test_data_parallel_check_refuses_common_mistakes(checked, name):
+@pytest.mark.parametrize("exercise, name", [(e, n) for e, (_, right, _) in SCRIPT_CHECKS.items() for n in right])
+def test_script_checks_accept_right_scripts(checked, exercise, name, capsys):
+    checked(exercise, "right", name)
+    assert f"{SCRIPT_CHECKS[exercise][0]} passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exercise, name", [(e, n) for e, (_, _, wrong) in SCRIPT_CHECKS.items() for n in wrong])
+def test_script_checks_refuse_common_mistakes(checked, exercise, name):
     with pytest.raises(CheckFailed) as info:
-        checked("10.2", "wrong", name)
+        checked(exercise, "wrong", name)
     message = str(info.value)
-    assert DDP_WRONG[name][1] in message and "\n" not in message and len(message) < 400, message
-
-
-@pytest.mark.parametrize("name", MLP_RIGHT)
-def test_megatron_check_accepts_right_scripts(checked, name, capsys):
-    checked("11.1", "right", name)
-    assert "check_megatron_mlp passed" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("name", MLP_WRONG)
-def test_megatron_check_refuses_common_mistakes(checked, name):
-    with pytest.raises(CheckFailed) as info:
-        checked("11.1", "wrong", name)
-    message = str(info.value)
-    assert MLP_WRONG[name][1] in message and "\n" not in message and len(message) < 400, message
+    assert SCRIPT_CHECKS[exercise][2][name][1] in message and "\n" not in message and len(message) < 400, message
 
 
 # ---------------------------------------------------------------------------------------------
