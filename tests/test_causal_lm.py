@@ -82,14 +82,3 @@ def test_versus_prompts_names_a_stale_record_and_the_command_that_remakes_it():
     with pytest.raises(ValueError, match=r"predates per-snippet correctness .* `python -m course_lib.experiments "
                                          r"lora_causal_lm --profile gpu`"):
         lx.versus_prompts(stale)
-
-
-def test_train_lora_refuses_a_progress_callback_with_the_fix():
-    """The loop draws its own bar: a bar's update method passed as progress would leave a second bar at 0 %."""
-    import torch
-
-    def update(n=1):
-        return None
-
-    with pytest.raises(TypeError, match="progress=True instead of a bar's update method"):
-        clm.train_lora(None, [], None, None, device=torch.device("cpu"), seed=0, n_frozen=0, progress=update)

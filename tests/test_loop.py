@@ -202,6 +202,8 @@ def test_bad_input_gets_one_sentence():
         LoopConfig(schedule="step")
     with pytest.raises(ValueError, match="lr must be a positive number"):
         LoopConfig(lr=0)
+    with pytest.raises(ValueError, match="progress must be True .* pass progress=True, not a bar's update method"):
+        LoopConfig(progress=lambda n=1: None)   # what lesson 09 once passed (a tqdm bar's update)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         train(lambda x: x, regression_batches(), mse)
     assert History.from_dict(History(step=[1]).to_dict()).step == [1]

@@ -365,9 +365,6 @@ def train_lora(model: Any, examples: Sequence, tokenizer: Any, config: RunConfig
     (``course_lib.parts.loop``): AdamW without weight decay, warm-up over a tenth of the steps then linear
     decay, clipping at 1, ``config.accumulate`` micro-batches of ``config.micro_batch`` per step, bf16
     autocast on a GPU. Returns the losses, the throughput and (on a GPU) MFU and peak memory."""
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress is True (the loop shows its own progress bar) or False, got "
-                        f"{type(progress).__name__}; pass progress=True instead of a bar's update method.")
     batches = Batches(examples, tokenizer.pad_token_id, device, micro_batch=config.micro_batch,
                       accumulate=config.accumulate, seed=seed)
     micro_batches = (micro for step in itertools.count() for micro in batches.step(step))

@@ -179,6 +179,9 @@ class LoopConfig:
         if not callable(self.schedule) and self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"{type(self).__name__}.schedule must be 'cosine', 'linear', 'constant' or a function "
                              f"step -> learning rate, got {self.schedule!r}.")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"{type(self).__name__}.progress must be True (the loop draws its own progress bar) or "
+                             f"False, got {type(self.progress).__name__}; pass progress=True, not a bar's update method.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"{type(self).__name__}.lr must be a positive number, got {self.lr!r}.")
         self.betas = tuple(self.betas)
