@@ -170,6 +170,30 @@ _INTERPRETER = {"sys", "builtins", "__builtins__", "threading", "importlib"}
 _SETTINGS = ("torch.backends.", "matplotlib.", "pandas.options.")   # configuration, not code: may be set
 
 
+_PYTHON_CELL_MAGICS = {"writefile", "time", "timeit", "capture", "prun"}   # magics whose body is Python
+_TIMED = re.compile(r"^%(?:time|timeit|prun)\s+(?:-[a-z]\s*\d*\s+)*(.+)$")
+
+
+def _cell_python(source: str) -> tuple[str, bool, list[str]]:
+    """What a cell runs: its Python with IPython's syntax taken out (``%time f()`` -> ``f()``, other line magics and
+    ``!`` -> ``pass``), whether that Python is a file it writes (``%%writefile``: imported by a check later), and
+    the shell commands it runs (a ``!`` line, a ``%%bash`` body)."""
+    lines, shell = source.splitlines(), []
+    magic = lines[0].lstrip()[2:].split(maxsplit=1)[:1] if lines and lines[0].lstrip().startswith("%%") else []
+    if magic and magic[0] not in _PYTHON_CELL_MAGICS:
+        return "", False, ["\n".join(lines)]
+    python = []
+    for line in lines[1:] if magic else lines:
+        code = line.lstrip()
+        command = code.split("=", 1)[1].strip() if re.match(r"^[\w, ]+=\s*[!%]", code) else code
+        if command.startswith(("!", "%")):
+            shell += [command] if command.startswith(("!", "%sx", "%system", "%sh")) else []
+            timed = _TIMED.match(command)
+            code = timed.group(1) if timed else "pass"
+        python.append(line[:len(line) - len(line.lstrip())] + code)
+    return "\n".join(python), magic == ["writefile"], shell
+
+
 def _imports(cells: list[Any]) -> dict[str, str]:
     """Name -> dotted path of what the import statements of ``cells`` bind (``F`` -> ``torch.nn.functional``)."""
     bound: dict[str, str] = {}
@@ -177,7 +201,7 @@ def _imports(cells: list[Any]) -> dict[str, str]:
         if cell.cell_type != "code":
             continue
         try:
-            tree = ast.parse(cell.source)
+            tree = ast.parse(_cell_python(cell.source)[0])
         except SyntaxError:
             continue
         for node in ast.walk(tree):
@@ -331,7 +355,11 @@ def tampering(nb: Any) -> dict[str, str]:
     for index, cell in enumerate(nb.cells):
         if not is_student_cell(cell):
             continue
-        for what, target in _findings(cell.source, course, imported):
+        python, is_file, shell = _cell_python(cell.source)
+        findings = [("calls", f"shell: {c.splitlines()[0][:60]}") for c in shell if "course_lib" in c]
+        # a file's names are its own, not the notebook's: only its patches count
+        findings += [f for f in _findings(python, course, imported) if not (is_file and f[0] == "rebinds")]
+        for what, target in findings:
             for exercise in sorted(_touched(what, target, graded)):
                 verdicts.setdefault(exercise, (
                     f"cell {index} {what} `{target}`; a notebook that changes what grading relies on earns "

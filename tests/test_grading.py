@@ -220,6 +220,14 @@ def graded_notebook(*student_cells):
     ("get_ipython().showtraceback = print", {"01.1", "01.2", "01.3", "01.4"}, "get_ipython"),
     ("ip = get_ipython()", {"01.1", "01.2", "01.3", "01.4"}, "calls `get_ipython`"),
     ("import sys\nsys.setprofile(None)", {"01.1", "01.2", "01.3", "01.4"}, "calls `sys.setprofile`"),
+    # IPython's syntax does not hide the rest of a cell, and a file the student writes is read as Python
+    ("!echo hiding\nchecks.check_softmax = print", {"01.1"}, "patches `course_lib.checks.check_softmax`"),
+    ("%time checks.check_softmax = print", {"01.1"}, "patches `course_lib.checks.check_softmax`"),
+    ("%%writefile my_gpt.py\nimport course_lib.checks as c\nc.check_softmax = print", {"01.1"},
+     "patches `course_lib.checks.check_softmax`"),
+    ("!sed -i s/assert/pass/ .venv/lib/python3.11/site-packages/course_lib/checks/attention.py",
+     {"01.1", "01.2", "01.3", "01.4"}, "calls `shell: !sed"),
+    ("%%bash\nrm -r course_lib/checks", {"01.1", "01.2", "01.3", "01.4"}, "calls `shell: %%bash"),
 ])
 def test_a_student_cell_that_tampers_earns_nothing_for_what_it_touches(source, touched, words):
     found = grading.tampering(graded_notebook(cell(source, solution=True, grade_id="exercise-01_1")))
@@ -241,6 +249,8 @@ def test_a_cell_the_student_added_is_read_too():
     "import matplotlib.pyplot as plt\nplt.rcParams['figure.dpi'] = 80",
     "total = eval('1 + 2')\nnp = __import__('numpy')",                    # literal code that patches nothing
     "model.get_submodule('encoder').query = None",                       # an attribute of the student's object
+    "%matplotlib inline\n%timeit -n 3 softmax(torch.randn(3))\nfiles = !ls\n!pip list",   # IPython's syntax
+    "%%writefile my_gpt.py\nimport torch\nchecks = 1\n\ndef check_gpt():\n    pass",     # a file's own names
 ])
 def test_ordinary_student_code_is_not_tampering(source):
     assert grading.tampering(graded_notebook(cell(source, solution=True, grade_id="exercise-01_1"))) == {}

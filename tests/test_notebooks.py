@@ -5,6 +5,7 @@ meet them: numbered and titled, executed in order, no stray errors or local path
 the profile and versions printed first, and the exercise convention intact.
 """
 
+import functools
 import re
 from pathlib import Path
 
@@ -176,3 +177,51 @@ def test_core_path_is_short_and_the_readme_counts_it(path):
     assert abs(stated[0] - core) <= 50 and abs(stated[1] - further) <= 50, (
         f"{path.name}: README states {stated[0]} / {stated[1]} words (core / going further), the notebook "
         f"has {core} / {further}; update the README's course table")
+
+
+@functools.cache
+def _core_path_time():
+    """scripts/core_path_time.py, the estimate of each lesson's core-path time (loaded as a module)."""
+    import importlib.util
+    import sys
+
+    path = NOTEBOOKS[0].parent.parent / "scripts" / "core_path_time.py"
+    spec = importlib.util.spec_from_file_location("core_path_time", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                 # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+STATED_MINUTES = re.compile(r"(?:about|takes)\s+(?:about\s+)?(\d+)\s+minutes")
+
+
+def readme_minutes():
+    """The README's course table: lesson number -> the core-path minutes it states."""
+    text = (NOTEBOOKS[0].parent.parent / "README.md").read_text(encoding="utf-8")
+    return {n: int(m) for n, m in re.findall(r"^\| (\d\d) \|.*\| (\d+) min \| [\d,]+ / [\d,]+ \|$", text, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
+def test_stated_core_path_time_matches_the_estimate(path):
+    timing = _core_path_time()
+    estimate = timing.core_path(path)
+    assert (estimate.words, estimate.further_words) == markdown_words(load(path))
+    stated = readme_minutes().get(path.name[:2])
+    assert stated is not None, f"the README's course table states no core-path time for lesson {path.name[:2]}"
+    assert abs(stated - estimate.minutes) <= timing.TOLERANCE_MINUTES, (
+        f"{path.name}: the README states {stated} min, the estimate is {estimate.minutes:.0f} min "
+        f"(python scripts/core_path_time.py); update the README's course table and the lesson's opening")
+    opening = STATED_MINUTES.findall(load(path).cells[0].source)
+    assert opening == [str(stated)], (
+        f"{path.name}: its opening cell states {opening or 'no'} minutes, the README {stated}; say the same time")
+
+
+def test_core_path_estimate_counts_exercise_lines_the_student_writes():
+    timing = _core_path_time()
+    lesson = timing.core_path(next(p for p in NOTEBOOKS if p.name.startswith("03")))
+    assert lesson.exercises >= 3 and lesson.lines_written > lesson.exercises
+    assert lesson.run_seconds > 0 and lesson.code_lines > 0
+    slower = timing.CorePath(lesson.words + timing.READING_WPM * 10, lesson.further_words, lesson.code_lines,
+                             lesson.exercises, lesson.lines_written, lesson.run_seconds)
+    assert slower.minutes - lesson.minutes == pytest.approx(10)

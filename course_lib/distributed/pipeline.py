@@ -13,7 +13,7 @@ While the pipeline fills and drains, stages wait. If every stage takes t_F per f
 backward pass of a micro-batch, each stage works m·(t_F + t_B) out of (m + p − 1)·(t_F + t_B), so the
 idle fraction -- the *bubble* -- is
 
-    (p − 1) / (m + p − 1)                  (Huang et al. 2019, Sec. 2.2, "O((K−1)/(M+K−1))")
+    (p − 1) / (m + p − 1)                  (Huang et al. 2019, Sec. 2.3, "O((K−1)/(M+K−1))")
 
 The schedule -- which stage runs which micro-batch's forward or backward pass at each clock tick -- is data
 (:func:`gpipe_schedule`, exercise 11.2): :func:`gpipe_step` runs a stage's passes in the order a schedule lists
