@@ -67,3 +67,14 @@ def test_the_reference_run_is_registered_and_runs_in_its_quick_form():
     assert experiments.resolve("char_lm_reference") is char_lm.reference
     run = char_lm._reference_run("ci", 0, True)
     assert run["seed"] == 0 and 2.0 < run["heldout_loss"] < 6.0 and run["eval_step"][-1] == 4
+
+
+def test_the_reference_record_was_made_at_the_cpu_recipe():
+    """Lesson 04 prints the student's run beside this record: it must have trained with the same recipe."""
+    from course_lib.tools import results
+
+    record = results.recorded("char_lm_reference", "cpu")
+    assert record is not None, "data/results/char_lm_reference_cpu.json is missing: bash scripts/record_all.sh char_lm_reference"
+    assert record["results"]["recipe"] == RECIPES["cpu"], (
+        f"char_lm_reference was recorded at {record['results']['recipe']}, the cpu recipe is now {RECIPES['cpu']}: "
+        "re-make it with bash scripts/record_all.sh char_lm_reference")

@@ -117,11 +117,7 @@ def test_a_smoke_record_written_with_out_goes_through_the_same_checks(tmp_path):
 
 RECORDS = sorted(results.RESULTS.glob("*_cpu.json"))
 # Records not yet re-made from a clean commit, each with why; an entry that is clean again must go.
-NOT_YET_REMADE = {
-    "char_lm_cpu.json": "the recipe search (2.1 h at load 9.9 on 2026-11-29) did not fit the 2026-12-05 session; "
-                        "its two best shapes lie 0.002 nats apart, inside the seed spread, so a re-run may choose "
-                        "the other and then RECIPES and char_lm_reference change with it",
-}
+NOT_YET_REMADE: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("path", RECORDS, ids=[p.name for p in RECORDS])
