@@ -2,6 +2,7 @@
 recipes of the recorded search (course_lib.experiments.char_lm) are well formed."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from course_lib.parts.lm import heldout_loss
 from course_lib.tools.data import VALIDATION_WORKS
 from course_lib.parts.model import GPT, GPTConfig
 from course_lib.tools.profiles import get_profile
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("length", [2, 17, 64, 65, 200])
@@ -78,3 +81,22 @@ def test_the_reference_record_was_made_at_the_cpu_recipe():
     assert record["results"]["recipe"] == RECIPES["cpu"], (
         f"char_lm_reference was recorded at {record['results']['recipe']}, the cpu recipe is now {RECIPES['cpu']}: "
         "re-make it with bash scripts/record_all.sh char_lm_reference")
+
+
+def test_lesson_04_quotes_the_recorded_reference_and_search():
+    """04's Going further compares the search's choice with the reference at it in prose: the numbers it quotes
+    are today's records (the 24 × 64 reference it names is commit 19923f3's, kept in git history)."""
+    import nbformat
+
+    from course_lib.tools import results
+
+    reference = results.recorded("char_lm_reference", "cpu")["results"]
+    search = results.recorded("char_lm", "cpu")["results"]
+    nb = nbformat.read(REPO / "notebooks" / "04_training_a_language_model.ipynb", as_version=4)
+    prose = " ".join(" ".join(c.source.split()) for c in nb.cells if c.cell_type == "markdown")
+    chosen = search["chosen"]
+    loss = reference["heldout_loss"]
+    assert (f"the one above chose {chosen['batch_size']} × {chosen['context']}" in prose and
+            f"{chosen['batch_size']} × {chosen['context']} at the {loss['mean']:.3f} printed in section 5 "
+            f"(seeds {loss['min']:.3f} to {loss['max']:.3f})" in prose), (
+        "04's Going further quotes another search choice or reference loss than data/results/ holds: rewrite it")
