@@ -11,8 +11,9 @@ Jupyter reads for settings that an environment ships; the user's files (``~/.jup
 ``overrides.json``) are never touched:
 
 * ``overrides.json`` -> ``{sys.prefix}/share/jupyter/lab/settings/overrides.d/llm-course.json``:
-  JupyterLab setting defaults (start the preferred kernel without asking; no news feed or update
-  check: the course runs offline).
+  JupyterLab setting defaults (start the preferred kernel without asking; record when each cell runs, in
+  the cell's metadata, so ``scripts/core_path_time.py --worked`` can measure how long a lesson really took; no
+  news feed or update check: the course runs offline).
   ``overrides.d`` is JupyterLab's folder for package-owned overrides; ``overrides.json`` beside it
   stays the user's.
 * ``jupyter_server_config.json`` -> merged into ``{sys.prefix}/etc/jupyter/jupyter_server_config.json``

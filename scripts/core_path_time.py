@@ -1,6 +1,7 @@
 """How long each lesson's core path takes, estimated from the notebook itself, and the README table's row.
 
     .venv/bin/python scripts/core_path_time.py          # one row per lesson: words, lines, runs, exercises, minutes
+    .venv/bin/python scripts/core_path_time.py --worked submitted/*/*/NN_*.ipynb   # what students really took
 
 The core path is everything before a lesson's first "Going further" heading. Its time is the sum of
 
@@ -14,7 +15,11 @@ The core path is everything before a lesson's first "Going further" heading. Its
   solution that the student edition's cell lacks).
 
 The rates are the course's assumptions, written down so the estimate can be argued with and re-made when a
-lesson changes; they have not been checked against a stopwatch on a student's real read.
+lesson changes. ``--worked`` checks them against real reads: the course's JupyterLab settings
+(``jupyter/overrides.json``) record when each cell runs, so a notebook a student worked through holds the
+times of its core path. It counts from the first core-path cell the student ran to the last, leaving out
+pauses over ``BREAK_MINUTES`` and every cell whose time is still the one the course shipped (not re-run);
+reading before the first code cell and after the last is not seen, so it undercounts a little.
 ``tests/test_notebooks.py`` keeps the README's stated times and each lesson's opening sentence within
 ``TOLERANCE_MINUTES`` of this estimate.
 """
@@ -38,6 +43,7 @@ CODE_LINES_PER_MINUTE = 20
 EXERCISE_MINUTES = 5
 MINUTES_PER_LINE_WRITTEN = 1.0
 TOLERANCE_MINUTES = 10
+BREAK_MINUTES = 20
 
 GOING_FURTHER = re.compile(r"^#+ .*going further", re.MULTILINE | re.IGNORECASE)
 
@@ -101,7 +107,84 @@ def core_path(path: Path) -> CorePath:
     return CorePath(words, further, code, exercises, written, seconds)
 
 
+def _core_code_cells(nb) -> list:
+    cells, in_further = [], False
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            in_further = in_further or bool(GOING_FURTHER.search(cell.source))
+        elif cell.cell_type == "code" and not in_further:
+            cells.append(cell)
+    return cells
+
+
+def _stamps(cell) -> tuple[datetime, datetime] | None:
+    stamps = cell.metadata.get("execution", {})
+    if "iopub.execute_input" not in stamps or "shell.execute_reply" not in stamps:
+        return None
+    return datetime.fromisoformat(stamps["iopub.execute_input"]), datetime.fromisoformat(stamps["shell.execute_reply"])
+
+
+@dataclass
+class WorkedPath:
+    """How long a student took over a lesson's core path, from the cell times their notebook recorded."""
+
+    minutes: float          # first cell run to last, pauses over BREAK_MINUTES left out
+    cells_run: int          # core-path code cells the student ran
+    cells: int              # core-path code cells
+    pauses: int             # pauses left out
+
+
+def worked_path(worked: Path, shipped: Path) -> WorkedPath:
+    """Measure ``worked`` (a student's copy of the lesson ``shipped``, either edition)."""
+    shipped_stamps = {s for cell in _core_code_cells(nbformat.read(shipped, as_version=4)) if (s := _stamps(cell))}
+    cells = _core_code_cells(nbformat.read(worked, as_version=4))
+    runs = sorted(s for cell in cells if (s := _stamps(cell)) and s not in shipped_stamps)
+    seconds, pauses, busy_until = 0.0, 0, None      # busy_until: when the latest cell so far finished
+    for start, end in runs:
+        gap = (start - busy_until).total_seconds() if busy_until else 0.0
+        if gap > BREAK_MINUTES * 60:
+            pauses += 1                             # a break, not the lesson: left out
+        else:
+            seconds += max(gap, 0.0)                # reading and writing between two cells
+        seconds += (end - start).total_seconds()
+        busy_until = max(busy_until, end) if busy_until else end
+    return WorkedPath(seconds / 60, len(runs), len(cells), pauses)
+
+
+def report_worked(paths: list[Path]) -> None:
+    """One line per worked notebook, then each lesson's median beside its estimate."""
+    import statistics
+
+    by_lesson: dict[Path, list[WorkedPath]] = {}
+    for path in paths:
+        shipped = next((ROOT / "notebooks").glob(f"{path.name[:2]}_*.ipynb"), None)
+        if not path.name[:2].isdigit() or shipped is None:
+            raise SystemExit(f"error: {path} is not named like a lesson (NN_name.ipynb); pass the students' notebooks")
+        if not path.is_file():
+            raise SystemExit(f"error: {path} does not exist; pass the students' notebooks (nbgrader: submitted/*/NN/)")
+        measured = worked_path(path, shipped)
+        by_lesson.setdefault(shipped, []).append(measured)
+        print(f"{path}: {measured.minutes:.0f} min over {measured.cells_run} of {measured.cells} core-path cells run"
+              + (f", {measured.pauses} pauses over {BREAK_MINUTES} min left out" if measured.pauses else ""))
+    for shipped, measured in sorted(by_lesson.items()):
+        full = [m.minutes for m in measured if m.cells_run >= 0.9 * m.cells]    # a few skipped cells: still a read
+        found = (f"median {statistics.median(full):.0f} min over the {len(full)} of {len(measured)} notebooks"
+                 if full else f"none of the {len(measured)} notebooks")
+        print(f"lesson {shipped.name[:2]}: {found} that ran >= 90 % of the core path's cells; "
+              f"estimate {core_path(shipped).minutes:.0f} min")
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worked", nargs="+", type=Path, metavar="NOTEBOOK",
+                        help="notebooks students worked through: measure their time instead of estimating")
+    args = parser.parse_args()
+    if args.worked:
+        report_worked(args.worked)
+        return
+
     print(f"reading {READING_WPM} words/min, code {CODE_LINES_PER_MINUTE} lines/min, exercises "
           f"{EXERCISE_MINUTES} min + {MINUTES_PER_LINE_WRITTEN:g} min per line written, runs as saved (cpu)")
     print("| lesson | words (core / going further) | code lines | run (min) | exercises | lines written | estimate (min) |")

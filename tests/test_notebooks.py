@@ -225,3 +225,34 @@ def test_core_path_estimate_counts_exercise_lines_the_student_writes():
     slower = timing.CorePath(lesson.words + timing.READING_WPM * 10, lesson.further_words, lesson.code_lines,
                              lesson.exercises, lesson.lines_written, lesson.run_seconds)
     assert slower.minutes - lesson.minutes == pytest.approx(10)
+
+
+def test_worked_path_measures_a_students_read_from_the_cell_times(tmp_path):
+    """--worked: the time from the first core-path cell a student ran to the last, pauses over BREAK_MINUTES left
+    out, cells still carrying the shipped run's times (not re-run) and Going further ignored."""
+    import datetime as dt
+
+    timing = _core_path_time()
+    shipped = next(p for p in NOTEBOOKS if p.name.startswith("02"))
+    nb = load(shipped)
+    core = timing._core_code_cells(nb)
+    skipped = core[3]                                  # keeps the shipped times: not run by the student
+    ran = [c for c in core if c is not skipped]
+    t0 = dt.datetime(2027, 1, 11, 9, 0, tzinfo=dt.timezone.utc)
+    for i, cell in enumerate(ran):
+        start = t0 + dt.timedelta(seconds=60 * i + (7200 if i >= 5 else 0))      # a two-hour break before the 6th
+        cell.metadata["execution"] = {"iopub.execute_input": start.isoformat(),
+                                      "shell.execute_reply": (start + dt.timedelta(seconds=5)).isoformat()}
+    further = [c for c in nb.cells if c.cell_type == "code" and c not in core]
+    for cell in further:                               # a day later: not the core path, not counted
+        cell.metadata["execution"] = {"iopub.execute_input": (t0 + dt.timedelta(days=1)).isoformat(),
+                                      "shell.execute_reply": (t0 + dt.timedelta(days=1, seconds=9)).isoformat()}
+    worked = tmp_path / shipped.name
+    nbformat.write(nb, worked)
+    measured = timing.worked_path(worked, shipped)
+    assert (measured.cells_run, measured.cells, measured.pauses) == (len(ran), len(core), 1)
+    assert measured.minutes * 60 == pytest.approx(5 * len(ran) + 55 * (len(ran) - 2))
+    with pytest.raises(SystemExit, match="not named like a lesson"):
+        timing.report_worked([tmp_path / "notes.ipynb"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        timing.report_worked([tmp_path / "02_missing.ipynb"])

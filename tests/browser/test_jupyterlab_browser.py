@@ -158,6 +158,27 @@ def assert_all_ran(model: dict, notebook: str) -> None:
     assert not not_run, f"{notebook}: code cells {not_run} did not run after Run All"
 
 
+def assert_cell_times_recorded(model: dict, notebook: str) -> None:
+    """The course's settings make JupyterLab record when each cell ran (recordTiming), so that
+    scripts/core_path_time.py --worked can measure a student's read: here, of this Run All."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("core_path_time", REPO / "scripts" / "core_path_time.py")
+    timing = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = timing
+    spec.loader.exec_module(timing)
+    with tempfile.TemporaryDirectory() as folder:
+        worked = Path(folder) / notebook
+        cells = [{k: v for k, v in cell.items() if not (k == "attachments" and v is None)}   # as the server saves it
+                 for cell in model["cells"]]
+        worked.write_text(json.dumps({**model, "cells": cells}), encoding="utf-8")
+        measured = timing.worked_path(worked, REPO / "notebooks" / notebook)
+    assert measured.cells_run == measured.cells, (
+        f"{notebook}: JupyterLab recorded run times for {measured.cells_run} of {measured.cells} core-path cells "
+        "after Run All; is recordTiming on in jupyter/overrides.json (make setup installs it)?")
+    assert 0 < measured.minutes < 30 and measured.pauses == 0, measured
+
+
 def assert_live_widgets(nb: Notebook, cells: list[int], *, timeout: float = 20.0) -> None:
     """Each widget cell shows live controls, not "Error displaying widget" and not the text fallback
     (``interactive(children=...)``) that JupyterLab prints when no widget renderer is installed."""
@@ -222,6 +243,8 @@ def test_lesson_runs_on_the_course_kernel_with_live_widgets(page, lab):
 
     figures = page.locator(f"{nb.panel} {FIGURE}")
     assert figures.count() >= 1, "no figure was drawn"
+
+    assert_cell_times_recorded(model, WIDGET_NOTEBOOK)
 
     cells = widget_cells(lab.root / WIDGET_NOTEBOOK)
     assert_live_widgets(nb, cells)
