@@ -27,11 +27,13 @@ reading before the first code cell and after the last is not seen, so it underco
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
@@ -69,13 +71,35 @@ def _code_lines(source: str) -> list[str]:
     return [line.strip() for line in source.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def _cell_seconds(cell) -> float:
+def _split(nb) -> list[tuple[Any, bool]]:
+    """Every cell of ``nb`` with whether it lies in Going further (from the first such heading on)."""
+    cells, in_further = [], False
+    for cell in nb.cells:
+        in_further = in_further or (cell.cell_type == "markdown" and bool(GOING_FURTHER.search(cell.source)))
+        cells.append((cell, in_further))
+    return cells
+
+
+def markdown_words(nb) -> tuple[int, int]:
+    """Words of markdown on the core path and in Going further."""
+    counts = [0, 0]
+    for cell, in_further in _split(nb):
+        if cell.cell_type == "markdown":
+            counts[in_further] += len(cell.source.split())
+    return counts[0], counts[1]
+
+
+def core_code_cells(nb) -> list:
+    """The code cells of the core path."""
+    return [cell for cell, in_further in _split(nb) if cell.cell_type == "code" and not in_further]
+
+
+def _stamps(cell) -> tuple[datetime, datetime] | None:
+    """When the cell started and finished running, as its metadata recorded (nbclient, or JupyterLab's recordTiming)."""
     stamps = cell.metadata.get("execution", {})
     if "iopub.execute_input" not in stamps or "shell.execute_reply" not in stamps:
-        return 0.0
-    start, end = (datetime.fromisoformat(stamps[k])
-                  for k in ("iopub.execute_input", "shell.execute_reply"))
-    return (end - start).total_seconds()
+        return None
+    return datetime.fromisoformat(stamps["iopub.execute_input"]), datetime.fromisoformat(stamps["shell.execute_reply"])
 
 
 def core_path(path: Path) -> CorePath:
@@ -85,18 +109,11 @@ def core_path(path: Path) -> CorePath:
     nb = nbformat.read(path, as_version=4)
     student = student_notebook(copy.deepcopy(nb), path.name)
     stubs = {cell.get("id"): set(_code_lines(cell.source)) for cell in student.cells if cell.cell_type == "code"}
-    words = further = code = exercises = written = 0
+    code = exercises = written = 0
     seconds = 0.0
-    in_further = False
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            in_further = in_further or bool(GOING_FURTHER.search(cell.source))
-            n = len(cell.source.split())
-            further, words = (further + n, words) if in_further else (further, words + n)
-            continue
-        if in_further or cell.cell_type != "code":
-            continue
-        seconds += _cell_seconds(cell)
+    for cell in core_code_cells(nb):
+        if stamps := _stamps(cell):
+            seconds += (stamps[1] - stamps[0]).total_seconds()
         lines = _code_lines(cell.source)
         if "exercise" in cell.metadata.get("tags", []):
             exercises += 1
@@ -104,24 +121,7 @@ def core_path(path: Path) -> CorePath:
             written += sum(line not in stub for line in lines)
         else:
             code += len(lines)
-    return CorePath(words, further, code, exercises, written, seconds)
-
-
-def _core_code_cells(nb) -> list:
-    cells, in_further = [], False
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            in_further = in_further or bool(GOING_FURTHER.search(cell.source))
-        elif cell.cell_type == "code" and not in_further:
-            cells.append(cell)
-    return cells
-
-
-def _stamps(cell) -> tuple[datetime, datetime] | None:
-    stamps = cell.metadata.get("execution", {})
-    if "iopub.execute_input" not in stamps or "shell.execute_reply" not in stamps:
-        return None
-    return datetime.fromisoformat(stamps["iopub.execute_input"]), datetime.fromisoformat(stamps["shell.execute_reply"])
+    return CorePath(*markdown_words(nb), code, exercises, written, seconds)
 
 
 @dataclass
@@ -134,11 +134,16 @@ class WorkedPath:
     pauses: int             # pauses left out
 
 
+@functools.cache
+def _shipped_stamps(shipped: Path) -> frozenset:
+    """The run times the course shipped in ``shipped``: a student's cell that still carries one was not re-run."""
+    return frozenset(s for cell in core_code_cells(nbformat.read(shipped, as_version=4)) if (s := _stamps(cell)))
+
+
 def worked_path(worked: Path, shipped: Path) -> WorkedPath:
     """Measure ``worked`` (a student's copy of the lesson ``shipped``, either edition)."""
-    shipped_stamps = {s for cell in _core_code_cells(nbformat.read(shipped, as_version=4)) if (s := _stamps(cell))}
-    cells = _core_code_cells(nbformat.read(worked, as_version=4))
-    runs = sorted(s for cell in cells if (s := _stamps(cell)) and s not in shipped_stamps)
+    cells = core_code_cells(nbformat.read(worked, as_version=4))
+    runs = sorted(s for cell in cells if (s := _stamps(cell)) and s not in _shipped_stamps(shipped))
     seconds, pauses, busy_until = 0.0, 0, None      # busy_until: when the latest cell so far finished
     for start, end in runs:
         gap = (start - busy_until).total_seconds() if busy_until else 0.0

@@ -20,3 +20,18 @@ def smollm2_tokenizer():
     if not (derived / "tokenizer.json").is_file():  # made by `make assets`; the model is not needed here
         assets.load_causal_lm("smollm2-135m-instruct")
     return AutoTokenizer.from_pretrained(derived)
+
+
+@pytest.fixture(scope="session")
+def core_path_time():
+    """scripts/core_path_time.py as a module: core-path words and time of a lesson, and a student's measured read."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "core_path_time", Path(__file__).resolve().parent.parent / "scripts" / "core_path_time.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                 # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ meet them: numbered and titled, executed in order, no stray errors or local path
 the profile and versions printed first, and the exercise convention intact.
 """
 
-import functools
 import re
 from pathlib import Path
 
@@ -144,71 +143,38 @@ def test_finished_bar_text_is_rebuilt_from_the_saved_widget_state():
     assert unfinished_progress_bars(nb) == []
 
 
-GOING_FURTHER = re.compile(r"^#+ .*going further", re.MULTILINE | re.IGNORECASE)
 CORE_WORDS_MAX = 2_700  # issue 21: "a core path of at most ~2,500 words of markdown"
 
 
-def markdown_words(nb):
-    """Words of markdown before the first "Going further" heading and from it on."""
-    core = further = 0
-    in_further = False
-    for cell in nb.cells:
-        if cell.cell_type != "markdown":
-            continue
-        in_further = in_further or bool(GOING_FURTHER.search(cell.source))
-        n = len(cell.source.split())
-        further, core = (further + n, core) if in_further else (further, core + n)
-    return core, further
-
-
-def readme_words():
-    """The README's course table: lesson number -> (core words, going-further words) as it states them."""
+def readme_rows():
+    """The README's course table: lesson number -> (core-path minutes, core words, going-further words)."""
     text = (NOTEBOOKS[0].parent.parent / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| (\d\d) \|.*\| ([\d,]+) / ([\d,]+) \|$", text, re.MULTILINE)
-    return {n: (int(a.replace(",", "")), int(b.replace(",", ""))) for n, a, b in rows}
+    rows = re.findall(r"^\| (\d\d) \|.*\| (\d+) min \| ([\d,]+) / ([\d,]+) \|$", text, re.MULTILINE)
+    return {n: (int(m), int(a.replace(",", "")), int(b.replace(",", ""))) for n, m, a, b in rows}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
-def test_core_path_is_short_and_the_readme_counts_it(path):
-    core, further = markdown_words(load(path))
+def test_core_path_is_short_and_the_readme_counts_it(path, core_path_time):
+    core, further = core_path_time.markdown_words(load(path))
     assert core <= CORE_WORDS_MAX, f"{path.name}: the core path holds {core} words of markdown; move depth to Going further"
-    stated = readme_words().get(path.name[:2])
-    assert stated is not None, f"the README's course table has no row for lesson {path.name[:2]}"
+    row = readme_rows().get(path.name[:2])
+    assert row is not None, f"the README's course table has no row for lesson {path.name[:2]}"
+    stated = row[1:]
     assert abs(stated[0] - core) <= 50 and abs(stated[1] - further) <= 50, (
         f"{path.name}: README states {stated[0]} / {stated[1]} words (core / going further), the notebook "
         f"has {core} / {further}; update the README's course table")
 
 
-@functools.cache
-def _core_path_time():
-    """scripts/core_path_time.py, the estimate of each lesson's core-path time (loaded as a module)."""
-    import importlib.util
-    import sys
-
-    path = NOTEBOOKS[0].parent.parent / "scripts" / "core_path_time.py"
-    spec = importlib.util.spec_from_file_location("core_path_time", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module                 # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 STATED_MINUTES = re.compile(r"(?:about|takes)\s+(?:about\s+)?(\d+)\s+minutes")
 
 
-def readme_minutes():
-    """The README's course table: lesson number -> the core-path minutes it states."""
-    text = (NOTEBOOKS[0].parent.parent / "README.md").read_text(encoding="utf-8")
-    return {n: int(m) for n, m in re.findall(r"^\| (\d\d) \|.*\| (\d+) min \| [\d,]+ / [\d,]+ \|$", text, re.MULTILINE)}
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids())
-def test_stated_core_path_time_matches_the_estimate(path):
-    timing = _core_path_time()
+def test_stated_core_path_time_matches_the_estimate(path, core_path_time):
+    timing = core_path_time
     estimate = timing.core_path(path)
-    assert (estimate.words, estimate.further_words) == markdown_words(load(path))
-    stated = readme_minutes().get(path.name[:2])
-    assert stated is not None, f"the README's course table states no core-path time for lesson {path.name[:2]}"
+    row = readme_rows().get(path.name[:2])
+    assert row is not None, f"the README's course table states no core-path time for lesson {path.name[:2]}"
+    stated = row[0]
     assert abs(stated - estimate.minutes) <= timing.TOLERANCE_MINUTES, (
         f"{path.name}: the README states {stated} min, the estimate is {estimate.minutes:.0f} min "
         f"(python scripts/core_path_time.py); update the README's course table and the lesson's opening")
@@ -217,8 +183,8 @@ def test_stated_core_path_time_matches_the_estimate(path):
         f"{path.name}: its opening cell states {opening or 'no'} minutes, the README {stated}; say the same time")
 
 
-def test_core_path_estimate_counts_exercise_lines_the_student_writes():
-    timing = _core_path_time()
+def test_core_path_estimate_counts_exercise_lines_the_student_writes(core_path_time):
+    timing = core_path_time
     lesson = timing.core_path(next(p for p in NOTEBOOKS if p.name.startswith("03")))
     assert lesson.exercises >= 3 and lesson.lines_written > lesson.exercises
     assert lesson.run_seconds > 0 and lesson.code_lines > 0
@@ -227,15 +193,15 @@ def test_core_path_estimate_counts_exercise_lines_the_student_writes():
     assert slower.minutes - lesson.minutes == pytest.approx(10)
 
 
-def test_worked_path_measures_a_students_read_from_the_cell_times(tmp_path):
+def test_worked_path_measures_a_students_read_from_the_cell_times(tmp_path, core_path_time):
     """--worked: the time from the first core-path cell a student ran to the last, pauses over BREAK_MINUTES left
     out, cells still carrying the shipped run's times (not re-run) and Going further ignored."""
     import datetime as dt
 
-    timing = _core_path_time()
+    timing = core_path_time
     shipped = next(p for p in NOTEBOOKS if p.name.startswith("02"))
     nb = load(shipped)
-    core = timing._core_code_cells(nb)
+    core = timing.core_code_cells(nb)
     skipped = core[3]                                  # keeps the shipped times: not run by the student
     ran = [c for c in core if c is not skipped]
     t0 = dt.datetime(2027, 1, 11, 9, 0, tzinfo=dt.timezone.utc)

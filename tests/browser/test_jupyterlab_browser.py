@@ -158,15 +158,9 @@ def assert_all_ran(model: dict, notebook: str) -> None:
     assert not not_run, f"{notebook}: code cells {not_run} did not run after Run All"
 
 
-def assert_cell_times_recorded(model: dict, notebook: str) -> None:
+def assert_cell_times_recorded(model: dict, notebook: str, timing) -> None:
     """The course's settings make JupyterLab record when each cell ran (recordTiming), so that
-    scripts/core_path_time.py --worked can measure a student's read: here, of this Run All."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("core_path_time", REPO / "scripts" / "core_path_time.py")
-    timing = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = timing
-    spec.loader.exec_module(timing)
+    scripts/core_path_time.py --worked (``timing``) can measure a student's read: here, of this Run All."""
     with tempfile.TemporaryDirectory() as folder:
         worked = Path(folder) / notebook
         cells = [{k: v for k, v in cell.items() if not (k == "attachments" and v is None)}   # as the server saves it
@@ -232,7 +226,7 @@ def move_a_control(nb: Notebook, index: int) -> str:
 
 
 # ---- tests ------------------------------------------------------------------------------------------
-def test_lesson_runs_on_the_course_kernel_with_live_widgets(page, lab):
+def test_lesson_runs_on_the_course_kernel_with_live_widgets(page, lab, core_path_time):
     nb, model = open_and_run_all(page, lab, WIDGET_NOTEBOOK)
     stored = nbformat.read(NOTEBOOKS / WIDGET_NOTEBOOK, as_version=4)
     assert stored.metadata.get("kernelspec", {}).get("name") == "python3", "the lesson's committed kernelspec changed"
@@ -244,7 +238,7 @@ def test_lesson_runs_on_the_course_kernel_with_live_widgets(page, lab):
     figures = page.locator(f"{nb.panel} {FIGURE}")
     assert figures.count() >= 1, "no figure was drawn"
 
-    assert_cell_times_recorded(model, WIDGET_NOTEBOOK)
+    assert_cell_times_recorded(model, WIDGET_NOTEBOOK, core_path_time)
 
     cells = widget_cells(lab.root / WIDGET_NOTEBOOK)
     assert_live_widgets(nb, cells)
